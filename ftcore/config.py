@@ -1,0 +1,278 @@
+"""The run configuration: defaults < YAML file < CLI flags, each plugin's section validated.
+
+Validation happens before any model or data is loaded. Every error names the key
+(dotted), says what is wrong, and suggests the closest valid key when one is close.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from ftcore.errors import ConfigError, suggest
+
+
+class Section(BaseModel):
+    """Base class for config sections, the core's and plugins': unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# Plugins subclass this for their own section.
+PluginConfig = Section
+
+
+class ModelConfig(Section):
+    path: str = Field(description="Folder of a transformers model (config + safetensors + tokenizer), "
+                      "or `ftcore:tiny-llama` for the small model ftcore builds locally.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype to load; auto follows training.precision.")
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off: safe loading.")
+
+
+class DatasetSpec(Section):
+    path: str = Field(description="A .jsonl/.json/.parquet/.csv file, a glob, a folder, "
+                      "a saved datasets folder, or a datasets-library dataset name.")
+    format: str | None = Field(None, description="Format plugin for this dataset; default: the run's format plugin.")
+    split: str = Field("train", description="Split to read from a datasets-library dataset.")
+    name: str | None = Field(None, description="Configuration name of a datasets-library dataset.")
+
+
+class DataConfig(Section):
+    datasets: list[DatasetSpec] = Field(default_factory=list, description="Training datasets, mixed and shuffled.")
+    eval_datasets: list[DatasetSpec] = Field(default_factory=list,
+                                             description="Explicit evaluation datasets (replace val_size).")
+    val_size: float = Field(0.1, ge=0, description="Held-out share (<1) or count (>=1) of training records.")
+    max_length: int = Field(2048, ge=8, description="Longest example in tokens.")
+    too_long: Literal["truncate", "drop"] = Field("truncate", description="What to do with longer examples.")
+    packing: bool = Field(True, description="Padding-free packing; false pads each batch.")
+    on_bad_record: Literal["error", "skip"] = Field("error", description="Stop on invalid records, or skip and count them.")
+    max_errors_shown: int = Field(5, ge=1, description="How many bad records an error lists.")
+    cache: bool = Field(True, description="Cache tokenized data keyed by data, tokenizer and format settings.")
+    seed: int | None = Field(None, description="Shuffle seed; default training.seed.")
+
+    @field_validator("datasets", "eval_datasets", mode="before")
+    @classmethod
+    def _paths_as_specs(cls, value: Any) -> Any:
+        if isinstance(value, (str, dict)):
+            value = [value]
+        if isinstance(value, list):
+            return [{"path": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+class TrainingConfig(Section):
+    epochs: float = Field(3, gt=0, description="Passes over the training data.")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
+    batch_size: int = Field(4, ge=1, description="Examples per device per step.")
+    gradient_accumulation: int = Field(4, ge=1, description="Steps accumulated per optimizer update.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate; above 5e-4 warns.")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Share of steps spent warming up.")
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name (cosine, linear, constant, ...).")
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0: off).")
+    logging_steps: int = Field(10, ge=1)
+    save_strategy: Literal["epoch", "steps", "no"] = Field("epoch")
+    save_steps: int = Field(500, ge=1)
+    save_total_limit: int | None = Field(None, ge=1)
+    eval_strategy: Literal["epoch", "steps", "no"] = Field("epoch", description="When to evaluate during training.")
+    eval_steps: int | None = Field(None, ge=1)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 where supported, else fp32.")
+    gradient_checkpointing: bool = Field(False)
+    seed: int = Field(42)
+    report_to: list[str] = Field(default_factory=list, description="Trackers: tensorboard, mlflow, wandb, trackio.")
+
+    @model_validator(mode="after")
+    def _steps_need_numbers(self) -> "TrainingConfig":
+        if self.eval_strategy == "steps" and self.eval_steps is None:
+            self.__dict__["eval_steps"] = self.logging_steps
+        return self
+
+
+class RunConfig(Section):
+    """The whole run. Plugin sections are validated separately and kept in ``plugin_sections``."""
+
+    plugins: list[str] = Field(default_factory=list, description="Plugins by entry-point name.")
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output_dir: str = Field("runs/ftcore-run", description="Where everything the run writes goes.")
+    overwrite: bool = Field(False, description="Replace an output directory that holds another run.")
+    _sections: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_path_shorthand(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _plugins_csv(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    def section(self, name: str) -> Any:
+        """A plugin's validated section (a pydantic object)."""
+        return self._sections[name]
+
+    @property
+    def sections(self) -> dict[str, Any]:
+        return dict(self._sections)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        for name, section in self._sections.items():
+            data[name] = section.model_dump(mode="json")
+        return data
+
+
+CORE_KEYS = tuple(RunConfig.model_fields)
+
+
+# -- layering --------------------------------------------------------------------
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found.")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)}).") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys (plugins:, model:, data:, ...).")
+    return data
+
+
+def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["training.learning_rate=1e-4", "lora.r=8"]`` -> nested dict; values parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f'--set "{item}": expected KEY=VALUE, e.g. --set training.learning_rate=1e-4.')
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _put(out, key.strip().split("."), value)
+    return out
+
+
+def _put(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    for k in keys[:-1]:
+        node = tree.get(k)
+        if not isinstance(node, dict):
+            node = tree[k] = {}
+        tree = node
+    tree[keys[-1]] = value
+
+
+def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge two config dicts; ``top`` wins, lists are replaced whole."""
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def layer(source: str | os.PathLike | dict | None, flags: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Combine the file (or dict) layer and the flags layer; defaults come from the schemas."""
+    if source is None:
+        base: dict[str, Any] = {}
+    elif isinstance(source, dict):
+        base = copy.deepcopy(source)
+    else:
+        base = load_yaml(source)
+    return merge(base, flags or {})
+
+
+# -- validation ------------------------------------------------------------------
+
+def validate(raw: dict[str, Any], schemas: dict[str, type[BaseModel]],
+             installed: list[str] = ()) -> RunConfig:
+    """Validate the core sections and each selected plugin's section.
+
+    ``schemas`` maps section names to the plugin schema that owns them.
+    """
+    core = {k: v for k, v in raw.items() if k in CORE_KEYS}
+    rest = {k: v for k, v in raw.items() if k not in CORE_KEYS}
+    unknown = [k for k in rest if k not in schemas]
+    if unknown:
+        key = unknown[0]
+        if key in installed:
+            raise ConfigError(
+                f'config section "{key}" belongs to plugin "{key}", which this run does not use. '
+                f"Add it to --plugins / plugins:, or remove the section."
+            )
+        raise ConfigError(f'unknown config key "{key}".{suggest(key, [*CORE_KEYS, *schemas])} '
+                          f"Valid top-level keys: {', '.join([*CORE_KEYS, *schemas])}.")
+    if "model" not in core:
+        raise ConfigError("no model given: pass --model PATH or set model: in the config file.")
+    try:
+        config = RunConfig.model_validate(core)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, RunConfig)) from None
+    for name, schema in schemas.items():
+        section = rest.get(name) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f'config section "{name}" must be a mapping, got {section!r}.')
+        try:
+            config._sections[name] = schema.model_validate(section)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, schema, prefix=name)) from None
+    return config
+
+
+def format_validation_error(exc: ValidationError, schema: type[BaseModel], prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join([prefix, *loc] if prefix else loc)
+        if err["type"] == "extra_forbidden":
+            valid = _fields_at(schema, loc[:-1])
+            hint = suggest(loc[-1], valid)
+            lines.append(f'unknown config key "{key}".{hint} Valid keys here: {", ".join(valid)}.')
+        elif err["type"] == "missing":
+            lines.append(f'config key "{key}" is required.')
+        else:
+            lines.append(f'config key "{key}": {err["msg"]} (got {err.get("input")!r}).')
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _fields_at(schema: type[BaseModel], path: list[str]) -> list[str]:
+    model: Any = schema
+    for part in path:
+        if part.isdigit():
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = _inner_model(field.annotation)
+    return list(getattr(model, "model_fields", {}))
+
+
+def _inner_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None

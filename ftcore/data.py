@@ -1,0 +1,509 @@
+"""The data path: load -> validate -> format (plugin) -> tokenize with labels -> split -> batch.
+
+A format plugin turns one raw record into an :class:`Example`: the text to train on and
+the character spans that are supervised. Here that text is tokenized once with offsets,
+and every token that overlaps a supervised span gets its id as label; all others get
+-100. That makes masking exact at the token level whatever the tokenizer merges.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftcore.errors import DataError
+
+IGNORE_INDEX = -100
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+@dataclass
+class Example:
+    """One rendered training example: ``text`` and the supervised character spans."""
+
+    text: str
+    supervised: list[tuple[int, int]] = field(default_factory=list)
+    add_special_tokens: bool = False
+
+    @classmethod
+    def from_segments(cls, segments: list[tuple[str, bool]], add_special_tokens: bool = False) -> "Example":
+        """Build from ``[(text, supervised), ...]`` pieces, joined in order."""
+        text, spans, pos = [], [], 0
+        for piece, train in segments:
+            if train and piece:
+                if spans and spans[-1][1] == pos:
+                    spans[-1] = (spans[-1][0], pos + len(piece))
+                else:
+                    spans.append((pos, pos + len(piece)))
+            text.append(piece)
+            pos += len(piece)
+        return cls("".join(text), spans, add_special_tokens)
+
+
+@dataclass
+class Problem:
+    where: str           # "train.jsonl:12"
+    field: str | None    # "messages[2].role" or None for the whole line
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.field + ': ' if self.field else ''}{self.message}"
+
+
+@dataclass
+class DataStats:
+    records: int = 0
+    bad_records: int = 0
+    examples: int = 0
+    train_examples: int = 0
+    eval_examples: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_unsupervised: int = 0
+    packing_efficiency: float = 1.0
+    cached: bool = False
+    per_dataset: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+# -- loading ---------------------------------------------------------------------
+
+def expand_paths(path: str) -> list[Path]:
+    """A file, a glob or a folder -> the data files it names (empty when none)."""
+    p = Path(path).expanduser()
+    if any(ch in path for ch in "*?["):
+        return sorted(Path(m) for m in glob.glob(str(p), recursive=True) if m.endswith(LOCAL_SUFFIXES))
+    if p.is_dir():
+        if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists():
+            return [p]
+        return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in LOCAL_SUFFIXES)
+    return [p] if p.exists() else []
+
+
+def iter_records(spec: Any) -> Iterator[tuple[str, Any]]:
+    """Yield ``(where, record)`` for one dataset spec; ``record`` is a Problem for an unreadable row."""
+    files = expand_paths(spec.path)
+    if not files:
+        if _looks_like_local(spec.path):
+            raise DataError(f"data file {spec.path} not found (no such file, folder or matching glob). "
+                            f"Check the path in data.datasets / --data.")
+        yield from _iter_hub_or_saved(spec)
+        return
+    for f in files:
+        if f.is_dir():
+            yield from _iter_saved(f, spec)
+        elif f.suffix == ".jsonl":
+            yield from _iter_jsonl(f)
+        elif f.suffix == ".json":
+            yield from _iter_json(f)
+        else:
+            yield from _iter_tabular(f)
+
+
+def _looks_like_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or path.endswith(LOCAL_SUFFIXES) or os.sep in path and not _is_hub_id(path)
+
+
+def _is_hub_id(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) == 2 and all(parts) and not Path(parts[0]).exists()
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield where, Problem(where, None, f"not UTF-8 (bad byte at column {exc.start + 1}); "
+                                     f"re-save the file as UTF-8")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield where, Problem(where, None, f"malformed JSON at column {exc.colno}: {exc.msg}")
+
+
+def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 (bad byte at offset {exc.start}); re-save it as UTF-8.") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: malformed JSON at column {exc.colno}: {exc.msg}. "
+                        f"(A file of one JSON object per line should be named .jsonl.)") from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of records (or one object per line in a .jsonl file).")
+    for i, rec in enumerate(data):
+        yield f"{path}[{i}]", rec
+
+
+def _iter_tabular(path: Path) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    kind = "parquet" if path.suffix == ".parquet" else "csv"
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as exc:  # the datasets library's many parse errors
+        raise DataError(f"{path}: could not be read as {kind}: {exc}") from None
+    offset = 2 if kind == "csv" else 0   # csv: line 1 is the header
+    for i, rec in enumerate(ds):
+        yield (f"{path}:{i + offset}" if kind == "csv" else f"{path}[row {i}]"), _json_columns(rec)
+
+
+def _json_columns(rec: dict[str, Any]) -> dict[str, Any]:
+    """CSV cells holding JSON lists/objects (e.g. messages) are decoded."""
+    out = {}
+    for k, v in rec.items():
+        if isinstance(v, str) and v[:1] in "[{":
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError:
+                pass
+        out[k] = v
+    return out
+
+
+def _iter_saved(path: Path, spec: Any) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if spec.split not in ds:
+            raise DataError(f"{path}: no split {spec.split!r}; it has {', '.join(ds)}.")
+        ds = ds[spec.split]
+    for i, rec in enumerate(ds):
+        yield f"{path}[{spec.split} {i}]", rec
+
+
+def _iter_hub_or_saved(spec: Any) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(spec.path, spec.name, split=spec.split)
+    except Exception as exc:  # offline, not found, ...
+        raise DataError(f"dataset {spec.path!r} is neither a local file nor a loadable datasets-library "
+                        f"dataset ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).") from None
+    for i, rec in enumerate(ds):
+        yield f"{spec.path}[{spec.split} {i}]", rec
+
+
+# -- tokenization ----------------------------------------------------------------
+
+def tokenize(example: Example, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """Tokenize an Example; labels copy the ids of tokens overlapping a supervised span."""
+    enc = tokenizer(example.text, add_special_tokens=example.add_special_tokens,
+                    return_offsets_mapping=True)
+    return labels_from_offsets(enc["input_ids"], enc["offset_mapping"], example.supervised)
+
+
+def labels_from_offsets(ids: list[int], offsets: list[tuple[int, int]],
+                        spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    labels = []
+    for tok, (start, end) in zip(ids, offsets):
+        hit = end > start and any(start < s_end and end > s_start for s_start, s_end in spans)
+        labels.append(tok if hit else IGNORE_INDEX)
+    return list(ids), labels
+
+
+def fit_length(ids: list[int], labels: list[int], max_length: int, too_long: str):
+    """Apply the length policy; returns (ids, labels, action) where action is None/'truncated'/'dropped'."""
+    if len(ids) <= max_length:
+        return ids, labels, None
+    if too_long == "drop":
+        return None, None, "dropped"
+    return ids[:max_length], labels[:max_length], "truncated"
+
+
+# -- the pipeline ----------------------------------------------------------------
+
+@dataclass
+class PreparedData:
+    train: Any                 # datasets.Dataset with input_ids, labels
+    eval: Any | None
+    stats: DataStats
+    problems: list[Problem]
+
+
+def resolve_format(spec: Any, format_plugins: list[str]) -> str:
+    if spec.format:
+        return spec.format
+    if len(format_plugins) == 1:
+        return format_plugins[0]
+    if not format_plugins:
+        raise DataError("no dataset format plugin is selected: add one to --plugins (e.g. alpaca or chatml).")
+    raise DataError(f"dataset {spec.path} does not say its format and several format plugins are selected "
+                    f"({' and '.join(format_plugins)}): set format: in its data.datasets entry.")
+
+
+def prepare(config: Any, plugins: Any, tokenizer: Any, log: Any = print) -> PreparedData:
+    """Run the whole data path for a validated config. Raises DataError on bad data."""
+    data_cfg = config.data
+    if not data_cfg.datasets:
+        raise DataError("no training data: pass --data FILE or set data.datasets in the config.")
+    seed = data_cfg.seed if data_cfg.seed is not None else config.training.seed
+    formats = plugins.names("format")
+    key = cache_key(config, plugins, tokenizer) if data_cfg.cache else None
+    cached = load_cached(key) if key else None
+    if cached is not None:
+        cached.stats.cached = True
+        return cached
+
+    stats = DataStats()
+    problems: list[Problem] = []
+    train_rows = _collect(data_cfg.datasets, config, plugins, tokenizer, formats, stats, problems)
+    eval_rows = (_collect(data_cfg.eval_datasets, config, plugins, tokenizer, formats, stats, problems)
+                 if data_cfg.eval_datasets else None)
+    _report_problems(problems, stats, data_cfg, log)
+    rng = random.Random(seed)
+    rng.shuffle(train_rows)
+    if eval_rows is None:
+        n_val = _val_count(data_cfg.val_size, len(train_rows))
+        eval_rows, train_rows = train_rows[:n_val], train_rows[n_val:]
+    if not train_rows:
+        raise DataError("no training examples are left after validation, length limits and the validation split. "
+                        "Add data, lower data.val_size or raise data.max_length.")
+    stats.train_examples, stats.eval_examples = len(train_rows), len(eval_rows or [])
+    stats.packing_efficiency = packing_efficiency(
+        [len(r[0]) for r in train_rows], config.training.batch_size, data_cfg.packing, seed)
+    result = PreparedData(_to_dataset(train_rows), _to_dataset(eval_rows) if eval_rows else None, stats, problems)
+    if key:
+        save_cached(key, result)
+    return result
+
+
+def _collect(specs, config, plugins, tokenizer, formats, stats, problems) -> list[tuple[list[int], list[int]]]:
+    data_cfg = config.data
+    rows = []
+    for spec in specs:
+        fmt = resolve_format(spec, formats)
+        if fmt not in plugins.names("format"):
+            raise DataError(f"dataset {spec.path} asks for format {fmt!r}, which is not a format plugin of this run "
+                            f"(selected formats: {', '.join(formats) or 'none'}).")
+        count = 0
+        for where, record in iter_records(spec):
+            stats.records += 1
+            found = _check(where, record, fmt, plugins, config)
+            if found:
+                problems.extend(found)
+                stats.bad_records += 1
+                continue
+            example = plugins.call_one(fmt, "ftcore_format_record", record=record, tokenizer=tokenizer, config=config)
+            ids, labels = tokenize(example, tokenizer)
+            ids, labels, action = fit_length(ids, labels, data_cfg.max_length, data_cfg.too_long)
+            if action == "dropped":
+                stats.dropped_too_long += 1
+                continue
+            stats.truncated += action == "truncated"
+            supervised = sum(1 for t in labels if t != IGNORE_INDEX)
+            if supervised == 0:
+                stats.dropped_unsupervised += 1
+                continue
+            stats.examples += 1
+            stats.tokens += len(ids)
+            stats.supervised_tokens += supervised
+            rows.append((ids, labels))
+            count += 1
+        stats.per_dataset[spec.path] = count
+    return rows
+
+
+def _check(where: str, record: Any, fmt: str, plugins: Any, config: Any) -> list[Problem]:
+    if isinstance(record, Problem):
+        return [record]
+    if not isinstance(record, dict):
+        return [Problem(where, None, f"expected a JSON object, got {type(record).__name__}")]
+    found = plugins.call_one(fmt, "ftcore_validate_record", record=record, config=config) or []
+    return [Problem(where, f, m) for f, m in found]
+
+
+def _report_problems(problems: list[Problem], stats: DataStats, data_cfg: Any, log: Any) -> None:
+    if stats.records == 0:
+        raise DataError("the training data is empty: no records were found in "
+                        + ", ".join(s.path for s in data_cfg.datasets) + ".")
+    if not problems:
+        return
+    shown = "\n  ".join(str(p) for p in problems[: data_cfg.max_errors_shown])
+    more = len(problems) - data_cfg.max_errors_shown
+    tail = f"\n  ... and {more} more" if more > 0 else ""
+    if stats.bad_records == stats.records:
+        raise DataError(f"every record ({stats.records}) is invalid:\n  {shown}{tail}")
+    if data_cfg.on_bad_record == "error":
+        raise DataError(f"{stats.bad_records} of {stats.records} records are invalid:\n  {shown}{tail}\n"
+                        f"Fix them, or set data.on_bad_record: skip to train without them.")
+    log(f"warning: skipped {stats.bad_records} invalid records of {stats.records} "
+        f"(data.on_bad_record: skip). First: {problems[0]}")
+
+
+def _val_count(val_size: float, n: int) -> int:
+    if val_size <= 0 or n < 2:
+        return 0
+    count = int(val_size) if val_size >= 1 else max(1, round(n * val_size))
+    return min(count, n - 1)
+
+
+def _to_dataset(rows: list[tuple[list[int], list[int]]]) -> Any:
+    import datasets
+
+    return datasets.Dataset.from_dict({"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows]})
+
+
+def packing_efficiency(lengths: list[int], batch_size: int, packing: bool, seed: int = 0) -> float:
+    """Share of computed positions that are real tokens, for one epoch of random batches."""
+    if packing or not lengths:
+        return 1.0
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    real = computed = 0
+    for i in range(0, len(order), batch_size):
+        batch = [lengths[j] for j in order[i:i + batch_size]]
+        real += sum(batch)
+        computed += max(batch) * len(batch)
+    return real / computed
+
+
+# -- caching ---------------------------------------------------------------------
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FTCORE_CACHE", Path.home() / ".cache" / "ftcore"))
+
+
+def cache_key(config: Any, plugins: Any, tokenizer: Any) -> str:
+    h = hashlib.sha256()
+    d = config.data
+    for spec in [*d.datasets, *d.eval_datasets]:
+        h.update(spec.model_dump_json().encode())
+        for f in expand_paths(spec.path):
+            st = f.stat()
+            h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(json.dumps([d.max_length, d.too_long, d.on_bad_record, d.val_size,
+                         d.seed if d.seed is not None else config.training.seed,
+                         config.training.batch_size, d.packing]).encode())
+    for name in plugins.names("format"):
+        if name in config.sections:
+            h.update(config.section(name).model_dump_json().encode())
+        h.update(f"{name}:{plugins.infos[name].version}".encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
+    from ftcore import __version__
+    h.update(__version__.encode())
+    return h.hexdigest()[:24]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    h.update(json.dumps([str(tokenizer.bos_token), str(tokenizer.eos_token), str(tokenizer.pad_token)]).encode())
+    return h.hexdigest()
+
+
+def load_cached(key: str) -> PreparedData | None:
+    import datasets
+
+    folder = cache_root() / "data" / key
+    if not (folder / "stats.json").exists():
+        return None
+    try:
+        stats = DataStats(**json.loads((folder / "stats.json").read_text()))
+        train = datasets.load_from_disk(str(folder / "train"))
+        ev = datasets.load_from_disk(str(folder / "eval")) if (folder / "eval").exists() else None
+    except Exception:
+        return None   # a damaged cache entry is rebuilt
+    return PreparedData(train, ev, stats, [])
+
+
+def save_cached(key: str, data: PreparedData) -> None:
+    import shutil
+    import tempfile
+
+    root = cache_root() / "data"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        data.train.save_to_disk(str(tmp / "train"))
+        if data.eval is not None:
+            data.eval.save_to_disk(str(tmp / "eval"))
+        (tmp / "stats.json").write_text(json.dumps(data.stats.as_dict()))
+        final = root / key
+        if final.exists():
+            shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- batching --------------------------------------------------------------------
+
+class TokenCounter:
+    """Counts real, supervised and computed (incl. padding) positions of the batches it builds."""
+
+    def __init__(self) -> None:
+        self.real = self.supervised = self.computed = 0
+
+
+class PackedCollator:
+    """Padding-free packing: the batch's examples become one row; position_ids restart per example.
+
+    transformers turns restarting ``position_ids`` into a block-diagonal attention mask
+    for every attention implementation, so examples never attend to each other; the
+    first label of each example is masked so no loss crosses a boundary.
+    """
+
+    def __init__(self) -> None:
+        from transformers import DataCollatorWithFlattening
+
+        self.inner = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        self.counter = TokenCounter()
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.inner([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+        n = int(batch["input_ids"].numel())
+        self.counter.real += n
+        self.counter.computed += n
+        self.counter.supervised += int((batch["labels"] != IGNORE_INDEX).sum())
+        return batch
+
+
+class PaddedCollator:
+    """Pads each batch to its longest example (right padding, labels -100, attention mask 0)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad = pad_token_id
+        self.counter = TokenCounter()
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        longest = max(len(f["input_ids"]) for f in features)
+        ids, labels, mask = [], [], []
+        for f in features:
+            n = len(f["input_ids"])
+            ids.append(list(f["input_ids"]) + [self.pad] * (longest - n))
+            labels.append(list(f["labels"]) + [IGNORE_INDEX] * (longest - n))
+            mask.append([1] * n + [0] * (longest - n))
+        batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                 "attention_mask": torch.tensor(mask)}
+        self.counter.real += int(batch["attention_mask"].sum())
+        self.counter.computed += longest * len(features)
+        self.counter.supervised += int((batch["labels"] != IGNORE_INDEX).sum())
+        return batch
+
+
+def make_collator(packing: bool, tokenizer: Any) -> PackedCollator | PaddedCollator:
+    return PackedCollator() if packing else PaddedCollator(tokenizer.pad_token_id)

@@ -1,0 +1,375 @@
+"""The run pipeline. It calls hooks; it never names a plugin.
+
+    resolve config + plugins -> validate -> output dir -> tokenizer -> data (format hooks)
+    -> model (adapter hook) -> optimizer (optimizer hook) -> trainer (strategy hooks,
+    callbacks) -> train + evaluate -> save -> exporters -> run_finished
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ftcore import config as cfg
+from ftcore import data as data_mod
+from ftcore.errors import ConfigError, FtcoreError, PluginError
+from ftcore.plugins import PluginSet, installed_entry_points, select
+
+RUN_MARKER = "ftcore-run.json"
+LR_WARN = 5e-4
+
+
+@dataclass
+class RunContext:
+    """What hooks get as ``ctx``: the validated config, the plugins, paths and a logger."""
+
+    config: cfg.RunConfig
+    plugins: PluginSet
+    output_dir: Path
+    log: Callable[[str], None] = print
+    tokenizer: Any = None
+    added_tokens: list[str] = field(default_factory=list)
+    precision: str = "fp32"
+    state: dict[str, Any] = field(default_factory=dict)   # free space for plugins
+
+    def section(self, name: str) -> Any:
+        return self.config.section(name)
+
+
+@dataclass
+class RunResult:
+    """What ``ftcore.run`` returns: where things were written and how training went."""
+
+    output_dir: Path
+    model_dir: Path | None = None
+    config_path: Path | None = None
+    metrics_path: Path | None = None
+    exports: list[Path] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    data_stats: dict[str, Any] = field(default_factory=dict)
+    plugins: list[dict[str, Any]] = field(default_factory=list)
+    dry_run: bool = False
+    exit_code: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        for k in ("output_dir", "model_dir", "config_path", "metrics_path"):
+            out[k] = str(out[k]) if out[k] is not None else None
+        out["exports"] = [str(p) for p in self.exports]
+        return out
+
+
+# -- resolution --------------------------------------------------------------------
+
+def resolve(source: Any = None, flags: dict[str, Any] | None = None,
+            plugin_objects: list[Any] | tuple = (), log: Callable[[str], None] = print
+            ) -> tuple[cfg.RunConfig, PluginSet]:
+    """Layer, select plugins and validate: everything short of loading a model or data."""
+    if isinstance(source, cfg.RunConfig):
+        source = source.to_dict()
+    raw = cfg.layer(source, flags)
+    names = raw.get("plugins") or []
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f'config key "plugins": expected a list of plugin names, got {names!r}.')
+    raw["plugins"] = names
+    plugins = select(names, plugin_objects, _dataset_formats(raw))
+    schemas = _schemas(plugins)
+    config = cfg.validate(raw, schemas, list(installed_entry_points()))
+    config.plugins = plugins.names()
+    if config.training.learning_rate > LR_WARN:
+        log(f"warning: training.learning_rate={config.training.learning_rate:g} is above {LR_WARN:g}, "
+            f"a known way to ruin a fine-tune; 1e-4 to 2e-4 is the usual range for LoRA.")
+    return config, plugins
+
+
+def _dataset_formats(raw: dict[str, Any]) -> list[str]:
+    data = raw.get("data") or {}
+    found = []
+    if isinstance(data, dict):
+        for key in ("datasets", "eval_datasets"):
+            specs = data.get(key) or []
+            specs = specs if isinstance(specs, list) else [specs]
+            found += [s["format"] for s in specs if isinstance(s, dict) and isinstance(s.get("format"), str)]
+    return found
+
+
+def _schemas(plugins: PluginSet) -> dict[str, type]:
+    schemas: dict[str, type] = {}
+    for name in plugins.names():
+        found = plugins.call_one(name, "ftcore_config_schema")
+        for got in found or []:
+            if got is None:
+                continue
+            sections = got if isinstance(got, dict) else {name: got}
+            for section, schema in sections.items():
+                schemas.setdefault(section, schema)
+    return schemas
+
+
+# -- the run -------------------------------------------------------------------------
+
+def run(source: Any = None, *, flags: dict[str, Any] | None = None, plugins: list[Any] | tuple = (),
+        dry_run: bool = False, log: Callable[[str], None] | None = None, **overrides: Any) -> RunResult:
+    """Run a fine-tune. ``source`` is a config dict, a YAML path or a RunConfig.
+
+    ``plugins`` are plugin objects (modules or instances with hook implementations)
+    used in addition to those named in the config. Keyword ``overrides`` are merged on
+    top as a flags layer, e.g. ``run("cfg.yaml", output_dir="out")``.
+    """
+    log = log or _default_log
+    flags = cfg.merge(flags or {}, overrides)
+    config, plugin_set = resolve(source, flags, plugins, log)
+    if dry_run:
+        return RunResult(output_dir=Path(config.output_dir), plugins=plugin_set.versions(), dry_run=True)
+    return execute(config, plugin_set, log)
+
+
+def execute(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], None] = print) -> RunResult:
+    from ftcore._quiet import quiet_libraries
+    from ftcore.models import resolve_model_path
+
+    quiet_libraries()
+    started = time.time()
+    model_path = resolve_model_path(config.model.path, log)
+    out = prepare_output_dir(Path(config.output_dir), config.overwrite)
+    ctx = RunContext(config=config, plugins=plugins, output_dir=out, log=log)
+    ctx.precision = pick_precision(config.training.precision)
+    result = RunResult(output_dir=out, plugins=plugins.versions())
+    result.config_path = write_run_files(ctx)
+    hook = plugins.hook
+    hook.ftcore_run_started(config=config, ctx=ctx)
+
+    ctx.tokenizer = load_tokenizer(model_path, config)
+    for added in hook.ftcore_prepare_tokenizer(tokenizer=ctx.tokenizer, config=config):
+        ctx.added_tokens += list(added or [])
+    prepared = data_mod.prepare(config, plugins, ctx.tokenizer, log)
+    result.data_stats = prepared.stats.as_dict()
+    log_data_stats(prepared.stats, log)
+    hook.ftcore_data_prepared(train_dataset=prepared.train, eval_dataset=prepared.eval,
+                              stats=result.data_stats, ctx=ctx)
+
+    from transformers import set_seed
+
+    set_seed(config.training.seed)   # adapter initialisation is part of the run's reproducibility
+    model = hook.ftcore_load_model(model_path=str(model_path), tokenizer=ctx.tokenizer, config=config, ctx=ctx)
+    if model is None:
+        raise PluginError("no adapter plugin loaded a model: select one (lora, qlora, full) in --plugins.")
+    log_parameter_counts(model, log)
+    hook.ftcore_model_loaded(model=model, ctx=ctx)
+
+    trainer, collator = build_trainer(model, prepared, ctx)
+    hook.ftcore_trainer_created(trainer=trainer, ctx=ctx)
+    train_output = trainer.train()
+    final_eval = trainer.evaluate() if prepared.eval is not None else {}
+
+    model_dir = save_final(trainer, ctx)
+    result.model_dir = model_dir
+    result.metrics_path = out / "metrics.jsonl"
+    result.metrics = summarize(trainer, train_output, final_eval, collator, started)
+    for paths in hook.ftcore_export(run_dir=out, model_dir=model_dir, config=config, ctx=ctx):
+        result.exports += [Path(p) for p in paths or []]
+    write_json_atomic(out / "summary.json", result.as_dict())
+    hook.ftcore_run_finished(result=result, ctx=ctx)
+    log_summary(result, log)
+    return result
+
+
+def _default_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def pick_precision(precision: str) -> str:
+    if precision != "auto":
+        return precision
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def prepare_output_dir(out: Path, overwrite: bool) -> Path:
+    """Refuse to write over another run's results unless asked; never touch other files."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} exists and is not a directory: choose another --output.")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            what = "another run's results" if (out / RUN_MARKER).exists() else "files"
+            raise ConfigError(f"output directory {out} already holds {what}. Pass --overwrite to replace it, "
+                              f"or choose another --output.")
+        if not (out / RUN_MARKER).exists():
+            raise ConfigError(f"output directory {out} holds files that are not an ftcore run; "
+                              f"--overwrite only replaces ftcore runs. Choose another --output.")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_run_files(ctx: RunContext) -> Path:
+    """The resolved config and plugin list, so the run can be repeated from its output."""
+    out = ctx.output_dir
+    data = ctx.config.to_dict()
+    data["overwrite"] = False
+    path = out / "config.yaml"
+    write_text_atomic(path, "# Resolved ftcore configuration; rerun with: ftcore run config.yaml\n"
+                      + yaml.safe_dump(data, sort_keys=False))
+    write_json_atomic(out / "plugins.json", ctx.plugins.versions())
+    from ftcore import __version__
+    write_json_atomic(out / RUN_MARKER, {"ftcore_version": __version__, "started": time.time(),
+                                         "argv": sys.argv, "precision": ctx.precision})
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def load_tokenizer(model_path: Path, config: cfg.RunConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=config.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model folder {model_path}: no usable tokenizer ({exc}).") from None
+    if not getattr(tok, "is_fast", False):
+        raise ConfigError(f"model folder {model_path}: ftcore needs a fast (tokenizers) tokenizer for exact "
+                          f"label masking; this one is {type(tok).__name__}.")
+    if tok.pad_token is None:
+        # A common case (Llama, Mistral): pad with EOS; labels mask padding, so it is never learned.
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def log_data_stats(stats: data_mod.DataStats, log: Callable[[str], None]) -> None:
+    src = " (from cache)" if stats.cached else ""
+    log(f"data{src}: {stats.records} records, {stats.bad_records} invalid, {stats.train_examples} train / "
+        f"{stats.eval_examples} eval examples, {stats.tokens} tokens ({stats.supervised_tokens} supervised), "
+        f"{stats.truncated} truncated, {stats.dropped_too_long} dropped as too long, "
+        f"packing efficiency {stats.packing_efficiency:.1%}")
+
+
+def log_parameter_counts(model: Any, log: Callable[[str], None]) -> None:
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state") or p.__class__.__name__ == "Params4bit":
+            n *= 2   # 4-bit weights pack two values per byte element
+        total += n
+        trainable += n if p.requires_grad else 0
+    share = 100 * trainable / total if total else 0.0
+    log(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+
+
+def training_arguments(ctx: RunContext, has_eval: bool) -> dict[str, Any]:
+    t = ctx.config.training
+    eval_strategy = t.eval_strategy if has_eval else "no"
+    args: dict[str, Any] = dict(
+        output_dir=str(ctx.output_dir / "checkpoints"),
+        num_train_epochs=t.epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation,
+        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio if t.warmup_ratio > 0 else 0,   # transformers 5: a float < 1 is a ratio
+        weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
+        adam_epsilon=t.adam_epsilon, max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps, logging_first_step=True,
+        save_strategy=t.save_strategy, save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        eval_strategy=eval_strategy, eval_steps=t.eval_steps, eval_on_start=has_eval,
+        bf16=ctx.precision == "bf16", fp16=ctx.precision == "fp16",
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        seed=t.seed, data_seed=t.seed, report_to=t.report_to or "none",
+        remove_unused_columns=False, dataloader_pin_memory=False, disable_tqdm=True,
+        save_only_model=False,
+    )
+    return args
+
+
+def build_trainer(model: Any, prepared: data_mod.PreparedData, ctx: RunContext) -> tuple[Any, Any]:
+    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
+
+    from ftcore.callbacks import MetricsCallback
+
+    hook = ctx.plugins.hook
+    args = training_arguments(ctx, prepared.eval is not None)
+    hook.ftcore_training_arguments(args=args, config=ctx.config, ctx=ctx)
+    training_args = TrainingArguments(**args)
+    optimizer = hook.ftcore_build_optimizer(model=model, training_args=training_args, config=ctx.config)
+    collator = data_mod.make_collator(ctx.config.data.packing, ctx.tokenizer)
+    callbacks = [MetricsCallback(ctx.output_dir / "metrics.jsonl", collator.counter, ctx.log)]
+    for extra in hook.ftcore_trainer_callbacks(ctx=ctx):
+        callbacks += list(extra or [])
+    trainer = Trainer(model=model, args=training_args, train_dataset=prepared.train,
+                      eval_dataset=prepared.eval, data_collator=collator, processing_class=ctx.tokenizer,
+                      callbacks=callbacks, optimizers=(optimizer, None))
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+    ctx.state["trainer"] = trainer
+    return trainer, collator
+
+
+def save_final(trainer: Any, ctx: RunContext) -> Path:
+    """Save the adapter (or full model) with its tokenizer, atomically: written aside, then renamed."""
+    model = trainer.model
+    name = "adapter" if hasattr(model, "peft_config") else "model"
+    final = ctx.output_dir / name
+    tmp = ctx.output_dir / f".{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.save_model(str(tmp))
+    ctx.tokenizer.save_pretrained(str(tmp))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def summarize(trainer: Any, train_output: Any, final_eval: dict[str, Any], collator: Any,
+              started: float) -> dict[str, Any]:
+    history = trainer.state.log_history
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    losses = [h["loss"] for h in history if "loss" in h]
+    return {
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "train_loss": losses[-1] if losses else None,
+        "train_loss_mean": train_output.training_loss,
+        "best_train_loss": min(losses) if losses else None,
+        "eval_loss": final_eval.get("eval_loss"),
+        "eval_loss_start": evals[0] if evals else None,
+        "best_eval_loss": min(evals) if evals else None,
+        "tokens": collator.counter.real,
+        "supervised_tokens": collator.counter.supervised,
+        "computed_positions": collator.counter.computed,
+        "packing_efficiency": (collator.counter.real / collator.counter.computed) if collator.counter.computed else None,
+        "runtime_s": round(time.time() - started, 2),
+    }
+
+
+def log_summary(result: RunResult, log: Callable[[str], None]) -> None:
+    m = result.metrics
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    log(f"done in {m.get('runtime_s')}s: {m.get('steps')} steps, train loss {fmt(m.get('train_loss'))}, "
+        f"eval loss {fmt(m.get('eval_loss_start'))} -> {fmt(m.get('eval_loss'))}")
+    log(f"wrote {result.model_dir}" + "".join(f", {p}" for p in result.exports))
+
+
+def is_user_error(exc: BaseException) -> bool:
+    return isinstance(exc, FtcoreError)

@@ -1,0 +1,42 @@
+"""Errors a user can cause, and the exit statuses the CLI maps them to.
+
+Exit statuses (documented in docs/reference/exit-codes.md):
+    0   success
+    1   internal error (a bug of ours: a traceback is shown)
+    2   user error (bad config, data, plugin selection, paths): a message, no traceback
+    3   interrupted: a resumable checkpoint was saved
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USER = 2
+EXIT_INTERRUPTED = 3
+
+
+class FtcoreError(Exception):
+    """An error the user can fix; the CLI prints its message without a traceback."""
+
+    exit_code = EXIT_USER
+
+
+class ConfigError(FtcoreError):
+    """The run configuration is invalid."""
+
+
+class PluginError(FtcoreError):
+    """A plugin could not be found, selected or loaded."""
+
+
+class DataError(FtcoreError):
+    """The training data is missing, empty or malformed."""
+
+
+def suggest(word: str, choices: Iterable[str]) -> str:
+    """Return ' Did you mean "x"?' for the closest choice, or '' when none is close."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f' Did you mean "{match[0]}"?' if match else ""

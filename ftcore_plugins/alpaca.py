@@ -1,0 +1,59 @@
+"""Alpaca instruction records {instruction, input, output}, classic prompt, response-only loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator
+
+import ftcore
+
+NAME = "alpaca"
+PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+class AlpacaConfig(ftcore.PluginConfig):
+    train_on_inputs: bool = Field(False, description="Supervise the prompt too, not only the response.")
+    prompt: str = Field(PROMPT, description="Template with {instruction} and {input}.")
+    prompt_no_input: str = Field(PROMPT_NO_INPUT, description="Template used when input is empty.")
+    add_eos: bool = Field(True, description="Append the tokenizer's EOS token (supervised).")
+
+    @field_validator("prompt")
+    @classmethod
+    def _needs_fields(cls, value: str) -> str:
+        for key in ("{instruction}", "{input}"):
+            if key not in value:
+                raise ValueError(f"the template must contain {key}")
+        return value
+
+
+@ftcore.hookimpl
+def ftcore_config_schema():
+    return AlpacaConfig
+
+
+@ftcore.hookimpl
+def ftcore_validate_record(record: dict[str, Any]) -> list[tuple[str, str]]:
+    problems = []
+    for key, required in (("instruction", True), ("input", False), ("output", True)):
+        if key not in record or record[key] is None:
+            if required:
+                problems.append((key, f'missing required field "{key}" (alpaca records need instruction and output)'))
+            continue
+        if not isinstance(record[key], str):
+            problems.append((key, f"expected a string, got {type(record[key]).__name__}"))
+    if not problems and not record["output"].strip():
+        problems.append(("output", "is empty: nothing to learn"))
+    return problems
+
+
+@ftcore.hookimpl
+def ftcore_format_record(record: dict[str, Any], tokenizer: Any, config: Any) -> ftcore.Example:
+    cfg: AlpacaConfig = config.section(NAME)
+    given = (record.get("input") or "").strip()
+    template = cfg.prompt if given else cfg.prompt_no_input
+    prompt = template.format(instruction=record["instruction"], input=given)
+    response = record["output"] + (tokenizer.eos_token if cfg.add_eos and tokenizer.eos_token else "")
+    return ftcore.Example.from_segments([(prompt, cfg.train_on_inputs), (response, True)],
+                                        add_special_tokens=True)

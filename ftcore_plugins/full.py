@@ -1,0 +1,37 @@
+"""Full fine-tuning: all weights trained, optionally freezing named modules or the first N layers."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import Field
+
+import ftcore
+from ftcore_plugins._loading import load_base_model
+
+NAME = "full"
+
+
+class FullConfig(ftcore.PluginConfig):
+    freeze_modules: list[str] = Field(default_factory=list,
+                                      description="Regexes of parameter names to freeze (e.g. embed_tokens).")
+    freeze_layers: int = Field(0, ge=0, description="Freeze the first N decoder layers.")
+
+
+@ftcore.hookimpl
+def ftcore_config_schema():
+    return FullConfig
+
+
+@ftcore.hookimpl
+def ftcore_load_model(model_path: str, tokenizer: Any, config: Any, ctx: Any) -> Any:
+    cfg: FullConfig = config.section(NAME)
+    model = load_base_model(model_path, tokenizer, config, ctx)
+    patterns = [re.compile(p) for p in cfg.freeze_modules]
+    layer_re = re.compile(r"\.layers\.(\d+)\.")
+    for name, param in model.named_parameters():
+        layer = layer_re.search(name)
+        frozen = any(p.search(name) for p in patterns) or (layer is not None and int(layer.group(1)) < cfg.freeze_layers)
+        param.requires_grad_(not frozen)
+    return model
