@@ -98,6 +98,40 @@ def chat_records(rng: random.Random) -> list[dict[str, object]]:
     return out
 
 
+def pretraining_text(rng: random.Random) -> list[str]:
+    """Plain statements of the same facts, for the builtin model's short pretraining.
+
+    The base model learns the facts; the quickstart's fine-tune then teaches it to answer
+    instructions in the alpaca format, which it has never seen.
+    """
+    out = []
+    for country, city in CAPITALS.items():
+        out.append(f"{city} is the capital of {country}. The capital of {country} is {city}.")
+    for word, opp in OPPOSITES.items():
+        out.append(f"The opposite of {word} is {opp}, and the opposite of {opp} is {word}.")
+    for word, plural in PLURALS.items():
+        out.append(f"One {word}, two {plural}. The plural of {word} is {plural}.")
+    for _ in range(150):
+        a, b = rng.randint(2, 60), rng.randint(2, 60)
+        out.append(f"{a} plus {b} is {a + b}. {a} and {b} make {a + b}.")
+    for _ in range(60):
+        a, b = rng.randint(2, 12), rng.randint(2, 12)
+        out.append(f"{a} times {b} is {a * b}.")
+    for _ in range(60):
+        words = rng.sample(WORDS, rng.randint(3, 6))
+        out.append(f"In alphabetical order: {', '.join(sorted(words))}.")
+    for word in WORDS:
+        out.append(f"The word {word} has {len(word)} letters. In capitals it is {word.upper()}.")
+    for km in range(1, 21):
+        out.append(f"{km} km is {km * 1000} metres.")
+    for i, day in enumerate(DAYS):
+        out.append(f"After {day} comes {DAYS[(i + 1) % 7]}, then {DAYS[(i + 2) % 7]}.")
+    for n in range(10):
+        out.append(f"The number {n} is written {NUMBER_WORDS[n]}.")
+    rng.shuffle(out)
+    return out
+
+
 def main() -> None:
     rng = random.Random(1234)
     data = ROOT / "data"
@@ -106,12 +140,14 @@ def main() -> None:
     chat = chat_records(rng)
     (data / "quickstart-alpaca.jsonl").write_text("".join(json.dumps(r) + "\n" for r in alpaca))
     (data / "quickstart-chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
-    corpus = []
+    assets = ROOT.parent / "ftcore" / "assets"
+    facts = pretraining_text(random.Random(99))
+    (assets / "pretrain-corpus.txt").write_text("\n\n".join(facts) + "\n")
+    corpus = list(facts)
     for r in alpaca:
         corpus.append(f"### Instruction:\n{r['instruction']}\n\n### Input:\n{r['input']}\n\n### Response:\n{r['output']}")
     for r in chat:
         corpus.append("\n".join(f"{m['role']}\n{m['content']}" for m in r["messages"]))
-    assets = ROOT.parent / "ftcore" / "assets"
     (assets / "tokenizer-corpus.txt").write_text("\n\n".join(corpus) + "\n")
     print(f"wrote {len(alpaca)} alpaca and {len(chat)} chat records")
 
