@@ -382,11 +382,11 @@ def _collect(specs, config, plugins, tokenizer, formats, stats, problems) -> lis
             if action == "dropped":
                 stats.dropped_too_long += 1
                 continue
-            stats.truncated += action == "truncated"
             supervised = sum(1 for t in labels if t != IGNORE_INDEX)
-            if supervised == 0:
+            if supervised == 0:   # e.g. truncation cut off the whole response
                 stats.dropped_unsupervised += 1
                 continue
+            stats.truncated += action == "truncated"
             stats.examples += 1
             stats.tokens += len(ids)
             stats.supervised_tokens += supervised
