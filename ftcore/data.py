@@ -552,8 +552,9 @@ class PackedCollator:
     """Padding-free packing: the batch's examples become one row; position_ids restart per example.
 
     transformers turns restarting ``position_ids`` into a block-diagonal attention mask
-    for every attention implementation, so examples never attend to each other; the
-    first label of each example is masked so no loss crosses a boundary.
+    for every attention implementation (when no KV cache is used, hence ``use_cache=False``
+    in the batch), so examples never attend to each other; the first label of each
+    example is masked so no loss crosses a boundary.
     """
 
     def __init__(self) -> None:
@@ -564,6 +565,9 @@ class PackedCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.inner([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+        # transformers derives the block-diagonal mask from position_ids only without a KV cache;
+        # a model loaded with use_cache on (e.g. in eval mode) would otherwise attend across examples.
+        batch["use_cache"] = False
         n = int(batch["input_ids"].numel())
         self.counter.real += n
         self.counter.computed += n
