@@ -342,8 +342,11 @@ def _prepare_uncached(config, plugins, tokenizer, formats, seed, log) -> Prepare
                         + ", ".join(s.path for s in data_cfg.eval_datasets)
                         + ") after validation and length limits.")
     if not train_rows:
-        raise DataError("no training examples are left after validation, length limits and the validation split. "
-                        "Add data, lower data.val_size or raise data.max_length.")
+        raise DataError(f"no training examples are left: of {stats.records} records, {stats.bad_records} are invalid, "
+                        f"{stats.dropped_too_long} were dropped as longer than data.max_length={data_cfg.max_length}, "
+                        f"{stats.dropped_unsupervised} had nothing supervised left (e.g. truncation cut off the "
+                        f"response), and {len(eval_rows or [])} went to validation. "
+                        f"Add data, raise data.max_length or lower data.val_size.")
     stats.train_examples, stats.eval_examples = len(train_rows), len(eval_rows or [])
     return PreparedData(_to_dataset(train_rows), _to_dataset(eval_rows) if eval_rows else None, stats, problems)
 

@@ -238,6 +238,11 @@ def test_too_long_examples_are_truncated_or_dropped_and_counted(tiny_model_dir, 
     dropped = prep(tiny_model_dir, [str(f)], max_length=64, too_long="drop")
     assert dropped.stats.dropped_too_long == 2 and dropped.stats.truncated == 0
     assert dropped.stats.train_examples == len(ALPACA)
+    # nothing left at all: an error that says where the records went, never a zero-step run
+    only_long = write_jsonl(tmp_path / "long.jsonl", [long_prompt, long_prompt])
+    with pytest.raises(DataError, match=r"of 2 records, 0 are invalid, 0 were dropped as longer than "
+                                        r"data.max_length=64, 2 had nothing supervised left"):
+        prep(tiny_model_dir, [str(only_long)], max_length=64)
 
 
 @pytest.mark.parametrize("val_size, n_eval", [(0.25, 3), (5, 5), (0, 0)])
