@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -71,3 +72,28 @@ def test_sharegpt_plugin_installs_is_listed_and_fine_tunes(installed_sharegpt, t
     assert summary["metrics"]["steps"] == 3 and summary["data_stats"]["bad_records"] == 1
     assert {p["name"]: p["distribution"] for p in summary["plugins"]}["sharegpt"] == DIST
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+# -- the guides stay true -----------------------------------------------------------------------
+
+BLOCK = re.compile(r'^```\w+ title="(?P<title>[^"]+)"\n(?P<body>.*?)^```$', re.M | re.S)
+
+
+def _titled_blocks(doc: str) -> list[tuple[str, str]]:
+    return [(m.group("title"), m.group("body")) for m in BLOCK.finditer((REPO / "docs" / doc).read_text())]
+
+
+def test_the_plugin_tutorial_shows_the_example_package_file_for_file():
+    blocks = _titled_blocks("plugins.md")
+    assert [t for t, _ in blocks] == ["pyproject.toml", "ftcore_sharegpt.py", "tests/test_sharegpt.py"]
+    for title, body in blocks:
+        assert body == (REPO / "examples" / "sharegpt-plugin" / title).read_text(), f"docs/plugins.md: {title} differs"
+
+
+def test_the_testing_guide_example_runs(tmp_path):
+    code = "".join(body for title, body in _titled_blocks("testing-plugins.md") if title.startswith("test_my_format"))
+    (tmp_path / "test_my_format.py").write_text(code)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_my_format.py"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "5 passed" in proc.stdout
