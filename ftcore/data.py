@@ -231,14 +231,18 @@ def _iter_saved(path: Path, spec: Any) -> Iterator[tuple[str, Any]]:
         yield f"{path}[{spec.split} {i}]", rec
 
 
-def _iter_hub_or_saved(spec: Any) -> Iterator[tuple[str, Any]]:
+def _load_by_name(spec: Any) -> Any:
     import datasets
 
     try:
-        ds = datasets.load_dataset(spec.path, spec.name, split=spec.split)
+        return datasets.load_dataset(spec.path, spec.name, split=spec.split)
     except Exception as exc:  # offline, not found, ...
         raise DataError(f"dataset {spec.path!r} is neither a local file nor a loadable datasets-library "
                         f"dataset ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).") from None
+
+
+def _iter_hub_or_saved(spec: Any) -> Iterator[tuple[str, Any]]:
+    ds = _load_by_name(spec)
     for i, rec in enumerate(ds):
         yield f"{spec.path}[{spec.split} {i}]", rec
 
@@ -468,8 +472,11 @@ def cache_key(config: Any, plugins: Any, tokenizer: Any) -> str:
     d = config.data
     for spec in [*d.datasets, *d.eval_datasets]:
         h.update(spec.model_dump_json().encode())
-        for f in expand_paths(spec.path):
+        files = expand_paths(spec.path)
+        for f in files:
             h.update(f"{f.resolve()}:{content_digest(f)}".encode())
+        if not files and not _looks_like_local(spec.path):   # a datasets-library name: its content fingerprint
+            h.update(str(getattr(_load_by_name(spec), "_fingerprint", "")).encode())
     h.update(json.dumps([d.max_length, d.too_long, d.on_bad_record, d.val_size,
                          d.seed if d.seed is not None else config.training.seed]).encode())
     for name in plugins.names("format"):

@@ -84,6 +84,28 @@ def test_saved_datasets_library_folders_and_splits(tiny_model_dir, tmp_path):
         prep(tiny_model_dir, [{"path": str(tmp_path / "dd"), "split": "test"}])
 
 
+def test_a_datasets_library_name_loads_through_the_datasets_cache(tiny_model_dir, tmp_path, monkeypatch):
+    """A hub dataset downloaded earlier and cached by the datasets library, now loaded offline by name."""
+    import shutil
+
+    import datasets
+
+    cache = tmp_path / "hf-datasets"
+    source = write_jsonl(tmp_path / "src.jsonl", ALPACA)
+    datasets.load_dataset("json", data_files=str(source), split="train", cache_dir=str(cache))
+    built = next(cache.glob("json/*/*/*/dataset_info.json")).parent      # json/<config>/<version>/<hash>
+    # the layout the datasets library gives a downloaded hub dataset "someone/tiny-alpaca"
+    target = cache / "someone___tiny-alpaca" / "default" / built.parent.name / built.name
+    shutil.copytree(built, target)
+    for arrow in target.glob("json-*.arrow"):
+        arrow.rename(target / arrow.name.replace("json-", "tiny-alpaca-"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+    got = prep(tiny_model_dir, ["someone/tiny-alpaca"])
+    assert got.stats.records == len(ALPACA) and got.stats.per_dataset == {"someone/tiny-alpaca": len(ALPACA)}
+    assert prep(tiny_model_dir, ["someone/tiny-alpaca"]).stats.cached     # keyed by the dataset's fingerprint
+    assert _ids(got) == _ids(prep(tiny_model_dir, [str(source)]))
+
+
 def test_a_dataset_name_that_cannot_be_loaded_is_a_clear_error(tiny_model_dir):
     # Names go to datasets.load_dataset; offline (as here) an unknown name must say so, not crash.
     with pytest.raises(DataError, match="'nobody/no-such-dataset' is neither a local file nor a loadable"):
