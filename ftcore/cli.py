@@ -107,5 +107,9 @@ def plugins_cmd(as_json: bool) -> None:
     Console(width=max(120, Console().width)).print(table)
 
 
+from ftcore.prepare_cli import prepare_cmd  # noqa: E402  (a command in its own module)
+main.add_command(prepare_cmd)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -69,7 +69,8 @@ class DataStats:
     truncated: int = 0
     dropped_too_long: int = 0
     dropped_unsupervised: int = 0
-    packing_efficiency: float = 1.0
+    packing_efficiency: float = 1.0    # share of computed positions that are real tokens
+    padded_efficiency: float = 1.0     # the same, were batches padded instead of packed
     cached: bool = False
     per_dataset: dict[str, int] = field(default_factory=dict)
 
@@ -87,7 +88,8 @@ def expand_paths(path: str) -> list[Path]:
     if p.is_dir():
         if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists():
             return [p]
-        return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in LOCAL_SUFFIXES)
+        return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in LOCAL_SUFFIXES
+                      and not any(part.startswith(".") for part in f.relative_to(p).parts))
     return [p] if p.exists() else []
 
 
@@ -140,31 +142,68 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        text = path.read_bytes().decode("utf-8")
+        data = json.loads(text)
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 (bad byte at offset {exc.start}); re-save it as UTF-8.") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: malformed JSON at column {exc.colno}: {exc.msg}. "
                         f"(A file of one JSON object per line should be named .jsonl.)") from None
+    if isinstance(data, list):
+        yield from zip(_array_item_lines(path, text), data)
+        return
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-        data = next(iter(data.values()))
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON array of records (or one object per line in a .jsonl file).")
-    for i, rec in enumerate(data):
-        yield f"{path}[{i}]", rec
+        key, items = next(iter(data.items()))
+        for i, rec in enumerate(items):
+            yield f"{path}[{key}][{i}]", rec
+        return
+    raise DataError(f"{path}: expected a JSON array of records (or one object per line in a .jsonl file).")
+
+
+def _array_item_lines(path: Path, text: str) -> list[str]:
+    """``file:line`` of each element of a top-level JSON array (where the element starts)."""
+    decoder, where = json.JSONDecoder(), []
+    pos = text.index("[") + 1
+    line, counted = 1, 0
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return where
+        line += text.count("\n", counted, pos)
+        counted = pos
+        where.append(f"{path}:{line}")
+        _, pos = decoder.raw_decode(text, pos)
 
 
 def _iter_tabular(path: Path) -> Iterator[tuple[str, Any]]:
-    import datasets
+    if path.suffix == ".csv":
+        yield from _iter_csv(path)
+        return
+    import pyarrow.parquet as pq
 
-    kind = "parquet" if path.suffix == ".parquet" else "csv"
     try:
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-    except Exception as exc:  # the datasets library's many parse errors
-        raise DataError(f"{path}: could not be read as {kind}: {exc}") from None
-    offset = 2 if kind == "csv" else 0   # csv: line 1 is the header
-    for i, rec in enumerate(ds):
-        yield (f"{path}:{i + offset}" if kind == "csv" else f"{path}[row {i}]"), _json_columns(rec)
+        rows = pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow's many parse errors
+        raise DataError(f"{path}: could not be read as parquet: {exc}") from None
+    for i, rec in enumerate(rows):
+        yield f"{path}[row {i}]", rec
+
+
+def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        start = 2   # line 1 is the header
+        try:
+            for rec in reader:
+                yield f"{path}:{start}", _json_columns({k: v for k, v in rec.items() if k is not None})
+                start = reader.line_num + 1
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 (bad byte near line {start}); re-save it as UTF-8.") from None
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: malformed CSV: {exc}") from None
 
 
 def _json_columns(rec: dict[str, Any]) -> dict[str, Any]:
@@ -192,14 +231,18 @@ def _iter_saved(path: Path, spec: Any) -> Iterator[tuple[str, Any]]:
         yield f"{path}[{spec.split} {i}]", rec
 
 
-def _iter_hub_or_saved(spec: Any) -> Iterator[tuple[str, Any]]:
+def _load_by_name(spec: Any) -> Any:
     import datasets
 
     try:
-        ds = datasets.load_dataset(spec.path, spec.name, split=spec.split)
+        return datasets.load_dataset(spec.path, spec.name, split=spec.split)
     except Exception as exc:  # offline, not found, ...
         raise DataError(f"dataset {spec.path!r} is neither a local file nor a loadable datasets-library "
                         f"dataset ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).") from None
+
+
+def _iter_hub_or_saved(spec: Any) -> Iterator[tuple[str, Any]]:
+    ds = _load_by_name(spec)
     for i, rec in enumerate(ds):
         yield f"{spec.path}[{spec.split} {i}]", rec
 
@@ -253,18 +296,40 @@ def resolve_format(spec: Any, format_plugins: list[str]) -> str:
 
 
 def prepare(config: Any, plugins: Any, tokenizer: Any, log: Any = print) -> PreparedData:
-    """Run the whole data path for a validated config. Raises DataError on bad data."""
+    """Run the whole data path for a validated config. Raises DataError on bad data.
+
+    The result is cached (see :func:`cache_key`); a second call with the same data,
+    tokenizer and format settings loads it instead of formatting and tokenizing again.
+    """
     data_cfg = config.data
     if not data_cfg.datasets:
         raise DataError("no training data: pass --data FILE or set data.datasets in the config.")
     seed = data_cfg.seed if data_cfg.seed is not None else config.training.seed
     formats = plugins.names("format")
+    for spec in [*data_cfg.datasets, *data_cfg.eval_datasets]:
+        fmt = resolve_format(spec, formats)
+        if fmt not in formats:
+            raise DataError(f"dataset {spec.path} asks for format {fmt!r}, which is not a format plugin of this "
+                            f"run (selected formats: {', '.join(formats) or 'none'}).")
     key = cache_key(config, plugins, tokenizer) if data_cfg.cache else None
-    cached = load_cached(key) if key else None
-    if cached is not None:
-        cached.stats.cached = True
-        return cached
+    result = load_cached(key) if key else None
+    if result is not None:
+        result.stats.cached = True
+        if result.stats.bad_records:
+            log(f"warning: skipped {result.stats.bad_records} invalid records of {result.stats.records} "
+                f"(data.on_bad_record: skip; cached data).")
+    else:
+        result = _prepare_uncached(config, plugins, tokenizer, formats, seed, log)
+        if key:
+            save_cached(key, result)
+    lengths = [len(ids) for ids in result.train["input_ids"]]
+    result.stats.padded_efficiency = packing_efficiency(lengths, config.training.batch_size, False, seed)
+    result.stats.packing_efficiency = 1.0 if data_cfg.packing else result.stats.padded_efficiency
+    return result
 
+
+def _prepare_uncached(config, plugins, tokenizer, formats, seed, log) -> PreparedData:
+    data_cfg = config.data
     stats = DataStats()
     problems: list[Problem] = []
     train_rows = _collect(data_cfg.datasets, config, plugins, tokenizer, formats, stats, problems)
@@ -276,16 +341,29 @@ def prepare(config: Any, plugins: Any, tokenizer: Any, log: Any = print) -> Prep
     if eval_rows is None:
         n_val = _val_count(data_cfg.val_size, len(train_rows))
         eval_rows, train_rows = train_rows[:n_val], train_rows[n_val:]
+    elif not eval_rows:
+        raise DataError("no evaluation examples are left in data.eval_datasets ("
+                        + ", ".join(s.path for s in data_cfg.eval_datasets)
+                        + ") after validation and length limits.")
     if not train_rows:
-        raise DataError("no training examples are left after validation, length limits and the validation split. "
-                        "Add data, lower data.val_size or raise data.max_length.")
+        raise DataError(f"no training examples are left: of {stats.records} records, {stats.bad_records} are invalid, "
+                        f"{stats.dropped_too_long} were dropped as longer than data.max_length={data_cfg.max_length}, "
+                        f"{stats.dropped_unsupervised} had nothing supervised left (e.g. truncation cut off the "
+                        f"response), and {len(eval_rows or [])} went to validation. "
+                        f"Add data, raise data.max_length or lower data.val_size.")
     stats.train_examples, stats.eval_examples = len(train_rows), len(eval_rows or [])
-    stats.packing_efficiency = packing_efficiency(
-        [len(r[0]) for r in train_rows], config.training.batch_size, data_cfg.packing, seed)
-    result = PreparedData(_to_dataset(train_rows), _to_dataset(eval_rows) if eval_rows else None, stats, problems)
-    if key:
-        save_cached(key, result)
-    return result
+    return PreparedData(_to_dataset(train_rows), _to_dataset(eval_rows) if eval_rows else None, stats, problems)
+
+
+def format_record(fmt: str, record: dict[str, Any], plugins: Any, tokenizer: Any, config: Any) -> Example:
+    """Ask the format plugin ``fmt`` to render one valid record."""
+    example = plugins.call_one(fmt, "ftcore_format_record", record=record, tokenizer=tokenizer, config=config)
+    if not isinstance(example, Example):
+        from ftcore.errors import PluginError
+
+        raise PluginError(f"format plugin {fmt!r} returned {type(example).__name__} from ftcore_format_record; "
+                          f"it must return an ftcore.Example.")
+    return example
 
 
 def _collect(specs, config, plugins, tokenizer, formats, stats, problems) -> list[tuple[list[int], list[int]]]:
@@ -293,28 +371,29 @@ def _collect(specs, config, plugins, tokenizer, formats, stats, problems) -> lis
     rows = []
     for spec in specs:
         fmt = resolve_format(spec, formats)
-        if fmt not in plugins.names("format"):
-            raise DataError(f"dataset {spec.path} asks for format {fmt!r}, which is not a format plugin of this run "
-                            f"(selected formats: {', '.join(formats) or 'none'}).")
         count = 0
         for where, record in iter_records(spec):
             stats.records += 1
             found = _check(where, record, fmt, plugins, config)
+            if not found:
+                try:
+                    example = format_record(fmt, record, plugins, tokenizer, config)
+                except DataError as exc:   # a record the format cannot render (e.g. a template refuses it)
+                    found = [Problem(where, None, str(exc))]
             if found:
                 problems.extend(found)
                 stats.bad_records += 1
                 continue
-            example = plugins.call_one(fmt, "ftcore_format_record", record=record, tokenizer=tokenizer, config=config)
             ids, labels = tokenize(example, tokenizer)
             ids, labels, action = fit_length(ids, labels, data_cfg.max_length, data_cfg.too_long)
             if action == "dropped":
                 stats.dropped_too_long += 1
                 continue
-            stats.truncated += action == "truncated"
             supervised = sum(1 for t in labels if t != IGNORE_INDEX)
-            if supervised == 0:
+            if supervised == 0:   # e.g. truncation cut off the whole response
                 stats.dropped_unsupervised += 1
                 continue
+            stats.truncated += action == "truncated"
             stats.examples += 1
             stats.tokens += len(ids)
             stats.supervised_tokens += supervised
@@ -341,7 +420,7 @@ def _report_problems(problems: list[Problem], stats: DataStats, data_cfg: Any, l
         return
     shown = "\n  ".join(str(p) for p in problems[: data_cfg.max_errors_shown])
     more = len(problems) - data_cfg.max_errors_shown
-    tail = f"\n  ... and {more} more" if more > 0 else ""
+    tail = f"\n  ... and {more} more problems" if more > 0 else ""
     if stats.bad_records == stats.records:
         raise DataError(f"every record ({stats.records}) is invalid:\n  {shown}{tail}")
     if data_cfg.on_bad_record == "error":
@@ -385,29 +464,51 @@ def cache_root() -> Path:
 
 
 def cache_key(config: Any, plugins: Any, tokenizer: Any) -> str:
+    """What the tokenized data depends on: the data (by content), the tokenizer, the format settings.
+
+    Settings that only change how batches are built (batch size, packing) are not part of it.
+    """
     h = hashlib.sha256()
     d = config.data
     for spec in [*d.datasets, *d.eval_datasets]:
         h.update(spec.model_dump_json().encode())
-        for f in expand_paths(spec.path):
-            st = f.stat()
-            h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+        files = expand_paths(spec.path)
+        for f in files:
+            h.update(f"{f.resolve()}:{content_digest(f)}".encode())
+        if not files and not _looks_like_local(spec.path):   # a datasets-library name: its content fingerprint
+            h.update(str(getattr(_load_by_name(spec), "_fingerprint", "")).encode())
     h.update(json.dumps([d.max_length, d.too_long, d.on_bad_record, d.val_size,
-                         d.seed if d.seed is not None else config.training.seed,
-                         config.training.batch_size, d.packing]).encode())
+                         d.seed if d.seed is not None else config.training.seed]).encode())
     for name in plugins.names("format"):
         if name in config.sections:
             h.update(config.section(name).model_dump_json().encode())
-        h.update(f"{name}:{plugins.infos[name].version}".encode())
+        h.update(f"{name}:{plugins.infos[name].distribution}:{plugins.infos[name].version}".encode())
     h.update(tokenizer_fingerprint(tokenizer).encode())
     from ftcore import __version__
     h.update(__version__.encode())
     return h.hexdigest()[:24]
 
 
+def content_digest(path: Path) -> str:
+    """A digest of a file's bytes (or of every file under a folder, e.g. a saved dataset)."""
+    h = hashlib.blake2b(digest_size=16)
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Vocabulary, merges, added tokens, normalizer and post-processor, chat template, special tokens."""
     h = hashlib.sha256()
-    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     h.update(str(getattr(tokenizer, "chat_template", None)).encode())
     h.update(json.dumps([str(tokenizer.bos_token), str(tokenizer.eos_token), str(tokenizer.pad_token)]).encode())
     return h.hexdigest()
@@ -424,7 +525,7 @@ def load_cached(key: str) -> PreparedData | None:
         train = datasets.load_from_disk(str(folder / "train"))
         ev = datasets.load_from_disk(str(folder / "eval")) if (folder / "eval").exists() else None
     except Exception:
-        return None   # a damaged cache entry is rebuilt
+        return None   # a damaged or outdated cache entry is rebuilt
     return PreparedData(train, ev, stats, [])
 
 
@@ -461,8 +562,9 @@ class PackedCollator:
     """Padding-free packing: the batch's examples become one row; position_ids restart per example.
 
     transformers turns restarting ``position_ids`` into a block-diagonal attention mask
-    for every attention implementation, so examples never attend to each other; the
-    first label of each example is masked so no loss crosses a boundary.
+    for every attention implementation (when no KV cache is used, hence ``use_cache=False``
+    in the batch), so examples never attend to each other; the first label of each
+    example is masked so no loss crosses a boundary.
     """
 
     def __init__(self) -> None:
@@ -473,6 +575,9 @@ class PackedCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.inner([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+        # transformers derives the block-diagonal mask from position_ids only without a KV cache;
+        # a model loaded with use_cache on (e.g. in eval mode) would otherwise attend across examples.
+        batch["use_cache"] = False
         n = int(batch["input_ids"].numel())
         self.counter.real += n
         self.counter.computed += n
@@ -505,5 +610,22 @@ class PaddedCollator:
         return batch
 
 
-def make_collator(packing: bool, tokenizer: Any) -> PackedCollator | PaddedCollator:
+def supports_packing(model: Any) -> bool:
+    """Whether a model takes ``position_ids`` (transformers then masks packed examples from each other)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "position_ids" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def make_collator(packing: bool, tokenizer: Any, model: Any = None,
+                  log: Any = print) -> PackedCollator | PaddedCollator:
+    """Padding-free packing by default; padded batches when asked, or when the model cannot take packing."""
+    if packing and model is not None and not supports_packing(model):
+        log(f"warning: {type(model).__name__} does not take position_ids, so examples cannot be packed without "
+            f"attending to each other; padding batches instead (data.packing: false).")
+        packing = False
     return PackedCollator() if packing else PaddedCollator(tokenizer.pad_token_id)

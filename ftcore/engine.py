@@ -262,6 +262,7 @@ def log_data_stats(stats: data_mod.DataStats, log: Callable[[str], None]) -> Non
     log(f"data{src}: {stats.records} records, {stats.bad_records} invalid, {stats.train_examples} train / "
         f"{stats.eval_examples} eval examples, {stats.tokens} tokens ({stats.supervised_tokens} supervised), "
         f"{stats.truncated} truncated, {stats.dropped_too_long} dropped as too long, "
+        f"{stats.dropped_unsupervised} dropped with nothing supervised, "
         f"packing efficiency {stats.packing_efficiency:.1%}")
 
 
@@ -312,7 +313,7 @@ def build_trainer(model: Any, prepared: data_mod.PreparedData, ctx: RunContext) 
     hook.ftcore_training_arguments(args=args, config=ctx.config, ctx=ctx)
     training_args = TrainingArguments(**args)
     optimizer = hook.ftcore_build_optimizer(model=model, training_args=training_args, config=ctx.config)
-    collator = data_mod.make_collator(ctx.config.data.packing, ctx.tokenizer)
+    collator = data_mod.make_collator(ctx.config.data.packing, ctx.tokenizer, model, ctx.log)
     callbacks = [MetricsCallback(ctx.output_dir / "metrics.jsonl", collator.counter, ctx.log)]
     for extra in hook.ftcore_trainer_callbacks(ctx=ctx):
         callbacks += list(extra or [])

@@ -85,24 +85,35 @@ def tiny_model(folder: str | Path, texts: Iterable[str] = (), chat_template: str
     return build_model(folder, tok, **model_kwargs)
 
 
-def check_example(example: Example, tokenizer: Any) -> list[int]:
+def check_example(example: Example, tokenizer: Any, strict_boundaries: bool = False) -> list[int]:
     """Check that a format plugin's Example is well formed; return its labels.
 
-    Raises AssertionError when spans fall outside the text, overlap, are empty, or
-    when no token ends up supervised.
+    Raises AssertionError when the text is empty, spans fall outside the text, are empty,
+    overlap or are out of order, when labels are not aligned with the tokens or differ
+    from them, or when no token ends up supervised. With ``strict_boundaries`` a token
+    that straddles a span boundary (partly supervised text) is an error too.
     """
     assert isinstance(example, Example), f"expected ftcore.Example, got {type(example).__name__}"
     assert isinstance(example.text, str) and example.text, "the example's text is empty"
     last = 0
-    for start, end in example.supervised:
-        assert 0 <= start < end <= len(example.text), f"span ({start}, {end}) outside the text"
-        assert start >= last, "supervised spans overlap or are out of order"
+    for span in example.supervised:
+        assert len(span) == 2 and all(isinstance(x, int) for x in span), f"span {span!r} is not (start, end)"
+        start, end = span
+        assert 0 <= start < end <= len(example.text), f"span ({start}, {end}) is empty or outside the text"
+        assert start >= last, f"supervised span ({start}, {end}) overlaps the previous one or is out of order"
         last = end
+    enc = tokenizer(example.text, add_special_tokens=example.add_special_tokens, return_offsets_mapping=True)
     ids, labels = tokenize(example, tokenizer)
+    assert ids == list(enc["input_ids"]), "the tokens differ from the tokenizer's own encoding of the text"
     assert len(ids) == len(labels), "labels are not aligned with input ids"
-    supervised = [t for t in labels if t != IGNORE_INDEX]
-    assert supervised, "no token is supervised: the example would teach nothing"
     assert all(lab in (tok, IGNORE_INDEX) for tok, lab in zip(ids, labels)), "a label differs from its token"
+    assert any(lab != IGNORE_INDEX for lab in labels), "no token is supervised: the example would teach nothing"
+    if strict_boundaries:
+        for (start, end), lab in zip(enc["offset_mapping"], labels):
+            for s_start, s_end in example.supervised:
+                cut = start < s_start < end or start < s_end < end
+                assert not cut, (f"token {example.text[start:end]!r} at ({start}, {end}) straddles the boundary of "
+                                 f"supervised span ({s_start}, {s_end}): part of it is trained on")
     return labels
 
 
@@ -110,3 +121,42 @@ def supervised_text(example: Example, tokenizer: Any) -> str:
     """Decode exactly the supervised tokens of an example (for masking tests)."""
     ids, labels = tokenize(example, tokenizer)
     return tokenizer.decode([t for t in labels if t != IGNORE_INDEX], skip_special_tokens=False)
+
+
+def render_supervision(example: Example, tokenizer: Any) -> str:
+    """The example as text with its supervised tokens in ``[[...]]`` (what ``ftcore prepare --show`` prints)."""
+    from ftcore.prepare import render_marked
+
+    return render_marked(*tokenize(example, tokenizer), tokenizer)
+
+
+def format_config(plugins: list[Any] | tuple = (), names: list[str] | tuple = (), **sections: Any) -> Any:
+    """A validated RunConfig for calling a format plugin's hooks directly in a test.
+
+    ``plugins`` are plugin objects (your module), ``names`` installed plugins by entry-point
+    name, ``sections`` config sections, e.g. ``format_config([my_plugin], my_plugin={"x": 1})``.
+    """
+    from ftcore.engine import resolve
+
+    config, _ = resolve({"model": "unused", "plugins": list(names), **sections}, plugin_objects=plugins,
+                        log=lambda m: None)
+    return config
+
+
+def check_format(plugin: Any, record: dict[str, Any], tokenizer: Any, config: Any = None,
+                 strict_boundaries: bool = False) -> tuple[Example, list[int]]:
+    """Validate one good record with a format plugin, render it, and check the result.
+
+    Returns ``(example, labels)``. Fails when the plugin reports problems with the record
+    or renders a malformed example (see :func:`check_example`).
+    """
+    from ftcore.plugins import select
+
+    config = config if config is not None else format_config([plugin])
+    chosen = select([], [plugin])
+    name = chosen.names("format")[0] if chosen.names("format") else None
+    assert name, f"{plugin!r} implements no ftcore_format_record hook: it is not a format plugin"
+    problems = chosen.call_one(name, "ftcore_validate_record", record=record, config=config) or []
+    assert not problems, f"the plugin rejected a record expected to be good: {problems}"
+    example = chosen.call_one(name, "ftcore_format_record", record=record, tokenizer=tokenizer, config=config)
+    return example, check_example(example, tokenizer, strict_boundaries)

@@ -19,12 +19,18 @@ class AlpacaConfig(ftcore.PluginConfig):
     prompt_no_input: str = Field(PROMPT_NO_INPUT, description="Template used when input is empty.")
     add_eos: bool = Field(True, description="Append the tokenizer's EOS token (supervised).")
 
-    @field_validator("prompt")
+    @field_validator("prompt", "prompt_no_input")
     @classmethod
-    def _needs_fields(cls, value: str) -> str:
-        for key in ("{instruction}", "{input}"):
+    def _needs_fields(cls, value: str, info: Any) -> str:
+        keys = ("{instruction}", "{input}") if info.field_name == "prompt" else ("{instruction}",)
+        for key in keys:
             if key not in value:
                 raise ValueError(f"the template must contain {key}")
+        try:
+            value.format(instruction="", input="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"the template may only use {{instruction}} and {{input}} "
+                             f"(write a literal brace as {{{{ or }}}}): {exc!r}") from None
         return value
 
 
@@ -51,8 +57,8 @@ def ftcore_validate_record(record: dict[str, Any]) -> list[tuple[str, str]]:
 @ftcore.hookimpl
 def ftcore_format_record(record: dict[str, Any], tokenizer: Any, config: Any) -> ftcore.Example:
     cfg: AlpacaConfig = config.section(NAME)
-    given = (record.get("input") or "").strip()
-    template = cfg.prompt if given else cfg.prompt_no_input
+    given = record.get("input") or ""
+    template = cfg.prompt if given.strip() else cfg.prompt_no_input   # the Input block only when there is input
     prompt = template.format(instruction=record["instruction"], input=given)
     response = record["output"] + (tokenizer.eos_token if cfg.add_eos and tokenizer.eos_token else "")
     return ftcore.Example.from_segments([(prompt, cfg.train_on_inputs), (response, True)],

@@ -32,20 +32,32 @@ def ftcore_config_schema():
     return LoraSettings
 
 
-def lora_config(settings: LoraSettings, ctx: Any) -> Any:
+def lora_config(settings: LoraSettings, ctx: Any, model: Any = None) -> Any:
     """The PEFT LoraConfig for these settings; new tokens (added by a format) get trainable rows."""
     from peft import LoraConfig
 
     extra: dict[str, Any] = {}
     new_ids = new_token_ids(ctx)
     if new_ids:
-        extra["trainable_token_indices"] = {"embed_tokens": new_ids}
+        extra["trainable_token_indices"] = token_rows(model, new_ids)
     return LoraConfig(
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
         target_modules=settings.target_modules, bias=settings.bias, use_rslora=settings.use_rslora,
         use_dora=settings.use_dora, modules_to_save=settings.modules_to_save or None,
         layers_to_transform=settings.layers_to_transform, init_lora_weights=settings.init_lora_weights,
         task_type="CAUSAL_LM", **extra)
+
+
+def token_rows(model: Any, ids: list[int]) -> dict[str, list[int]]:
+    """The new tokens' rows to train: in the input embeddings, and in the output layer unless tied to them."""
+    if model is None:
+        return {"embed_tokens": ids}
+    names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    rows = {names.get(id(emb), "embed_tokens"): ids}
+    if out is not None and id(out) in names and out.weight is not emb.weight:
+        rows[names[id(out)]] = ids   # an untied LM head must learn to predict the new tokens too
+    return rows
 
 
 def new_token_ids(ctx: Any) -> list[int]:
@@ -61,7 +73,7 @@ def ftcore_load_model(model_path: str, tokenizer: Any, config: Any, ctx: Any) ->
     model = load_base_model(model_path, tokenizer, config, ctx)
     if config.training.gradient_checkpointing:
         model.enable_input_require_grads()
-    return get_peft_model(model, lora_config(config.section(NAME), ctx))
+    return get_peft_model(model, lora_config(config.section(NAME), ctx, model))
 
 
 @ftcore.hookimpl
