@@ -107,5 +107,8 @@ def plugins_cmd(as_json: bool) -> None:
     Console(width=max(120, Console().width)).print(table)
 
 
+from ftcore.merge import merge_command  # noqa: E402  (command in its own module)
+main.add_command(merge_command)
+
 if __name__ == "__main__":  # pragma: no cover
     main()
