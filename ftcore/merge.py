@@ -45,7 +45,7 @@ def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike,
     ``plugins`` names the adapter plugin(s) to ask; ``plugin_set`` (a run's PluginSet) is
     used as is instead. Nothing already at ``output_dir`` is overwritten.
     """
-    from ftcore.models import resolve_model_path
+    from ftcore.models import BUILTIN_PREFIX, resolve_model_path
     from ftcore.plugins import select
 
     adapter = Path(adapter_dir)
@@ -58,6 +58,9 @@ def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike,
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"output {out} already exists and is not empty; nothing is overwritten. "
                           f"Choose another --output or remove it.")
+    if base and not base.startswith(BUILTIN_PREFIX) and not (Path(base) / "config.json").is_file():
+        raise ConfigError(f"base model {base} (--base) is not a model folder: no config.json there. Pass --base "
+                          f"with the folder of the model the adapter was trained on.")
     base_path = str(resolve_model_path(base, log)) if base else None
     if plugin_set is None:
         names = plugins or run_plugins_for(adapter)
