@@ -110,6 +110,8 @@ def plugins_cmd(as_json: bool) -> None:
 from ftcore.prepare_cli import prepare_cmd  # noqa: E402  (a command in its own module)
 main.add_command(prepare_cmd)
 
+from ftcore.merge import merge_command  # noqa: E402  (command in its own module)
+main.add_command(merge_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

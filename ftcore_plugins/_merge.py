@@ -1,4 +1,10 @@
-"""Merging a PEFT adapter into its base, always at 16/32-bit (never into 4-bit weights)."""
+"""Merging a PEFT adapter into its base, always at 16/32-bit (never into 4-bit weights).
+
+Shared by the bundled adapter plugins' ``ftcore_merge_adapter`` (not a plugin itself).
+Merging into 4-bit weights would round ``W + BA`` back onto the coarse NF4 grid and
+lose most of what the adapter learned, so the base is loaded unquantized here even when
+the adapter was trained on a 4-bit base (QLoRA).
+"""
 
 from __future__ import annotations
 
@@ -6,18 +12,59 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ftcore.errors import ConfigError
 
-def merge_peft_adapter(adapter_dir: str, base_path: str | None, dtype: str = "float32") -> Any:
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any] | None:
+    """The folder's PEFT adapter_config.json when it is a LoRA adapter, else None."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not readable JSON ({exc}); the adapter folder is damaged.") from None
+    return cfg if str(cfg.get("peft_type", "")).upper() == "LORA" else None
+
+
+def base_dtype(base: Path, dtype: str) -> str:
+    """``auto``: the dtype the base was saved in when it is 16/32-bit, else float32."""
+    if dtype != "auto":
+        return dtype
+    try:
+        saved = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "float32"
+    found = saved.get("dtype") or saved.get("torch_dtype")
+    return found if found in DTYPES else "float32"
+
+
+def merge_peft_adapter(adapter_dir: str, base_path: str | None, dtype: str = "auto") -> Any:
+    """Load the base unquantized, apply the LoRA adapter and fold it into the weights.
+
+    Returns a plain transformers model, or None when ``adapter_dir`` is not a LoRA adapter.
+    """
+    cfg = read_adapter_config(adapter_dir)
+    if cfg is None:
+        return None
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    adapter = Path(adapter_dir)
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    base = base_path or cfg.get("base_model_name_or_path")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype), use_safetensors=True)
-    tok = AutoTokenizer.from_pretrained(str(adapter))
-    if len(tok) != model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tok))
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    return merged, tok
+    named = base_path or cfg.get("base_model_name_or_path")
+    base = Path(named) if named else None
+    if base is None or not (base / "config.json").is_file():
+        where = "given with --base" if base_path else f"recorded in {Path(adapter_dir) / 'adapter_config.json'}"
+        raise ConfigError(f"the base model {named!r} {where} is not a model folder (no config.json there). "
+                          f"Pass --base with the folder of the model the adapter was trained on.")
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=getattr(torch, base_dtype(base, dtype)),
+                                                 use_safetensors=True, device_map={"": "cpu"})
+    if (Path(adapter_dir) / "tokenizer_config.json").is_file():
+        vocab = len(AutoTokenizer.from_pretrained(str(adapter_dir)))
+        if vocab > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(vocab)   # tokens a format added during training
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged.config.use_cache = True
+    return merged

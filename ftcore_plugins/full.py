@@ -26,8 +26,13 @@ def ftcore_config_schema():
 
 @ftcore.hookimpl
 def ftcore_load_model(model_path: str, tokenizer: Any, config: Any, ctx: Any) -> Any:
+    import torch
+
     cfg: FullConfig = config.section(NAME)
-    model = load_base_model(model_path, tokenizer, config, ctx)
+    # Mixed precision: with model.dtype auto the trained weights stay fp32 (master weights) and the
+    # trainer autocasts to bf16/fp16; pure 16-bit weights lose small updates (and fp16 cannot be unscaled).
+    dtype = torch.float32 if config.model.dtype == "auto" else getattr(torch, config.model.dtype)
+    model = load_base_model(model_path, tokenizer, config, ctx, dtype=dtype)
     patterns = [re.compile(p) for p in cfg.freeze_modules]
     layer_re = re.compile(r"\.layers\.(\d+)\.")
     for name, param in model.named_parameters():

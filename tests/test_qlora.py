@@ -1,0 +1,142 @@
+"""The qlora plugin: a 4-bit NF4 base (bitsandbytes, on this CPU), LoRA on top, adapters usable without 4-bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ftcore
+from capture_plugin import Capture, probe_ids
+from conftest import tiny_config, write_jsonl
+from ftcore.engine import RunContext
+from ftcore_plugins.qlora import keep_cpu_layout_trainable
+
+
+def _load(tiny_model_dir, tmp_path, sections: dict):
+    from ftcore_plugins import qlora
+    from transformers import AutoTokenizer
+
+    config, plugins = ftcore.resolve({"model": str(tiny_model_dir), "plugins": ["qlora"], **sections,
+                                      "output_dir": str(tmp_path / "o")}, log=lambda m: None)
+    ctx = RunContext(config=config, plugins=plugins, output_dir=tmp_path)
+    ctx.tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    return qlora.ftcore_load_model(model_path=str(tiny_model_dir), tokenizer=ctx.tokenizer, config=config, ctx=ctx)
+
+
+def test_base_is_really_4bit_nf4_double_quant_with_lora_options(tiny_model_dir, tmp_path):
+    import bitsandbytes as bnb
+
+    model = _load(tiny_model_dir, tmp_path, {"lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}})
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * 7          # every projection of both decoder layers is 4-bit
+    state = layers[0].weight.quant_state
+    assert layers[0].weight.dtype == torch.uint8 and state.quant_type == "nf4"
+    assert state.nested, "double quantization is off"
+    assert layers[0].compute_dtype == torch.float32      # no bf16 on this CPU: fp32
+    assert model.base_model.model.is_gradient_checkpointing
+    cfg = model.peft_config["default"]
+    assert cfg.r == 4 and set(cfg.target_modules) == {"q_proj", "v_proj"} and cfg.lora_alpha == 32
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_lora_weights_of_every_layer_learn_after_an_evaluation_pass(tiny_model_dir, tmp_path):
+    """Regression: bitsandbytes' CPU inference layout (taken on a no-grad eval pass) cut the gradients."""
+    model = _load(tiny_model_dir, tmp_path, {"lora": {"r": 4}})
+    ids = probe_ids(256)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    lora_b = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}
+    assert len(lora_b) == 2 * 4
+    assert all(g is not None and g.abs().sum() > 0 for g in lora_b.values()), \
+        [n for n, g in lora_b.items() if g is None or not g.abs().sum()]
+
+
+def test_fp4_and_single_quantization_are_selectable(tiny_model_dir, tmp_path):
+    import bitsandbytes as bnb
+
+    model = _load(tiny_model_dir, tmp_path, {"qlora": {"quant_type": "fp4", "double_quant": False}})
+    layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    assert layer.weight.quant_state.quant_type == "fp4" and not layer.weight.quant_state.nested
+
+
+def test_compute_dtype_follows_bf16_where_supported(tiny_model_dir, tmp_path):
+    from ftcore_plugins.qlora import QLoraConfig, compute_dtype
+
+    class Ctx:
+        precision = "bf16"
+
+    assert compute_dtype(QLoraConfig(), Ctx()) == torch.bfloat16
+    Ctx.precision = "fp32"
+    assert compute_dtype(QLoraConfig(), Ctx()) == torch.float32
+    assert compute_dtype(QLoraConfig(compute_dtype="float16"), Ctx()) == torch.float16
+
+
+def test_saved_adapter_reproduces_the_4bit_logits_with_plain_peft(tiny_model_dir, alpaca_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cap = Capture()
+    cfg = tiny_config(tiny_model_dir, alpaca_file, tmp_path / "out", learning_rate=1e-3)
+    cfg["plugins"] = ["qlora", "alpaca"]
+    result = ftcore.run(cfg, plugins=[cap], log=lambda m: None)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), quantization_config=q,
+                                                device_map={"": "cpu"})
+    keep_cpu_layout_trainable(base)     # as in training: the same 4-bit kernels, not the CPU inference one
+    probe = probe_ids(base.config.vocab_size)
+    with torch.no_grad():
+        logits = PeftModel.from_pretrained(base, str(result.model_dir)).eval()(input_ids=probe).logits
+    torch.testing.assert_close(logits.float(), cap.logits, atol=1e-4, rtol=1e-4)
+
+
+def _chat_records(n: int) -> list[dict]:
+    return [{"messages": [{"role": "system", "content": "You add numbers."},
+                          {"role": "user", "content": f"What is {a} plus {a}?"},
+                          {"role": "assistant", "content": f"It is {2 * a}."}]} for a in range(n)]
+
+
+def test_cli_qlora_chatml_alone_and_the_adapter_loads_on_the_unquantized_base(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = write_jsonl(tmp_path / "chat.jsonl", _chat_records(16))
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ftcore.cli", "run", "--plugins", "qlora,chatml", "--model", str(tiny_model_dir),
+         "--data", str(data), "--output", str(out), "--set", "training.epochs=1", "--set", "training.batch_size=4",
+         "--set", "training.gradient_accumulation=1", "--set", "training.learning_rate=1e-3",
+         "--set", "data.val_size=4", "--set", "data.max_length=128", "--set", "lora.r=8"],
+        capture_output=True, text=True, env=dict(os.environ), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "trainable params:" in proc.stderr
+    assert [p["name"] for p in json.loads((out / "plugins.json").read_text())] == ["qlora", "chatml"]
+    adapter = out / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 8
+
+    tok = AutoTokenizer.from_pretrained(str(adapter))          # holds the ChatML tokens chatml added
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    assert len(tok) > base.config.vocab_size
+    base.resize_token_embeddings(len(tok))
+    probe = probe_ids(len(tok))
+    with torch.no_grad():
+        before = base(input_ids=probe).logits
+        model = PeftModel.from_pretrained(base, str(adapter)).eval()
+        after = model(input_ids=probe).logits
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    lora_b = next(k for k in saved if "q_proj.lora_B" in k)
+    loaded = dict(model.named_parameters())
+    name = next(n for n in loaded if n.endswith(lora_b.replace(".weight", ".default.weight").split("base_model.model.")[-1]))
+    torch.testing.assert_close(loaded[name], saved[lora_b])
+    assert saved[lora_b].abs().sum() > 0 and torch.isfinite(after).all()
+    assert not torch.allclose(before, after, atol=1e-5)       # the adapter is applied on full-precision weights
