@@ -107,5 +107,10 @@ def plugins_cmd(as_json: bool) -> None:
     Console(width=max(120, Console().width)).print(table)
 
 
+from ftcore.export import command as export_command  # noqa: E402
+
+main.add_command(export_command)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
