@@ -75,6 +75,18 @@ def test_llama_cpp_logits_match_transformers(tiny_models, tmp_path, arch, quant)
             assert (got.argmax(-1) == expected.argmax(-1)).all()
 
 
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    model_dir = build(tmp_path / "model", chat_tokenizer(), "llama", rope_parameters=rope)
+    out = tmp_path / "rope.gguf"
+    export_gguf(model_dir, out, quant="f32", modelfile=False, **QUIET)
+    [(ids, expected)] = transformers_logits(model_dir, [SAMPLES[0] + " " + SAMPLES[1]])
+    [got] = llama_cpp_logits(out, [ids])
+    # without the rope_freqs factors the difference is of the size of the logits (checked by hand)
+    assert float(np.abs(got - expected).max()) <= TOLERANCE["f32"] * float(np.abs(expected).max())
+
+
 @pytest.mark.parametrize("kind", ["gpt-2", "llama-bpe", "qwen2", "sentencepiece"])
 def test_llama_cpp_tokenizes_like_transformers(tmp_path, kind):
     from transformers import AutoTokenizer

@@ -48,16 +48,17 @@ def ftcore_run_started(config: Any, ctx: Any) -> None:
 def ftcore_export(run_dir: Path, model_dir: Path, config: Any, ctx: Any) -> list[Path]:
     settings: GgufExportConfig = config.section(NAME)
     model_dir = Path(model_dir)
-    name = settings.name or Path(run_dir).name or model_dir.name
-    output = target_path(settings, Path(run_dir), ctx.state.get(OUTPUT_KEY), name)
+    requested = ctx.state.get(OUTPUT_KEY) or settings.output
+    named_file = requested is not None and Path(requested).suffix.lower() == ".gguf"
+    name = settings.name or (Path(requested).stem if named_file else Path(run_dir).name or model_dir.name)
+    output = target_path(settings, Path(run_dir), requested, name)
     result = export_gguf(model_dir, output, quant=settings.quant, name=name, modelfile=settings.modelfile,
                          overwrite=config.overwrite, base=config.model.path, merge=_merger(ctx), log=ctx.log)
     return result
 
 
-def target_path(settings: GgufExportConfig, run_dir: Path, requested: str | os.PathLike | None, name: str) -> Path:
+def target_path(settings: GgufExportConfig, run_dir: Path, chosen: str | os.PathLike | None, name: str) -> Path:
     """The file to write: --output, else gguf-export.output, else RUN/gguf/NAME-QUANT.gguf."""
-    chosen = requested or settings.output
     default_name = f"{name}-{settings.quant}.gguf"
     if chosen is None:
         return run_dir / "gguf" / default_name

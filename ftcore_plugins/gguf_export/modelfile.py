@@ -30,7 +30,8 @@ class ChatShape:
     generation: str
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        text = self.head + "".join(self.prefix[m["role"]] + m["content"] + self.suffix[m["role"]] for m in messages)
+        kept = [m for m in messages if m["role"] in self.prefix]   # a template may drop system messages
+        text = self.head + "".join(self.prefix[m["role"]] + m["content"] + self.suffix[m["role"]] for m in kept)
         return text + (self.generation if add_generation_prompt else "")
 
     def go_template(self) -> str:
@@ -66,6 +67,8 @@ def chat_shape(tokenizer: Any, drop_bos: bool) -> ChatShape | None:
         for role, text in singles.items():
             body = text[len(head):]
             before, found, after = body.partition(_msg(role, 1)["content"])
+            if not found and role == "system" and not body:
+                continue   # the template ignores system messages; so will the Go template
             if not found:
                 return None
             prefix[role], suffix[role] = before, after

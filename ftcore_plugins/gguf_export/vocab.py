@@ -109,7 +109,9 @@ def from_tokenizer(tokenizer: Any, n_vocab: int, where: str) -> Vocab:
             if vocab.model == "llama":
                 vocab.scores.append(floor)
             continue
-        if i in added:
+        if vocab.model == "llama" and token == model.get("unk_token"):
+            kind = gguf.TokenType.UNKNOWN
+        elif i in added:
             kind = gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED
         else:
             kind = piece_type(token)

@@ -192,7 +192,7 @@ def write(output: Path, arch: arch_mod.Arch, hparams: dict[str, Any], vocab: Voc
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for i, t in enumerate(_progress(tensors, log)):
+        for t in _progress(tensors, log):
             writer.write_tensor_data(t.array())
         writer.flush()
         os.fsync(writer.fout[0].fileno())
@@ -206,8 +206,9 @@ def write(output: Path, arch: arch_mod.Arch, hparams: dict[str, Any], vocab: Voc
 
 
 def _progress(tensors: list[PlannedTensor], log: Callable[[str], None]) -> Iterator[PlannedTensor]:
+    """Report each quarter of a large model's tensors (quantizing 7B parameters in numpy takes minutes)."""
     step = max(1, len(tensors) // 4)
     for i, t in enumerate(tensors):
-        if i and i % step == 0:
+        if len(tensors) >= 100 and i and i % step == 0:
             log(f"gguf-export: {i}/{len(tensors)} tensors written")
         yield t
