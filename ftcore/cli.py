@@ -112,6 +112,10 @@ main.add_command(prepare_cmd)
 
 from ftcore.merge import merge_command  # noqa: E402  (command in its own module)
 main.add_command(merge_command)
+from ftcore.export import command as export_command  # noqa: E402
+
+main.add_command(export_command)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

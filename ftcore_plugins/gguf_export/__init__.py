@@ -1,0 +1,172 @@
+"""Export the fine-tuned model to a GGUF file for llama.cpp, with an Ollama Modelfile next to it.
+
+From a LoRA/QLoRA run the adapter is first merged into the unquantized base (through
+the run's adapter plugin, hook ``ftcore_merge_adapter``); a full fine-tune is read
+straight from its safetensors. Tensor types: f32, f16, bf16, q8_0, q4_0 (``gguf-export.quant``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+import ftcore
+from ftcore.errors import ConfigError, PluginError
+from ftcore.export import OUTPUT_KEY
+
+NAME = "gguf-export"
+
+
+class GgufExportConfig(ftcore.PluginConfig):
+    quant: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] = Field(
+        "q8_0", description="Tensor type of the matrices (norms and biases stay f32).")
+    output: str | None = Field(None, description="The .gguf file to write; default RUN/gguf/NAME-QUANT.gguf.")
+    name: str | None = Field(None, description="Model name in the file's metadata; default the run folder's name.")
+    modelfile: bool = Field(True, description="Write an Ollama Modelfile next to the GGUF file.")
+
+
+@ftcore.hookimpl
+def ftcore_config_schema():
+    return GgufExportConfig
+
+
+@ftcore.hookimpl
+def ftcore_run_started(config: Any, ctx: Any) -> None:
+    """Refuse an unsupported architecture before training, not after."""
+    from ftcore.models import resolve_model_path
+    from ftcore_plugins.gguf_export import arch
+
+    base = resolve_model_path(config.model.path, ctx.log)
+    arch.check(arch.read_config(base), str(base))
+
+
+@ftcore.hookimpl
+def ftcore_export(run_dir: Path, model_dir: Path, config: Any, ctx: Any) -> list[Path]:
+    settings: GgufExportConfig = config.section(NAME)
+    model_dir = Path(model_dir)
+    requested = ctx.state.get(OUTPUT_KEY) or settings.output
+    named_file = requested is not None and Path(requested).suffix.lower() == ".gguf"
+    name = settings.name or (Path(requested).stem if named_file else Path(run_dir).name or model_dir.name)
+    output = target_path(settings, Path(run_dir), requested, name)
+    result = export_gguf(model_dir, output, quant=settings.quant, name=name, modelfile=settings.modelfile,
+                         overwrite=config.overwrite, base=config.model.path, merge=_merger(ctx), log=ctx.log)
+    return result
+
+
+def target_path(settings: GgufExportConfig, run_dir: Path, chosen: str | os.PathLike | None, name: str) -> Path:
+    """The file to write: --output, else gguf-export.output, else RUN/gguf/NAME-QUANT.gguf."""
+    default_name = f"{name}-{settings.quant}.gguf"
+    if chosen is None:
+        return run_dir / "gguf" / default_name
+    path = Path(chosen)
+    if path.is_dir() or path.suffix.lower() != ".gguf":
+        return path / default_name
+    return path
+
+
+def _merger(ctx: Any) -> Callable[[Path, Path | None], Any]:
+    def merge(adapter_dir: Path, base: Path | None) -> Any:
+        merged = ctx.plugins.hook.ftcore_merge_adapter(
+            adapter_dir=str(adapter_dir), base_path=str(base) if base else None, dtype="float32", ctx=ctx)
+        if merged is None:
+            raise PluginError(f"gguf-export: {adapter_dir} is an adapter, and no selected plugin merged it. "
+                              f"Add the adapter plugin it was trained with (e.g. lora, qlora) to --plugins.")
+        return merged
+    return merge
+
+
+def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, *, quant: str = "q8_0",
+                name: str | None = None, modelfile: bool = True, overwrite: bool = False,
+                base: str | None = None, merge: Callable[[Path, Path | None], Any] | None = None,
+                log: Callable[[str], None] = print) -> list[Path]:
+    """Export a model folder (or an adapter merged into ``base``) to ``output``; return the paths written.
+
+    ``merge(adapter_dir, base_path)`` returns ``(model, tokenizer)`` for an adapter folder; by
+    default PEFT's LoRA merge is used. Everything is checked before a weight is loaded.
+    """
+    from ftcore.models import resolve_model_path
+    from ftcore_plugins.gguf_export import arch as arch_mod
+    from ftcore_plugins.gguf_export import modelfile as mf
+    from ftcore_plugins.gguf_export import vocab as vocab_mod
+    from ftcore_plugins.gguf_export import writer
+
+    _require_gguf()
+    model_dir, output = Path(model_dir), Path(output)
+    if not model_dir.is_dir():
+        raise ConfigError(f"gguf-export: model folder {model_dir} does not exist.")
+    is_adapter = (model_dir / "adapter_config.json").is_file()
+    base_path = resolve_model_path(base, log) if base and is_adapter else None
+    if is_adapter and base_path is None:
+        base_path = _adapter_base(model_dir, log)
+    hparams = arch_mod.read_config(base_path if is_adapter else model_dir)
+    arch = arch_mod.check(hparams, str(base_path if is_adapter else model_dir))
+    modelfile_path = output.parent / "Modelfile"
+    _check_free(output, modelfile_path if modelfile else None, overwrite)
+
+    if is_adapter:
+        log(f"gguf-export: merging adapter {model_dir} into {base_path} (float32)")
+        model, tokenizer = (merge or _peft_merge)(model_dir, base_path)
+        hparams = model.config.to_dict()
+        tensors = writer.tensors_of_model(model)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        tensors = writer.tensors_in_folder(model_dir)
+        if hparams.get("tie_word_embeddings"):
+            tensors = [t for t in tensors if t.name != "lm_head.weight"]
+    embed = next((t for t in tensors if t.name.endswith("embed_tokens.weight")), None)
+    if embed is None:
+        raise ConfigError(f"gguf-export: {model_dir}: no token embedding (embed_tokens.weight) found.")
+    vocab = vocab_mod.from_tokenizer(tokenizer, embed.shape[0], str(model_dir))
+    planned = writer.plan(tensors, hparams, arch, quant)
+    label = name or model_dir.name
+    log(f"gguf-export: writing {output} ({arch.gguf_arch}, {quant}, {len(planned)} tensors)")
+    written = [writer.write(output, arch, hparams, vocab, planned, quant, label, log)]
+    if modelfile:
+        from ftcore.engine import write_text_atomic
+
+        write_text_atomic(modelfile_path, mf.modelfile_text(output, tokenizer, drop_bos=vocab.add_bos))
+        written.append(modelfile_path)
+    log("gguf-export: wrote " + ", ".join(str(p) for p in written))
+    return written
+
+
+def _require_gguf() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise PluginError("gguf-export needs the gguf package: pip install 'ftcore[gguf]'.") from None
+
+
+def _adapter_base(adapter_dir: Path, log: Callable[[str], None]) -> Path:
+    import json
+
+    from ftcore.models import resolve_model_path
+
+    base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"gguf-export: {adapter_dir}/adapter_config.json names no base model; "
+                          f"pass the base with --base.")
+    return resolve_model_path(base, log)
+
+
+def _peft_merge(adapter_dir: Path, base: Path | None) -> Any:
+    from ftcore_plugins._merge import merge_peft_adapter
+
+    return merge_peft_adapter(str(adapter_dir), str(base) if base else None, "float32")
+
+
+def _check_free(output: Path, modelfile: Path | None, overwrite: bool) -> None:
+    from ftcore_plugins.gguf_export.modelfile import is_ours
+
+    if output.exists() and not overwrite:
+        raise ConfigError(f"gguf-export: {output} already exists. Pass --overwrite to replace it, "
+                          f"or choose another output file.")
+    if modelfile is not None and modelfile.exists() and not is_ours(modelfile):
+        raise ConfigError(f"gguf-export: {modelfile} exists and was not written by ftcore; it is left alone. "
+                          f"Write the GGUF file to another folder, or set gguf-export.modelfile: false.")

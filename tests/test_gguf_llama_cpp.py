@@ -1,0 +1,225 @@
+"""gguf-export proven by its consumer: llama.cpp (llama-cpp-python) loads what we write and agrees with transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ftcore
+from gguf_models import LLAMA3_SPLIT, QWEN2_SPLIT, SAMPLES, build, chat_tokenizer, spm_tokenizer, split_tokenizer
+from llama_cpp_probe import probe
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python (the test extra) is the consumer these tests run")
+from gguf import GGUFReader  # noqa: E402
+
+from ftcore_plugins.gguf_export import export_gguf  # noqa: E402
+
+QUIET = {"log": lambda m: None}
+SPECIAL_SAMPLES = ["<s>Hello</s> world</s>", "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"]
+
+
+def llama_cpp_logits(path: Path, id_lists: list[list[int]]) -> list[np.ndarray]:
+    return probe(path, [{"op": "logits", "ids": ids} for ids in id_lists])
+
+
+def transformers_logits(model_dir: Path, texts: list[str]) -> list[tuple[list[int], np.ndarray]]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    out = []
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        with torch.no_grad():
+            out.append((ids, model(torch.tensor([ids])).logits[0].numpy()))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """One tiny model per supported architecture: Llama and Qwen2 with byte-level BPE, Mistral with SentencePiece."""
+    root = tmp_path_factory.mktemp("gguf-models")
+    return {
+        "llama": build(root / "llama", chat_tokenizer(), "llama"),
+        "qwen2": build(root / "qwen2", chat_tokenizer(), "qwen2"),
+        "mistral": build(root / "mistral", spm_tokenizer(), "mistral"),
+    }
+
+
+# Tolerances on the largest absolute logit difference, relative to the largest logit (about 9 here).
+# A Q/K row-order mistake gives differences of the size of the logits themselves (checked by hand: ~10).
+TOLERANCE = {"f32": 1e-5, "f16": 1e-2, "bf16": 8e-2}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("quant", ["f32", "f16", "bf16"])
+def test_llama_cpp_logits_match_transformers(tiny_models, tmp_path, arch, quant):
+    model_dir = tiny_models[arch]
+    out = tmp_path / f"{arch}-{quant}.gguf"
+    export_gguf(model_dir, out, quant=quant, **QUIET)
+    references = transformers_logits(model_dir, SAMPLES[:3] + SPECIAL_SAMPLES[:1])
+    results = llama_cpp_logits(out, [ids for ids, _ in references])
+    for (ids, expected), got in zip(references, results):
+        assert got.shape == expected.shape
+        scale = float(np.abs(expected).max())
+        assert scale > 1.0   # logits far from zero: the comparison can tell layouts apart
+        assert float(np.abs(got - expected).max()) <= TOLERANCE[quant] * scale
+        if quant == "f32":   # (16-bit rounding may flip near-ties)
+            assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    model_dir = build(tmp_path / "model", chat_tokenizer(), "llama", rope_parameters=rope)
+    out = tmp_path / "rope.gguf"
+    export_gguf(model_dir, out, quant="f32", modelfile=False, **QUIET)
+    [(ids, expected)] = transformers_logits(model_dir, [SAMPLES[0] + " " + SAMPLES[1]])
+    [got] = llama_cpp_logits(out, [ids])
+    # without the rope_freqs factors the difference is of the size of the logits (checked by hand)
+    assert float(np.abs(got - expected).max()) <= TOLERANCE["f32"] * float(np.abs(expected).max())
+
+
+@pytest.mark.parametrize("kind", ["gpt-2", "llama-bpe", "qwen2", "sentencepiece"])
+def test_llama_cpp_tokenizes_like_transformers(tmp_path, kind):
+    from transformers import AutoTokenizer
+
+    tokenizer = {"gpt-2": chat_tokenizer, "sentencepiece": spm_tokenizer,
+                 "llama-bpe": lambda: split_tokenizer(LLAMA3_SPLIT),
+                 "qwen2": lambda: split_tokenizer(QWEN2_SPLIT)}[kind]()
+    model_dir = build(tmp_path / "model", tokenizer, "llama", hidden=32, layers=1, heads=2, kv_heads=1)
+    out = tmp_path / "vocab.gguf"
+    export_gguf(model_dir, out, quant="f16", modelfile=False, **QUIET)
+    hf = AutoTokenizer.from_pretrained(str(model_dir))
+    texts = SAMPLES + SPECIAL_SAMPLES + ["", "x", "  "]
+    expected = [hf(text)["input_ids"] for text in texts]
+    ops = [{"op": "tokenize", "text": t} for t in texts] + [{"op": "detokenize", "ids": e[1:]} for e in expected]
+    results = probe(out, ops, vocab_only=True)
+    for text, ids, got, decoded in zip(texts, expected, results[:len(texts)], results[len(texts):]):
+        assert got == ids, text
+        if kind == "sentencepiece":   # llama.cpp keeps the space SentencePiece prepends; HF strips it
+            decoded = decoded.removeprefix(" ")
+        assert decoded == hf.decode(ids[1:]), text
+
+
+@pytest.fixture(scope="session")
+def memorizing_run(tmp_path_factory):
+    """A full fine-tune that learns three answers by heart, exported to q8_0 inside the run."""
+    root = tmp_path_factory.mktemp("gguf-full")
+    base = build(root / "base", chat_tokenizer(), "llama", std=0.02)
+    facts = [("Count to eight.", "one two three four five six seven eight"),
+             ("Name the capital of France.", "Paris is the capital of France."),
+             ("Say hello.", "Hello! The quick brown fox says hello.")]
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": i, "input": "", "output": o}) + "\n" for i, o in facts * 8))
+    config = {"plugins": ["full", "alpaca", "gguf-export"], "model": str(base),
+              "data": {"datasets": [str(data)], "max_length": 64, "val_size": 0},
+              "training": {"epochs": 10, "batch_size": 4, "gradient_accumulation": 1, "learning_rate": 5e-3,
+                           "warmup_ratio": 0.0, "lr_scheduler": "constant", "logging_steps": 10,
+                           "save_strategy": "no", "eval_strategy": "no"},
+              "gguf-export": {"quant": "q8_0"}, "output_dir": str(root / "run")}
+    result = ftcore.run(config, **QUIET)
+    prompts = [f"### Instruction:\n{i}\n\n### Response:\n" for i, _ in facts]
+    return result, prompts
+
+
+def transformers_greedy(model_dir: Path, prompt: str, n: int) -> tuple[list[int], list[int]]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    ids = tok(prompt)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                             pad_token_id=tok.pad_token_id)
+    return ids, out[0, len(ids):].tolist()
+
+
+def test_full_finetune_run_exports_q8_0_that_generates_like_transformers(memorizing_run):
+    result, prompts = memorizing_run
+    gguf_file, modelfile = result.exports
+    assert result.model_dir.name == "model" and gguf_file == result.output_dir / "gguf" / "run-q8_0.gguf"
+    assert modelfile.name == "Modelfile" and f"FROM ./{gguf_file.name}" in modelfile.read_text()
+    references = [transformers_greedy(result.model_dir, prompt, 10) for prompt in prompts]
+    results = probe(gguf_file, [{"op": "greedy", "ids": ids, "n": 10} for ids, _ in references])
+    for (_, expected), got in zip(references, results):
+        assert got == expected
+
+
+def test_q4_0_export_of_a_trained_model_generates_like_transformers(memorizing_run, tmp_path):
+    result, prompts = memorizing_run
+    out = tmp_path / "q4.gguf"
+    export_gguf(result.model_dir, out, quant="q4_0", modelfile=False, **QUIET)
+    types = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == "Q4_0"
+    assert types["token_embd.weight"] == types["output.weight"] == "Q8_0"   # kept finer, as llama.cpp does
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    ids, expected = transformers_greedy(result.model_dir, prompts[0], 8)
+    assert probe(out, [{"op": "greedy", "ids": ids, "n": 8}]) == [expected]
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory, tiny_models):
+    """A LoRA run with gguf-export at f32: the adapter is merged into the base before export."""
+    root = tmp_path_factory.mktemp("gguf-lora")
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Add {a} and {a + 1}.", "input": "",
+                                        "output": str(2 * a + 1)}) + "\n" for a in range(16)))
+    config = {"plugins": ["lora", "alpaca", "gguf-export"], "model": str(tiny_models["llama"]),
+              "data": {"datasets": [str(data)], "max_length": 64, "val_size": 0},
+              "training": {"epochs": 1, "batch_size": 4, "gradient_accumulation": 1, "learning_rate": 2e-2,
+                           "logging_steps": 10, "save_strategy": "no", "eval_strategy": "no"},
+              "lora": {"r": 8, "target_modules": "all-linear"},
+              "gguf-export": {"quant": "f32"}, "output_dir": str(root / "run")}
+    return ftcore.run(config, **QUIET)
+
+
+def merged_reference(result, texts):
+    from ftcore_plugins._merge import merge_peft_adapter
+
+    merged, tok = merge_peft_adapter(str(result.model_dir), None, "float32")
+    folder = result.output_dir.parent / "merged-reference"
+    if not folder.exists():
+        merged.save_pretrained(folder)
+        tok.save_pretrained(folder)
+    return transformers_logits(folder, texts)
+
+
+def test_lora_run_exports_the_merged_model(lora_run, tiny_models):
+    gguf_file = lora_run.exports[0]
+    assert lora_run.model_dir.name == "adapter" and gguf_file.suffix == ".gguf"
+    texts = SAMPLES[:2]
+    merged = merged_reference(lora_run, texts)
+    base = transformers_logits(tiny_models["llama"], texts)
+    results = llama_cpp_logits(gguf_file, [ids for ids, _ in merged])
+    for (ids, expected), (_, before), got in zip(merged, base, results):
+        scale = float(np.abs(expected).max())
+        assert float(np.abs(got - expected).max()) <= TOLERANCE["f32"] * scale
+        # ... and the adapter did change the model, so the merge is what is being compared
+        assert float(np.abs(got - before).max()) > 100 * TOLERANCE["f32"] * scale
+
+
+def test_ftcore_export_command_merges_an_adapter_on_its_own(lora_run, tmp_path):
+    out = tmp_path / "exported" / "standalone.gguf"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ftcore.cli", "export", "--plugins", "gguf-export", "--model", str(lora_run.model_dir),
+         "--output", str(out), "--set", "gguf-export.quant=f32"],
+        capture_output=True, text=True, env=dict(os.environ), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(out), str(out.parent / "Modelfile")]
+    assert "merging adapter" in proc.stderr     # lora was taken from the run's plugins.json
+    texts = SAMPLES[2:4]
+    references = merged_reference(lora_run, texts)
+    standalone = llama_cpp_logits(out, [ids for ids, _ in references])
+    in_run = llama_cpp_logits(lora_run.exports[0], [ids for ids, _ in references])
+    for (ids, expected), got, same in zip(references, standalone, in_run):
+        assert np.array_equal(got, same)
+        assert float(np.abs(got - expected).max()) <= TOLERANCE["f32"] * float(np.abs(expected).max())
