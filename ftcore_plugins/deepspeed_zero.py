@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator
 
 import ftcore
 from ftcore.errors import ConfigError
@@ -96,11 +96,12 @@ class DeepSpeedZeroConfig(ftcore.PluginConfig):
         "auto", description="auto: DeepSpeed's launcher with a hostfile, else PyTorch's (torchrun).")
     shutdown_timeout: int = Field(10, ge=1, description="Seconds the other ranks get to stop after one fails.")
 
-    @model_validator(mode="after")
-    def _file_is_json(self) -> "DeepSpeedZeroConfig":
-        if self.config_file is not None:
-            read_user_config(self.config_file)
-        return self
+    @field_validator("config_file")
+    @classmethod
+    def _file_is_json(cls, value: str | None) -> str | None:
+        if value is not None:
+            read_user_config(value)
+        return value
 
 
 @ftcore.hookimpl
@@ -176,8 +177,14 @@ def deepspeed_config(settings: DeepSpeedZeroConfig) -> dict[str, Any]:
         "zero_optimization": _zero_layer(settings, set(DeepSpeedZeroConfig.model_fields) - explicit, stage),
     }
     ds = _merge(_merge(defaults, user), {"zero_optimization": _zero_layer(settings, explicit, stage)})
+    if ds.get("train_batch_size") == "auto":
+        del ds["train_batch_size"]   # transformers would fill it before it knows the number of ranks
     zero = ds["zero_optimization"]
     zero["stage"] = stage
+    if (_get(zero, "offload_optimizer.device") or "none") != "none" and "optimizer" not in ds:
+        # Offloaded optimizer state needs DeepSpeed's own CPU optimizer (DeepSpeedCPUAdam), not torch's.
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                       "weight_decay": "auto"}}
     if stage == 3:
         # Gather the shards when saving, so the saved model is a normal (safetensors) model.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
@@ -306,6 +313,16 @@ def _prepare_cpu_state() -> bool:
     return True
 
 
+@ftcore.hookimpl(wrapper=True)
+def ftcore_export(run_dir: Any, model_dir: Any, config: Any, ctx: Any) -> Any:
+    """Exporters run in rank 0 after training: without this, every model they load under ZeRO-3 would be
+    built inside DeepSpeed's zero.Init and wait for ranks that have already finished."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    return (yield)
+
+
 # -- launching -------------------------------------------------------------------------
 
 @ftcore.hookimpl
@@ -411,8 +428,11 @@ def deepspeed_launcher_command(argv: list[str], launch: Any) -> list[str]:
     hosts = read_hostfile(launch.hostfile)
     if argv[:1] != ["-m"]:
         raise ConfigError(f"cannot launch {argv!r} with DeepSpeed's launcher: expected a module (-m).")
+    port = launch.main_process_port
+    if len(hosts) == 1 and "main_process_port" not in launch.model_fields_set:
+        port = free_port()   # one host: any free port, so concurrent runs do not collide
     cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--hostfile", str(launch.hostfile),
-           "--master_port", str(launch.main_process_port), "--no_local_rank"]
+           "--master_port", str(port), "--no_local_rank", "--log_level", "warning"]
     if launch.main_process_ip:
         cmd += ["--master_addr", launch.main_process_ip]
     if len(hosts) == 1:
