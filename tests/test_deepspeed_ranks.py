@@ -112,8 +112,9 @@ def test_zero2_lora_two_ranks_match_one_rank(tiny_model_dir, alpaca_file, tmp_pa
         json.loads((out / "summary.json").read_text())["metrics"]["eval_loss"], rel=2e-3)
 
 
-def test_zero3_lora_on_two_machines(tiny_model_dir, alpaca_file, tmp_path):
-    """Two `ftcore run` commands, one per machine (here both on localhost), as the multi-node recipe says."""
+def test_zero3_lora_offloaded_on_two_machines(tiny_model_dir, alpaca_file, tmp_path):
+    """Two `ftcore run` commands, one per machine (here both on localhost), as the multi-node recipe says;
+    optimizer state and weights offloaded to CPU memory (DeepSpeedCPUAdam, built once by DeepSpeed)."""
     import socket
 
     with socket.socket() as s:
@@ -121,41 +122,50 @@ def test_zero3_lora_on_two_machines(tiny_model_dir, alpaca_file, tmp_path):
         port = s.getsockname()[1]
     out = tmp_path / "zero3"
     args = base_args(tiny_model_dir, alpaca_file, out, "deepspeed-zero,lora,alpaca") + [
-        "--set", "deepspeed-zero.stage=3", "--num-processes", "2", "--num-machines", "2",
+        "--set", "deepspeed-zero.stage=3", "--set", "deepspeed-zero.offload_optimizer=cpu",
+        "--set", "deepspeed-zero.offload_param=cpu", "--num-processes", "2", "--num-machines", "2",
         "--main-process-ip", "127.0.0.1", "--main-process-port", str(port)]
     machines = [ftcore_cli(args + ["--machine-rank", str(rank)]) for rank in (0, 1)]
     outputs = [m.communicate(timeout=300)[0] for m in machines]
     assert [m.returncode for m in machines] == [0, 0], "\n\n".join(outputs)
     assert "on machine 1 of 2" in outputs[1] and "[rank 1] trainable params:" in outputs[1]
     assert "wrote " in outputs[0] and "wrote " not in outputs[1]      # rank 0 (machine 0) saves
-    assert json.loads((out / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 3
+    zero = json.loads((out / "deepspeed.json").read_text())["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
     assert_learned(out)
     assert_only_rank0_wrote(out)
     assert_adapter_loads_with_peft(out / "adapter", tiny_model_dir)
 
 
-def test_zero3_full_through_a_hostfile_saves_a_normal_model(tiny_model_dir, alpaca_file, tmp_path):
+def test_zero3_full_through_a_hostfile_saves_a_normal_model(tiny_model_dir, alpaca_file, tmp_path, monkeypatch,
+                                                            capfd):
+    """From the library this time: ftcore.run launches, waits, and returns what rank 0 wrote."""
     from safetensors.torch import load_file
 
+    monkeypatch.syspath_prepend(str(FIXTURE))                 # the test plugins, here and in the ranks
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FIXTURE), os.environ.get("PYTHONPATH", "")]))
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     out = tmp_path / "full"
-    settings = [s for s in SETTINGS if not s.startswith("lora.")]
-    status, output = run_cli(base_args(tiny_model_dir, alpaca_file, out,
-                                       "deepspeed-zero,full,alpaca,dstest-probe-export", settings)
-                             + ["--set", "deepspeed-zero.stage=3", "--set", "training.learning_rate=2e-4",
-                                "--hostfile", str(hostfile)])
-    assert status == 0, output
-    assert "with DeepSpeed's launcher" in output and "[rank 1] trainable params:" in output
+    cfg = tiny_config(tiny_model_dir, alpaca_file, out, epochs=2, batch_size=2)
+    cfg["plugins"] = ["deepspeed-zero", "full", "alpaca", "dstest-probe-export"]
+    cfg["deepspeed-zero"] = {"stage": 3}
+    cfg["launch"] = {"hostfile": str(hostfile)}
+    logged: list[str] = []
+    result = ftcore.run(cfg, log=logged.append)
+    output = capfd.readouterr()
+    assert result.exit_code == 0, output.out + output.err
+    assert any("with DeepSpeed's launcher" in line for line in logged)
+    assert "[rank 1] trainable params:" in output.out + output.err
     assert_learned(out)
+    assert result.model_dir == out / "model" and result.metrics["steps"] == 10
     saved = load_file(str(out / "model" / "model.safetensors"))
     base = load_file(str(tiny_model_dir / "model.safetensors"))
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in base.items()}   # gathered, not shards
     assert any(not saved[k].equal(base[k]) for k in base)                                 # and trained
     probe = json.loads((out / "probe-export.json").read_text())
     assert probe["rank"] == "0" and probe["parameters"] == sum(v.numel() for v in base.values())
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["exports"] == [str(out / "probe-export.json")]
+    assert result.exports == [out / "probe-export.json"]
 
 
 def test_a_failing_rank_stops_the_whole_run(tiny_model_dir, alpaca_file, tmp_path):
