@@ -241,11 +241,12 @@ def check_combination(config: Any, plugins: Any, ds: dict[str, Any]) -> None:
     stage = zero["stage"]
     for name in plugins.names("optimizer"):
         raise ConfigError(
-            f'plugin "{name}" builds its own optimizer, and DeepSpeed ZeRO cannot take one: ZeRO owns the optimizer '
-            f"so it can shard its state across ranks (and offload it), replacing the parameter groups with flat "
-            f"shards a client optimizer was not built for (8-bit and paged optimizers keep per-parameter state "
-            f'that does not survive this). Leave "{name}" out of --plugins, or choose a DeepSpeed optimizer in '
-            f'the "optimizer" section of deepspeed-zero.config_file (its params set to "auto").')
+            f'plugin "{name}" builds its own optimizer, which ftcore does not hand to DeepSpeed ZeRO: ZeRO owns the '
+            f"optimizer so it can shard its state across ranks (and offload it), replacing its parameter groups "
+            f"with flat fp32 shards; an optimizer built for the model's own parameters (8-bit and paged ones keep "
+            f"per-parameter state and settings) is not made for that, and DeepSpeed itself only accepts it as "
+            f'"untested". Leave "{name}" out of --plugins, or choose a DeepSpeed optimizer in the "optimizer" '
+            f'section of deepspeed-zero.config_file (its params set to "auto").')
     for name in quantized_adapters(plugins):
         if stage == 3:
             raise ConfigError(
@@ -371,6 +372,7 @@ def launch_with_torchrun(argv: list[str], launch: Any, settings: DeepSpeedZeroCo
     """Start this machine's ranks with PyTorch's elastic launcher (what ``torchrun`` runs), static rendezvous."""
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -400,6 +402,9 @@ def launch_with_torchrun(argv: list[str], launch: Any, settings: DeepSpeedZeroCo
             log(f"error: rank {rank} failed with exit status {failure.exitcode} after {time.time() - started:.0f}s "
                 f"(its output is above); the other ranks were stopped.")
             return status
+        except SignalException as exc:      # Ctrl-C or a scheduler's SIGTERM: the agent stopped the ranks
+            log(f"error: interrupted by {exc.sigval.name}; the ranks were stopped.")
+            return 128 + int(exc.sigval)
     return 0
 
 
