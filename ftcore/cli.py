@@ -62,15 +62,24 @@ def run_flags(plugins: str | None, model: str | None, data: tuple[str, ...], out
               help="Override a config key, dotted for sections (repeatable): --set lora.r=8")
 @click.option("--overwrite", is_flag=True, help="Replace an output directory holding a previous run.")
 @click.option("--dry-run", is_flag=True, help="Validate, print the resolved config and plugins, and exit.")
+@click.option("--num-processes", type=int, help="Processes (ranks) in all, over all machines (launch.num_processes).")
+@click.option("--num-machines", type=int, help="Machines taking part (launch.num_machines).")
+@click.option("--machine-rank", type=int, help="This machine's index; 0 writes the outputs (launch.machine_rank).")
+@click.option("--main-process-ip", help="Address of machine 0 (launch.main_process_ip).")
+@click.option("--main-process-port", type=int, help="Rendezvous port on machine 0 (launch.main_process_port).")
+@click.option("--hostfile", type=click.Path(dir_okay=False), help="Hostfile starting every machine (launch.hostfile).")
 @user_errors
 def run(config_file: str | None, plugins: str | None, model: str | None, data: tuple[str, ...],
-        output: str | None, sets: tuple[str, ...], overwrite: bool, dry_run: bool) -> None:
+        output: str | None, sets: tuple[str, ...], overwrite: bool, dry_run: bool, **launch: Any) -> None:
     """Fine-tune a model. CONFIG_FILE is an optional YAML file; flags override it."""
     import yaml
 
     from ftcore import engine
+    from ftcore.config import merge
 
     flags = run_flags(plugins, model, data, output, sets, overwrite)
+    given = {k: v for k, v in launch.items() if v is not None}
+    flags = merge(flags, {"launch": given}) if given else flags
     config, chosen = engine.resolve(config_file, flags, log=_log)
     if dry_run:
         click.echo("# plugins")
@@ -78,7 +87,9 @@ def run(config_file: str | None, plugins: str | None, model: str | None, data: t
             click.echo(f"#   {row['name']:<18} {row['kind']:<10} {row['distribution'] or '-'} {row['version'] or ''}")
         click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
         return
-    engine.execute(config, chosen, _log)
+    result = engine.execute(config, chosen, _log)
+    if result.exit_code:
+        sys.exit(result.exit_code)
 
 
 def _log(message: str) -> None:

@@ -97,6 +97,29 @@ class TrainingConfig(Section):
         return self
 
 
+class LaunchConfig(Section):
+    """How many processes a run uses. A strategy plugin that implements ``ftcore_launch`` reads it."""
+
+    num_processes: int = Field(1, ge=1, description="Processes (ranks) in all, over all machines.")
+    num_machines: int = Field(1, ge=1, description="Machines (nodes) taking part.")
+    machine_rank: int = Field(0, ge=0, description="This machine's index, 0 to num_machines-1 (0 writes the outputs).")
+    main_process_ip: str | None = Field(None, description="Address of machine 0, reachable from every machine.")
+    main_process_port: int = Field(29500, ge=1, le=65535, description="Free TCP port on machine 0 for the rendezvous.")
+    hostfile: str | None = Field(None, description="A hostfile (`host slots=N` per line): one command starts every machine.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LaunchConfig":
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"machine_rank {self.machine_rank} must be below num_machines {self.num_machines}")
+        if self.num_processes % self.num_machines:
+            raise ValueError(f"num_processes {self.num_processes} must be a multiple of num_machines "
+                             f"{self.num_machines} (the same number of processes on each machine)")
+        if self.num_machines > 1 and not self.main_process_ip and not self.hostfile:
+            raise ValueError("a run on several machines needs main_process_ip (the address of machine 0) "
+                             "or a hostfile")
+        return self
+
+
 class RunConfig(Section):
     """The whole run. Plugin sections are validated separately and kept in ``plugin_sections``."""
 
@@ -104,6 +127,7 @@ class RunConfig(Section):
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
     output_dir: str = Field("runs/ftcore-run", description="Where everything the run writes goes.")
     overwrite: bool = Field(False, description="Replace an output directory that holds another run.")
     _sections: dict[str, Any] = PrivateAttr(default_factory=dict)

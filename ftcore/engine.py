@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -139,14 +140,19 @@ def execute(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], None
     from ftcore._quiet import quiet_libraries
     from ftcore.models import resolve_model_path
 
+    status = launch(config, plugins, log)
+    if status is not None:
+        return launched_result(config, plugins, status)
     quiet_libraries()
     started = time.time()
+    main = is_main_process()
+    log = log if main or world_size() == 1 else _rank_prefixed(log)
     model_path = resolve_model_path(config.model.path, log)
-    out = prepare_output_dir(Path(config.output_dir), config.overwrite)
+    out = prepare_output_dir(Path(config.output_dir), config.overwrite) if main else Path(config.output_dir)
     ctx = RunContext(config=config, plugins=plugins, output_dir=out, log=log)
     ctx.precision = pick_precision(config.training.precision)
     result = RunResult(output_dir=out, plugins=plugins.versions())
-    result.config_path = write_run_files(ctx)
+    result.config_path = write_run_files(ctx) if main else out / "config.yaml"
     hook = plugins.hook
     hook.ftcore_run_started(config=config, ctx=ctx)
 
@@ -177,11 +183,88 @@ def execute(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], None
     result.model_dir = model_dir
     result.metrics_path = out / "metrics.jsonl"
     result.metrics = summarize(trainer, train_output, final_eval, collator, started)
+    if not main:   # in a multi-process run only rank 0 writes outputs and exports
+        return result
     for paths in hook.ftcore_export(run_dir=out, model_dir=model_dir, config=config, ctx=ctx):
         result.exports += [Path(p) for p in paths or []]
     write_json_atomic(out / "summary.json", result.as_dict())
     hook.ftcore_run_finished(result=result, ctx=ctx)
     log_summary(result, log)
+    return result
+
+
+# -- processes ---------------------------------------------------------------------
+
+def in_launched_rank() -> bool:
+    """True inside a process a distributed launcher started (torchrun, deepspeed, accelerate set these)."""
+    return "LOCAL_RANK" in os.environ or "WORLD_SIZE" in os.environ
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a multi-process run (or the only process): the one that writes the run's outputs."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _rank_prefixed(log: Callable[[str], None]) -> Callable[[str], None]:
+    prefix = f"[rank {os.environ.get('RANK', '?')}] "
+    return lambda message: log(prefix + message)
+
+
+def launch(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], None]) -> int | None:
+    """Let a strategy plugin start the run's ranks; return their exit status, or None to run here.
+
+    Each rank runs ``python -m ftcore.cli run <resolved config>`` with the launcher's
+    environment, so ranks never launch again (see ``in_launched_rank``).
+    """
+    launching = config.launch.num_processes > 1 or config.launch.num_machines > 1
+    if in_launched_rank():
+        return None
+    if not plugins.hook.ftcore_launch.get_hookimpls():
+        if launching:
+            raise ConfigError(f"launch.num_processes={config.launch.num_processes} / launch.num_machines="
+                              f"{config.launch.num_machines} needs a strategy plugin that launches processes, "
+                              f"and none of the selected plugins does. Add one to --plugins (`ftcore plugins` "
+                              f"lists the strategy plugins), or run with one process.")
+        return None
+    installed = installed_entry_points()
+    passed = [n for n in plugins.names() if n not in installed]
+    if passed:
+        raise PluginError(f"plugin(s) {', '.join(passed)} were passed as objects, but a launched run starts new "
+                          f"processes that load plugins by entry point only. Install them as packages with an "
+                          f"entry point in the {'ftcore.plugins'!r} group, or run without a launching strategy.")
+    out = Path(config.output_dir)
+    if config.launch.machine_rank == 0:
+        check_output_dir(out, config.overwrite)    # refuse before any process starts
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.launch-", suffix=".yaml", dir=out.parent)
+    launch_file = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write("# Written by ftcore for the processes of one launched run; removed when it ends.\n")
+            yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
+        ctx = RunContext(config=config, plugins=plugins, output_dir=out, log=log)
+        argv = ["-m", "ftcore.cli", "run", str(launch_file)]
+        return plugins.hook.ftcore_launch(argv=argv, config=config, ctx=ctx)
+    finally:
+        launch_file.unlink(missing_ok=True)
+
+
+def launched_result(config: cfg.RunConfig, plugins: PluginSet, status: int) -> RunResult:
+    """The RunResult of a launched run, read back from the summary rank 0 wrote."""
+    out = Path(config.output_dir)
+    result = RunResult(output_dir=out, plugins=plugins.versions(), exit_code=status)
+    summary = out / "summary.json"
+    if status == 0 and summary.is_file():
+        data = json.loads(summary.read_text(encoding="utf-8"))
+        for key in ("model_dir", "config_path", "metrics_path"):
+            setattr(result, key, Path(data[key]) if data.get(key) else None)
+        result.exports = [Path(p) for p in data.get("exports", [])]
+        result.metrics = data.get("metrics", {})
+        result.data_stats = data.get("data_stats", {})
     return result
 
 
@@ -201,6 +284,15 @@ def pick_precision(precision: str) -> str:
 
 def prepare_output_dir(out: Path, overwrite: bool) -> Path:
     """Refuse to write over another run's results unless asked; never touch other files."""
+    check_output_dir(out, overwrite)
+    if out.exists() and any(out.iterdir()):
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Raise ConfigError when the run may not write to ``out``; change nothing."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {out} exists and is not a directory: choose another --output.")
     if out.exists() and any(out.iterdir()):
@@ -211,9 +303,6 @@ def prepare_output_dir(out: Path, overwrite: bool) -> Path:
         if not (out / RUN_MARKER).exists():
             raise ConfigError(f"output directory {out} holds files that are not an ftcore run; "
                               f"--overwrite only replaces ftcore runs. Choose another --output.")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def write_run_files(ctx: RunContext) -> Path:
@@ -332,6 +421,9 @@ def save_final(trainer: Any, ctx: RunContext) -> Path:
     name = "adapter" if hasattr(model, "peft_config") else "model"
     final = ctx.output_dir / name
     tmp = ctx.output_dir / f".{name}.tmp"
+    if not is_main_process():
+        trainer.save_model(str(tmp))   # every rank takes part (sharded weights are gathered); rank 0 writes
+        return final
     if tmp.exists():
         shutil.rmtree(tmp)
     trainer.save_model(str(tmp))

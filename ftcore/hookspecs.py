@@ -74,7 +74,7 @@ def ftcore_training_arguments(args, config, ctx):
 
 @hookspec(firstresult=True)
 def ftcore_launch(argv, config, ctx):
-    """Launch the run in several processes and return the exit status, or None to run in this process."""
+    """Start the run's processes (each runs ``python *argv``), wait, and return the exit status; None: run here."""
 
 
 # -- exporter ----------------------------------------------------------------

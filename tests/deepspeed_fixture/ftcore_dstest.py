@@ -1,0 +1,73 @@
+"""Test-only plugins for tests/test_deepspeed*.py, installed the way a third party's are.
+
+This folder holds a minimal ``*.dist-info`` with entry points; putting the folder on
+PYTHONPATH (or sys.path) makes ``importlib.metadata`` find these plugins, in the test
+process and in every launched rank alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ftcore
+
+
+class FailingRank:
+    """Raise in the rank FTCORE_TEST_FAIL_RANK once it has finished step FTCORE_TEST_FAIL_STEP."""
+
+    @ftcore.hookimpl
+    def ftcore_trainer_callbacks(self, ctx):
+        from transformers import TrainerCallback
+
+        rank, step = os.environ.get("FTCORE_TEST_FAIL_RANK"), int(os.environ.get("FTCORE_TEST_FAIL_STEP", "1"))
+
+        class FailAtStep(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if os.environ.get("RANK") == rank and state.global_step >= step:
+                    raise RuntimeError(f"injected failure on rank {rank} at step {state.global_step}")
+
+        return [FailAtStep()]
+
+
+class ProbeExport:
+    """Load the saved model with plain transformers and record which rank did it and the shapes."""
+
+    @ftcore.hookimpl
+    def ftcore_export(self, run_dir, model_dir):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True)
+        target = run_dir / "probe-export.json"
+        target.write_text(json.dumps({
+            "rank": os.environ.get("RANK"),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "shapes": {n: list(p.shape) for n, p in model.named_parameters()},
+        }))
+        return [target]
+
+
+class Sgd:
+    """Plain SGD built by a plugin (a client optimizer)."""
+
+    @ftcore.hookimpl
+    def ftcore_build_optimizer(self, model, training_args):
+        import torch
+
+        return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=training_args.learning_rate)
+
+
+class FourBit:
+    """Declares 4-bit base weights; never loads (it must be refused before launch)."""
+
+    QUANTIZED_WEIGHTS = True
+
+    @ftcore.hookimpl
+    def ftcore_load_model(self, model_path, tokenizer, config, ctx):
+        raise AssertionError("a quantized adapter with ZeRO-3 must be refused before any model is loaded")
+
+
+fail = FailingRank()
+probe_export = ProbeExport()
+sgd = Sgd()
+four_bit = FourBit()

@@ -1,0 +1,192 @@
+"""deepspeed-zero with real ranks: two CPU processes running DeepSpeed ZeRO over gloo.
+
+Each test launches through `ftcore run` as a user would; the ranks find the test-only
+plugins in tests/deepspeed_fixture through PYTHONPATH, like any installed plugin.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import ftcore
+from conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+
+FIXTURE = Path(__file__).parent / "deepspeed_fixture"
+# Two ranks of batch 2 see the same global batch of 4 as one process of batch 4.
+SETTINGS = ["training.epochs=2", "training.batch_size=2", "training.gradient_accumulation=1",
+            "training.logging_steps=1", "training.learning_rate=1e-3", "training.save_strategy='no'",
+            "data.val_size=4", "data.max_length=128", "lora.dropout=0"]
+
+
+def ftcore_cli(args: list[str], env_extra: dict | None = None, **popen) -> subprocess.Popen:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(FIXTURE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(env_extra or {})
+    return subprocess.Popen([sys.executable, "-m", "ftcore.cli", "run", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def run_cli(args: list[str], timeout: int = 300, **kw) -> tuple[int, str]:
+    proc = ftcore_cli(args, **kw)
+    output, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, output
+
+
+def base_args(model: Path, data: Path, out: Path, plugins: str, settings=SETTINGS) -> list[str]:
+    args = ["--plugins", plugins, "--model", str(model), "--data", str(data), "--output", str(out)]
+    for s in settings:
+        args += ["--set", s]
+    return args
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(out: Path) -> list[float]:
+    return [r["loss"] for r in metrics(out) if "loss" in r]
+
+
+def assert_learned(out: Path) -> None:
+    losses = train_losses(out)
+    assert len(losses) == 10
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    summary = json.loads((out / "summary.json").read_text())["metrics"]
+    assert summary["eval_loss"] < summary["eval_loss_start"]
+
+
+def assert_adapter_loads_with_peft(adapter: Path, base: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    assert len(weights) == 2 * 4 * 2          # 2 layers x q/k/v/o x lora_A/lora_B, none left empty by sharding
+    assert all(t.numel() > 0 for t in weights.values())
+    assert any(k.endswith("lora_B.weight") and t.abs().sum() > 0 for k, t in weights.items())   # trained
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(adapter))
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 5, 9, 12]])).logits
+    assert logits.shape[:2] == (1, 4) and torch.isfinite(logits).all()
+
+
+def assert_only_rank0_wrote(out: Path) -> None:
+    rows = metrics(out)
+    keys = [(r["step"], tuple(sorted(k for k in r if k in ("loss", "eval_loss")))) for r in rows]
+    # one row per logging event (the final evaluation repeats the last epoch's), not one per rank
+    assert len([k for k in keys if "loss" in k[1]]) == len({k for k in keys if "loss" in k[1]})
+    assert not list(out.parent.glob(f".{out.name}.launch-*"))     # the launch file is gone
+
+
+def test_zero2_lora_two_ranks_match_one_rank(tiny_model_dir, alpaca_file, tmp_path):
+    out = tmp_path / "zero2"
+    status, output = run_cli(base_args(tiny_model_dir, alpaca_file, out, "deepspeed-zero,lora,alpaca")
+                             + ["--num-processes", "2"])
+    assert status == 0, output
+    assert "launching 2 process(es) with DeepSpeed ZeRO stage 2" in output
+    assert "[rank 1] trainable params:" in output            # both ranks' logs are streamed
+    ds = json.loads((out / "deepspeed.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 2
+    assert_learned(out)
+    assert_only_rank0_wrote(out)
+    assert_adapter_loads_with_peft(out / "adapter", tiny_model_dir)
+
+    # The same global batch (4) in one process without DeepSpeed: the same losses.
+    cfg = tiny_config(tiny_model_dir, alpaca_file, tmp_path / "one", epochs=2, batch_size=4,
+                      learning_rate=1e-3)
+    cfg["lora"] = {"dropout": 0}
+    one = ftcore.run(cfg, log=lambda m: None)
+    assert train_losses(out) == pytest.approx(train_losses(one.output_dir), rel=2e-3)
+    assert one.metrics["eval_loss"] == pytest.approx(
+        json.loads((out / "summary.json").read_text())["metrics"]["eval_loss"], rel=2e-3)
+
+
+def test_zero3_lora_offloaded_on_two_machines(tiny_model_dir, alpaca_file, tmp_path):
+    """Two `ftcore run` commands, one per machine (here both on localhost), as the multi-node recipe says;
+    optimizer state and weights offloaded to CPU memory (DeepSpeedCPUAdam, built once by DeepSpeed)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "zero3"
+    args = base_args(tiny_model_dir, alpaca_file, out, "deepspeed-zero,lora,alpaca") + [
+        "--set", "deepspeed-zero.stage=3", "--set", "deepspeed-zero.offload_optimizer=cpu",
+        "--set", "deepspeed-zero.offload_param=cpu", "--num-processes", "2", "--num-machines", "2",
+        "--main-process-ip", "127.0.0.1", "--main-process-port", str(port)]
+    machines = [ftcore_cli(args + ["--machine-rank", str(rank)]) for rank in (0, 1)]
+    outputs = [m.communicate(timeout=300)[0] for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], "\n\n".join(outputs)
+    assert "on machine 1 of 2" in outputs[1] and "[rank 1] trainable params:" in outputs[1]
+    assert "wrote " in outputs[0] and "wrote " not in outputs[1]      # rank 0 (machine 0) saves
+    zero = json.loads((out / "deepspeed.json").read_text())["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
+    assert_learned(out)
+    assert_only_rank0_wrote(out)
+    assert_adapter_loads_with_peft(out / "adapter", tiny_model_dir)
+
+
+def test_zero3_full_through_a_hostfile_saves_a_normal_model(tiny_model_dir, alpaca_file, tmp_path, monkeypatch,
+                                                            capfd):
+    """From the library this time: ftcore.run launches, waits, and returns what rank 0 wrote."""
+    from safetensors.torch import load_file
+
+    monkeypatch.syspath_prepend(str(FIXTURE))                 # the test plugins, here and in the ranks
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FIXTURE), os.environ.get("PYTHONPATH", "")]))
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    out = tmp_path / "full"
+    cfg = tiny_config(tiny_model_dir, alpaca_file, out, epochs=2, batch_size=2)
+    cfg["plugins"] = ["deepspeed-zero", "full", "alpaca", "dstest-probe-export"]
+    cfg["deepspeed-zero"] = {"stage": 3}
+    cfg["launch"] = {"hostfile": str(hostfile)}
+    logged: list[str] = []
+    result = ftcore.run(cfg, log=logged.append)
+    output = capfd.readouterr()
+    assert result.exit_code == 0, output.out + output.err
+    assert any("with DeepSpeed's launcher" in line for line in logged)
+    assert "[rank 1] trainable params:" in output.out + output.err
+    assert_learned(out)
+    assert result.model_dir == out / "model" and result.metrics["steps"] == 10
+    saved = load_file(str(out / "model" / "model.safetensors"))
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in base.items()}   # gathered, not shards
+    assert any(not saved[k].equal(base[k]) for k in base)                                 # and trained
+    probe = json.loads((out / "probe-export.json").read_text())
+    assert probe["rank"] == "0" and probe["parameters"] == sum(v.numel() for v in base.values())
+    assert result.exports == [out / "probe-export.json"]
+
+
+def test_a_failing_rank_stops_the_whole_run(tiny_model_dir, alpaca_file, tmp_path):
+    out = tmp_path / "fails"
+    started = time.time()
+    proc = ftcore_cli(base_args(tiny_model_dir, alpaca_file, out, "deepspeed-zero,lora,alpaca,dstest-fail")
+                      + ["--num-processes", "2"],
+                      env_extra={"FTCORE_TEST_FAIL_RANK": "1", "FTCORE_TEST_FAIL_STEP": "2"})
+    ranks: set[int] = set()
+    while proc.poll() is None:      # remember the ranks' pids, to check none is left behind
+        try:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                ranks.add(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+        time.sleep(0.5)
+    output = proc.stdout.read()
+    elapsed = time.time() - started
+    assert proc.returncode == 1, output                       # the failing rank's own exit status
+    assert "RuntimeError: injected failure on rank 1 at step 2" in output
+    assert "rank 1 failed with exit status 1" in output
+    assert elapsed < 150, f"took {elapsed:.0f}s: rank 0 was left waiting in a collective"
+    assert ranks and not [p for p in ranks if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
