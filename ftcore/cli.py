@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -14,15 +15,31 @@ from ftcore import errors
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a user error as a message (no traceback) and exit with status 2."""
+    """Map outcomes to exit statuses (docs/reference/exit-codes.md).
+
+    A user error prints its message, no traceback, status 2; an interrupted run 3; a
+    plugin's or ftcore's own bug prints the traceback and exits 1.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except errors.FtcoreError as exc:
+            if exc.exit_code == errors.EXIT_INTERNAL:
+                traceback.print_exception(exc.__cause__ or exc, file=sys.stderr)
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("stopped (no checkpoint saved)", err=True)
+            sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            click.echo("internal error: this is a bug in ftcore or a library it uses; please report it with the "
+                       "traceback above.", err=True)
+            sys.exit(errors.EXIT_INTERNAL)
 
     return wrapper
 
@@ -34,7 +51,7 @@ def main() -> None:
 
 
 def run_flags(plugins: str | None, model: str | None, data: tuple[str, ...], output: str | None,
-              sets: tuple[str, ...], overwrite: bool) -> dict[str, Any]:
+              sets: tuple[str, ...], overwrite: bool, resume: str | None = None) -> dict[str, Any]:
     """CLI flags as a config layer (the top one)."""
     from ftcore.config import merge, parse_set
 
@@ -49,6 +66,8 @@ def run_flags(plugins: str | None, model: str | None, data: tuple[str, ...], out
         flags["output_dir"] = output
     if overwrite:
         flags["overwrite"] = True
+    if resume:
+        flags["resume"] = resume
     return merge(flags, parse_set(sets))
 
 
@@ -61,6 +80,9 @@ def run_flags(plugins: str | None, model: str | None, data: tuple[str, ...], out
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a config key, dotted for sections (repeatable): --set lora.r=8")
 @click.option("--overwrite", is_flag=True, help="Replace an output directory holding a previous run.")
+@click.option("--resume", metavar="auto|PATH",
+              help="Continue from the newest complete checkpoint in the output directory (auto), "
+                   "or from a given checkpoint-N or run folder.")
 @click.option("--dry-run", is_flag=True, help="Validate, print the resolved config and plugins, and exit.")
 @click.option("--num-processes", type=int, help="Processes (ranks) in all, over all machines (launch.num_processes).")
 @click.option("--num-machines", type=int, help="Machines taking part (launch.num_machines).")
@@ -70,14 +92,18 @@ def run_flags(plugins: str | None, model: str | None, data: tuple[str, ...], out
 @click.option("--hostfile", type=click.Path(dir_okay=False), help="Hostfile starting every machine (launch.hostfile).")
 @user_errors
 def run(config_file: str | None, plugins: str | None, model: str | None, data: tuple[str, ...],
-        output: str | None, sets: tuple[str, ...], overwrite: bool, dry_run: bool, **launch: Any) -> None:
-    """Fine-tune a model. CONFIG_FILE is an optional YAML file; flags override it."""
+        output: str | None, sets: tuple[str, ...], overwrite: bool, resume: str | None, dry_run: bool,
+        **launch: Any) -> None:
+    """Fine-tune a model. CONFIG_FILE is an optional YAML file; flags override it.
+
+    Exit status: 0 done, 1 internal error, 2 user error, 3 interrupted with a checkpoint saved.
+    """
     import yaml
 
     from ftcore import engine
     from ftcore.config import merge
 
-    flags = run_flags(plugins, model, data, output, sets, overwrite)
+    flags = run_flags(plugins, model, data, output, sets, overwrite, resume)
     given = {k: v for k, v in launch.items() if v is not None}
     flags = merge(flags, {"launch": given}) if given else flags
     config, chosen = engine.resolve(config_file, flags, log=_log)

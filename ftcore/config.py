@@ -130,6 +130,8 @@ class RunConfig(Section):
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     output_dir: str = Field("runs/ftcore-run", description="Where everything the run writes goes.")
     overwrite: bool = Field(False, description="Replace an output directory that holds another run.")
+    resume: str | None = Field(None, description="auto: continue from the newest complete checkpoint in "
+                               "output_dir (or start if there is none); or a checkpoint-N or run folder.")
     _sections: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @field_validator("model", mode="before")

@@ -20,9 +20,13 @@ from typing import Any
 
 import yaml
 
+from ftcore import checkpoints
 from ftcore import config as cfg
 from ftcore import data as data_mod
-from ftcore.errors import ConfigError, FtcoreError, PluginError
+from ftcore.errors import ConfigError, FtcoreError, Interrupted, PluginError
+from ftcore.licence import base_model_licence
+from ftcore.licence import describe as describe_licence
+from ftcore.outputs import OutputGuard
 from ftcore.plugins import PluginSet, installed_entry_points, select
 
 RUN_MARKER = "ftcore-run.json"
@@ -58,6 +62,7 @@ class RunResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     data_stats: dict[str, Any] = field(default_factory=dict)
     plugins: list[dict[str, Any]] = field(default_factory=list)
+    base_model_license: dict[str, Any] | None = None
     dry_run: bool = False
     exit_code: int = 0
 
@@ -137,6 +142,16 @@ def run(source: Any = None, *, flags: dict[str, Any] | None = None, plugins: lis
 
 
 def execute(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], None] = print) -> RunResult:
+    guard = OutputGuard(Path(config.output_dir))
+    try:
+        return _execute(config, plugins, log, guard)
+    except BaseException:
+        guard.undo()   # a run that fails before training leaves the output directory as it found it
+        raise
+
+
+def _execute(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], None], guard: OutputGuard
+             ) -> RunResult:
     from ftcore._quiet import quiet_libraries
     from ftcore.models import resolve_model_path
 
@@ -148,10 +163,16 @@ def execute(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], None
     main = is_main_process()
     log = log if main or world_size() == 1 else _rank_prefixed(log)
     model_path = resolve_model_path(config.model.path, log)
-    out = prepare_output_dir(Path(config.output_dir), config.overwrite) if main else Path(config.output_dir)
+    licence = base_model_licence(model_path)
+    log(describe_licence(licence, model_path))
+    out = Path(config.output_dir)
+    resume_from = checkpoints.resolve_resume(config.resume, out, config.overwrite, log) if config.resume else None
+    if main:
+        out = prepare_output_dir(out, config.overwrite, resuming=config.resume is not None, guard=guard)
     ctx = RunContext(config=config, plugins=plugins, output_dir=out, log=log)
     ctx.precision = pick_precision(config.training.precision)
-    result = RunResult(output_dir=out, plugins=plugins.versions())
+    ctx.state["base_model_license"] = licence
+    result = RunResult(output_dir=out, plugins=plugins.versions(), base_model_license=licence)
     result.config_path = write_run_files(ctx) if main else out / "config.yaml"
     hook = plugins.hook
     hook.ftcore_run_started(config=config, ctx=ctx)
@@ -176,10 +197,16 @@ def execute(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], None
 
     trainer, collator = build_trainer(model, prepared, ctx)
     hook.ftcore_trainer_created(trainer=trainer, ctx=ctx)
-    train_output = trainer.train()
-    final_eval = trainer.evaluate() if prepared.eval is not None else {}
-
-    model_dir = save_final(trainer, ctx)
+    guard.commit()
+    try:
+        train_output = train(trainer, collator, resume_from, ctx)
+        final_eval = trainer.evaluate() if prepared.eval is not None else {}
+        model_dir = save_final(trainer, ctx)
+    except (OSError, RuntimeError) as exc:
+        full = checkpoints.disk_full(exc)
+        if full is None:
+            raise
+        raise checkpoints.disk_full_error(full, out) from exc
     result.model_dir = model_dir
     result.metrics_path = out / "metrics.jsonl"
     result.metrics = summarize(trainer, train_output, final_eval, collator, started)
@@ -238,7 +265,7 @@ def launch(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], None]
                           f"entry point in the {'ftcore.plugins'!r} group, or run without a launching strategy.")
     out = Path(config.output_dir)
     if config.launch.machine_rank == 0:
-        check_output_dir(out, config.overwrite)    # refuse before any process starts
+        check_output_dir(out, config.overwrite, config.resume is not None)    # refuse before any process starts
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.launch-", suffix=".yaml", dir=out.parent)
     launch_file = Path(name)
@@ -268,6 +295,31 @@ def launched_result(config: cfg.RunConfig, plugins: PluginSet, status: int) -> R
     return result
 
 
+def train(trainer: Any, collator: Any, resume_from: Path | None, ctx: RunContext) -> Any:
+    """Train, resuming from a checkpoint if given; a signal saves a checkpoint and raises Interrupted."""
+    from ftcore.signals import stop_on_signals
+
+    out = ctx.output_dir
+    checkpoints.clean_staging(out)
+    checkpoints.install_atomic_saves(trainer, collator.counter)
+    if resume_from is not None:
+        marker = checkpoints.read_marker(resume_from)
+        checkpoints.trim_metrics(out / "metrics.jsonl", int(marker.get("step", 0)))
+        checkpoints.restore_counters(trainer, collator.counter, marker)
+        ctx.log(f"resuming from {resume_from} (step {marker.get('step')})")
+    elif ctx.config.resume:
+        (out / "metrics.jsonl").unlink(missing_ok=True)   # a fresh start: no rows from the attempt before
+    with stop_on_signals(trainer, ctx.log) as stopper:
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if stopper.received and stopper.saved_step is not None:
+        where = out / checkpoints.CHECKPOINTS / f"checkpoint-{stopper.saved_step}"
+        raise Interrupted(f"interrupted by {stopper.received} at step {stopper.saved_step} of "
+                          f"{trainer.state.max_steps}: a resumable checkpoint is in {where}. Continue with the "
+                          f"same command and --resume auto.", checkpoint=str(where), step=stopper.saved_step,
+                          signal=stopper.received)
+    return output
+
+
 def _default_log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -282,20 +334,27 @@ def pick_precision(precision: str) -> str:
     return "fp32"
 
 
-def prepare_output_dir(out: Path, overwrite: bool) -> Path:
+def prepare_output_dir(out: Path, overwrite: bool, resuming: bool = False, guard: OutputGuard | None = None
+                       ) -> Path:
     """Refuse to write over another run's results unless asked; never touch other files."""
-    check_output_dir(out, overwrite)
-    if out.exists() and any(out.iterdir()):
-        shutil.rmtree(out)
+    check_output_dir(out, overwrite, resuming)
+    if out.exists() and any(out.iterdir()) and not resuming:
+        if guard is not None:
+            guard.set_aside()   # deleted once training starts; put back if this run fails first
+        else:
+            shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
+def check_output_dir(out: Path, overwrite: bool, resuming: bool = False) -> None:
     """Raise ConfigError when the run may not write to ``out``; change nothing."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {out} exists and is not a directory: choose another --output.")
-    if out.exists() and any(out.iterdir()):
+    if resuming and out.exists() and any(out.iterdir()) and not (out / RUN_MARKER).exists():
+        raise ConfigError(f"output directory {out} holds files that are not an ftcore run: nothing to resume "
+                          f"there. Choose another --output.")
+    if out.exists() and any(out.iterdir()) and not resuming:
         if not overwrite:
             what = "another run's results" if (out / RUN_MARKER).exists() else "files"
             raise ConfigError(f"output directory {out} already holds {what}. Pass --overwrite to replace it, "
@@ -310,13 +369,15 @@ def write_run_files(ctx: RunContext) -> Path:
     out = ctx.output_dir
     data = ctx.config.to_dict()
     data["overwrite"] = False
+    data["resume"] = None
     path = out / "config.yaml"
     write_text_atomic(path, "# Resolved ftcore configuration; rerun with: ftcore run config.yaml\n"
                       + yaml.safe_dump(data, sort_keys=False))
     write_json_atomic(out / "plugins.json", ctx.plugins.versions())
     from ftcore import __version__
     write_json_atomic(out / RUN_MARKER, {"ftcore_version": __version__, "started": time.time(),
-                                         "argv": sys.argv, "precision": ctx.precision})
+                                         "argv": sys.argv, "precision": ctx.precision,
+                                         "base_model_license": ctx.state.get("base_model_license")})
     return path
 
 
@@ -371,7 +432,7 @@ def training_arguments(ctx: RunContext, has_eval: bool) -> dict[str, Any]:
     t = ctx.config.training
     eval_strategy = t.eval_strategy if has_eval else "no"
     args: dict[str, Any] = dict(
-        output_dir=str(ctx.output_dir / "checkpoints"),
+        output_dir=str(ctx.output_dir / checkpoints.CHECKPOINTS),
         num_train_epochs=t.epochs, max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation,
@@ -426,8 +487,15 @@ def save_final(trainer: Any, ctx: RunContext) -> Path:
         return final
     if tmp.exists():
         shutil.rmtree(tmp)
-    trainer.save_model(str(tmp))
-    ctx.tokenizer.save_pretrained(str(tmp))
+    try:
+        trainer.save_model(str(tmp))
+        ctx.tokenizer.save_pretrained(str(tmp))
+    except BaseException as exc:
+        error = checkpoints.save_failure(exc, tmp, ctx.output_dir) if isinstance(exc, Exception) else None
+        shutil.rmtree(tmp, ignore_errors=True)   # never leave a partial model behind
+        if error is not None:
+            raise error from exc
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

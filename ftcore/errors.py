@@ -36,6 +36,32 @@ class DataError(FtcoreError):
     """The training data is missing, empty or malformed."""
 
 
+class OutputError(FtcoreError):
+    """The run's outputs cannot be written (disk full, no permission); nothing partial is kept."""
+
+
+class Interrupted(FtcoreError):
+    """Training stopped on SIGTERM/SIGINT after saving a resumable checkpoint."""
+
+    exit_code = EXIT_INTERRUPTED
+
+    def __init__(self, message: str, checkpoint: str | None = None, step: int | None = None,
+                 signal: str | None = None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+        self.step = step
+        self.signal = signal
+
+
+class PluginFailure(PluginError):
+    """A plugin's hook raised an unexpected exception: a bug in that plugin, named with its package.
+
+    Its exit status is the internal-error one, and the CLI shows the traceback for the plugin's author.
+    """
+
+    exit_code = EXIT_INTERNAL
+
+
 def suggest(word: str, choices: Iterable[str]) -> str:
     """Return ' Did you mean "x"?' for the closest choice, or '' when none is close."""
     match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

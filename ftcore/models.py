@@ -30,7 +30,12 @@ def resolve_model_path(path: str, log: Callable[[str], None] = print) -> Path:
                           f"model (config.json, *.safetensors, tokenizer files), or ftcore:tiny-llama.")
     if not (folder / "config.json").is_file():
         raise ConfigError(f"model folder {folder} has no config.json: it is not a transformers model folder.")
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+    if not any(folder.glob("*.safetensors")):
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
+            raise ConfigError(f"model folder {folder} has weights only as pickle files (*.bin/*.pt), which can run "
+                              f"code when loaded; ftcore loads safetensors only (see docs/safety.md). Convert them "
+                              f"once where you trust the source: AutoModelForCausalLM.from_pretrained(folder)"
+                              f".save_pretrained(new_folder).")
         raise ConfigError(f"model folder {folder} has no weights (*.safetensors). Copy the model's weight files "
                           f"into it, or point --model at the folder that has them.")
     return folder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata as md
 import os
 import sys
@@ -14,7 +15,7 @@ import pluggy
 import yaml
 
 from ftcore import hookspecs
-from ftcore.errors import PluginError, suggest
+from ftcore.errors import FtcoreError, PluginError, PluginFailure, suggest
 
 GROUP = "ftcore.plugins"
 
@@ -159,6 +160,25 @@ class PluginSet:
         self.infos[name] = info or PluginInfo(
             name=name, kind=self.kinds[name], description=describe(obj), hooks=hooks_of(obj)
         )
+        self._guard(name)
+
+    def _guard(self, name: str) -> None:
+        """Wrap the plugin's hook functions so an unexpected exception names the plugin and its package."""
+        for caller in self.pm.get_hookcallers(self.pm.get_plugin(name)) or []:
+            for impl in caller.get_hookimpls():
+                if impl.plugin_name == name and not (impl.wrapper or impl.hookwrapper):
+                    impl.function = _guarded(impl.function, name, caller.name, self)
+
+    def origin(self, name: str) -> str:
+        """'package foo 1.2' for an installed plugin, 'module bar' for an object passed directly."""
+        info = self.infos.get(name)
+        if info is not None and info.distribution:
+            return f"package {info.distribution} {info.version or ''}".rstrip()
+        obj = self.objects.get(name)
+        module = getattr(obj, "__module__", None) or getattr(obj, "__name__", None) or "?"
+        if not isinstance(obj, type) and not hasattr(obj, "__file__"):
+            module = type(obj).__module__ if module == "?" else module
+        return f"module {module}"
 
     def names(self, kind: str | None = None) -> list[str]:
         return [n for n in self.objects if kind is None or self.kinds[n] == kind]
@@ -193,6 +213,23 @@ class PluginSet:
              "version": self.infos[n].version}
             for n in self.objects
         ]
+
+
+def _guarded(fn: Any, plugin: str, hook_name: str, plugins: PluginSet) -> Any:
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FtcoreError:
+            raise   # a plugin reporting a user error: passed through unchanged
+        except Exception as exc:
+            raise PluginFailure(
+                f'plugin "{plugin}" ({plugins.origin(plugin)}) failed in {hook_name}: {type(exc).__name__}: {exc}. '
+                f"This is a bug in that plugin: report it to its authors with the traceback above, "
+                f"or leave the plugin out of --plugins."
+            ) from exc
+
+    return call
 
 
 def _short(value: Any) -> str:

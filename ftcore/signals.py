@@ -1,0 +1,67 @@
+"""SIGTERM and SIGINT during training: finish the current step, save a checkpoint, stop.
+
+A cluster preempting a job sends SIGTERM and waits a grace period before SIGKILL; Ctrl-C
+sends SIGINT. Either one makes the run save a resumable checkpoint after the optimizer
+step in progress and exit with status 3 (``ftcore.errors.EXIT_INTERRUPTED``). A second
+signal stops at once, without a checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from transformers import TrainerCallback
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopOnSignal(TrainerCallback):
+    """Turns a received signal into "save now and stop" at the end of the current optimizer step."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self.saved_step: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001 - transformers' signature
+        if self.received:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+        if self.received:
+            # The checkpoint just written covers this step: no need for another one.
+            self.saved_step = state.global_step
+            control.should_training_stop = True
+        return control
+
+
+@contextmanager
+def stop_on_signals(trainer: Any, log: Callable[[str], None]) -> Iterator[StopOnSignal]:
+    """Install the handlers for the duration of training (main thread only), then restore the old ones."""
+    stopper = StopOnSignal()
+    trainer.add_callback(stopper)
+    if threading.current_thread() is not threading.main_thread():
+        yield stopper   # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if stopper.received:
+            log(f"{name} received again: stopping now, without a checkpoint")
+            raise KeyboardInterrupt
+        stopper.received = name
+        log(f"{name} received: finishing the current step, saving a checkpoint, then stopping "
+            f"(send it again to stop at once, without one)")
+
+    previous = {sig: signal.signal(sig, handler) for sig in SIGNALS}
+    try:
+        yield stopper
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        trainer.remove_callback(stopper)
