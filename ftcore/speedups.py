@@ -27,16 +27,22 @@ PACKED_ATTENTION = "ftcore_packed_sdpa"
 
 # -- packed attention ---------------------------------------------------------------
 
+_last_segments: list[Any] = [None, None]   # ((position_ids, version), segments): computed once per forward
+
+
 def _segments(position_ids: Any) -> list[tuple[int, int]] | None:
     """``[(start, end), ...]`` of the examples in a packed row (batch 1), from restarting positions."""
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1:
         return None
+    # The same tensor object reaches every layer; holding it keeps its identity from being reused.
+    key = (position_ids, position_ids._version)
+    if _last_segments[0] is not None and _last_segments[0][0] is position_ids and _last_segments[0][1] == key[1]:
+        return _last_segments[1]
     pos = position_ids[0]
-    starts = (pos == 0).nonzero().flatten().tolist()
-    if not starts or starts[0] != 0:
-        return None
-    ends = starts[1:] + [pos.numel()]
-    return list(zip(starts, ends))
+    starts = (pos == 0).nonzero().flatten().tolist()   # one device sync per forward pass
+    segments = list(zip(starts, starts[1:] + [pos.numel()])) if starts and starts[0] == 0 else None
+    _last_segments[:] = [key, segments]
+    return segments
 
 
 def packed_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,

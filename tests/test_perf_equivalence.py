@@ -106,6 +106,12 @@ def test_packed_attention_splits_the_row_per_example():
     assert speedups._segments(pos) == [(0, 3), (3, 5), (5, 9)]
     assert speedups._segments(torch.arange(6)[None]) == [(0, 6)]
     assert speedups._segments(torch.zeros(2, 4, dtype=torch.long)) is None   # a real batch is not a packed row
+    # Computed once per forward pass (cached on the tensor), never reused for another row of the same shape.
+    again = torch.tensor([[0, 1, 0, 1, 2, 3, 4, 0, 1]])
+    assert speedups._segments(pos) == [(0, 3), (3, 5), (5, 9)]
+    assert speedups._segments(again) == [(0, 2), (2, 7), (7, 9)]
+    again[0, 2] = 2   # changed in place: recomputed
+    assert speedups._segments(again) == [(0, 7), (7, 9)]
 
 
 def test_batched_tokenization_gives_identical_ids_and_labels(tiny_tokenizer):
