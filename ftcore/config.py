@@ -89,6 +89,10 @@ class TrainingConfig(Section):
     gradient_checkpointing: bool = Field(False)
     seed: int = Field(42)
     report_to: list[str] = Field(default_factory=list, description="Trackers: tensorboard, mlflow, wandb, trackio.")
+    sparse_logits: bool = Field(True, description="Compute logits and loss only where the next token is supervised "
+                                "(same loss, less work); false: the model's own full-logits loss.")
+    packed_attention: bool = Field(True, description="With packing, attend within each example instead of over the "
+                                   "whole packed row with a mask (same result, less work); false: the model's attention.")
 
     @model_validator(mode="after")
     def _steps_need_numbers(self) -> "TrainingConfig":

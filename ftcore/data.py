@@ -256,8 +256,29 @@ def tokenize(example: Example, tokenizer: Any) -> tuple[list[int], list[int]]:
     return labels_from_offsets(enc["input_ids"], enc["offset_mapping"], example.supervised)
 
 
+TOKENIZE_BATCH = 1024   # examples per tokenizer call in prepare(); 1 tokenizes record by record
+
+
+def tokenize_many(examples: list[Example], tokenizer: Any) -> list[tuple[list[int], list[int]]]:
+    """Tokenize Examples in batched tokenizer calls (parallel, in Rust): the same result as :func:`tokenize` each."""
+    out: list[Any] = [None] * len(examples)
+    for flag in (False, True):
+        idx = [i for i, ex in enumerate(examples) if bool(ex.add_special_tokens) == flag]
+        if not idx:
+            continue
+        enc = tokenizer([examples[i].text for i in idx], add_special_tokens=flag, return_offsets_mapping=True)
+        for j, i in enumerate(idx):
+            out[i] = labels_from_offsets(enc["input_ids"][j], enc["offset_mapping"][j], examples[i].supervised)
+    return out
+
+
 def labels_from_offsets(ids: list[int], offsets: list[tuple[int, int]],
                         spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """A token is supervised when its (non-empty) character range overlaps a supervised span."""
+    if len(spans) == 1:   # the common case (one response), without the per-token loop over spans
+        (s_start, s_end), = spans
+        return list(ids), [tok if start < s_end and end > s_start and end > start else IGNORE_INDEX
+                           for tok, (start, end) in zip(ids, offsets)]
     labels = []
     for tok, (start, end) in zip(ids, offsets):
         hit = end > start and any(start < s_end and end > s_start for s_start, s_end in spans)
@@ -372,6 +393,7 @@ def _collect(specs, config, plugins, tokenizer, formats, stats, problems) -> lis
     for spec in specs:
         fmt = resolve_format(spec, formats)
         count = 0
+        pending: list[Example] = []   # formatted, waiting to be tokenized in one batched call
         for where, record in iter_records(spec):
             stats.records += 1
             found = _check(where, record, fmt, plugins, config)
@@ -384,23 +406,35 @@ def _collect(specs, config, plugins, tokenizer, formats, stats, problems) -> lis
                 problems.extend(found)
                 stats.bad_records += 1
                 continue
-            ids, labels = tokenize(example, tokenizer)
-            ids, labels, action = fit_length(ids, labels, data_cfg.max_length, data_cfg.too_long)
-            if action == "dropped":
-                stats.dropped_too_long += 1
-                continue
-            supervised = sum(1 for t in labels if t != IGNORE_INDEX)
-            if supervised == 0:   # e.g. truncation cut off the whole response
-                stats.dropped_unsupervised += 1
-                continue
-            stats.truncated += action == "truncated"
-            stats.examples += 1
-            stats.tokens += len(ids)
-            stats.supervised_tokens += supervised
-            rows.append((ids, labels))
-            count += 1
+            pending.append(example)
+            if len(pending) >= TOKENIZE_BATCH:
+                count += _add_tokenized(pending, tokenizer, data_cfg, stats, rows)
+                pending = []
+        count += _add_tokenized(pending, tokenizer, data_cfg, stats, rows)
         stats.per_dataset[spec.path] = count
     return rows
+
+
+def _add_tokenized(examples: list[Example], tokenizer: Any, data_cfg: Any, stats: DataStats,
+                   rows: list[tuple[list[int], list[int]]]) -> int:
+    """Tokenize, apply the length policy, count, and append to ``rows``; returns how many were kept."""
+    kept = 0
+    for ids, labels in tokenize_many(examples, tokenizer) if examples else []:
+        ids, labels, action = fit_length(ids, labels, data_cfg.max_length, data_cfg.too_long)
+        if action == "dropped":
+            stats.dropped_too_long += 1
+            continue
+        supervised = sum(1 for t in labels if t != IGNORE_INDEX)
+        if supervised == 0:   # e.g. truncation cut off the whole response
+            stats.dropped_unsupervised += 1
+            continue
+        stats.truncated += action == "truncated"
+        stats.examples += 1
+        stats.tokens += len(ids)
+        stats.supervised_tokens += supervised
+        rows.append((ids, labels))
+        kept += 1
+    return kept
 
 
 def _check(where: str, record: Any, fmt: str, plugins: Any, config: Any) -> list[Problem]:

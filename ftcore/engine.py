@@ -195,12 +195,16 @@ def _execute(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], Non
     log_parameter_counts(model, log)
     hook.ftcore_model_loaded(model=model, ctx=ctx)
 
+    from ftcore import speedups
+
+    attention = speedups.apply(model, config, log)
     trainer, collator = build_trainer(model, prepared, ctx)
     hook.ftcore_trainer_created(trainer=trainer, ctx=ctx)
     guard.commit()
     try:
         train_output = train(trainer, collator, resume_from, ctx)
-        final_eval = trainer.evaluate() if prepared.eval is not None else {}
+        final_eval = final_evaluation(trainer) if prepared.eval is not None else {}
+        speedups.restore(model, attention)
         model_dir = save_final(trainer, ctx)
     except (OSError, RuntimeError) as exc:
         full = checkpoints.disk_full(exc)
@@ -449,6 +453,7 @@ def training_arguments(ctx: RunContext, has_eval: bool) -> dict[str, Any]:
         seed=t.seed, data_seed=t.seed, report_to=t.report_to or "none",
         remove_unused_columns=False, dataloader_pin_memory=False, disable_tqdm=True,
         save_only_model=False,
+        prediction_loss_only=True,   # evaluation needs the loss only: never gather the eval set's logits
     )
     return args
 
@@ -456,6 +461,7 @@ def training_arguments(ctx: RunContext, has_eval: bool) -> dict[str, Any]:
 def build_trainer(model: Any, prepared: data_mod.PreparedData, ctx: RunContext) -> tuple[Any, Any]:
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
 
+    from ftcore import speedups
     from ftcore.callbacks import MetricsCallback
 
     hook = ctx.plugins.hook
@@ -467,13 +473,28 @@ def build_trainer(model: Any, prepared: data_mod.PreparedData, ctx: RunContext) 
     callbacks = [MetricsCallback(ctx.output_dir / "metrics.jsonl", collator.counter, ctx.log)]
     for extra in hook.ftcore_trainer_callbacks(ctx=ctx):
         callbacks += list(extra or [])
-    trainer = Trainer(model=model, args=training_args, train_dataset=prepared.train,
+    trainer_class = Trainer
+    if ctx.config.training.sparse_logits and speedups.supports_sparse_logits(model):
+        trainer_class = speedups.fast_loss_trainer_class()
+    trainer = trainer_class(model=model, args=training_args, train_dataset=prepared.train,
                       eval_dataset=prepared.eval, data_collator=collator, processing_class=ctx.tokenizer,
                       callbacks=callbacks, optimizers=(optimizer, None))
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     ctx.state["trainer"] = trainer
     return trainer, collator
+
+
+def final_evaluation(trainer: Any) -> dict[str, Any]:
+    """The final eval metrics; reused when training just evaluated the final weights (no second pass)."""
+    history = trainer.state.log_history
+    step = trainer.state.global_step
+    for entry in reversed(history):
+        if entry.get("step") != step:
+            break
+        if "eval_loss" in entry:
+            return dict(entry)
+    return trainer.evaluate()
 
 
 def save_final(trainer: Any, ctx: RunContext) -> Path:
