@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from ftcore import errors
+from ftcore.progress import progress_options
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -62,23 +63,25 @@ def run_flags(plugins: str | None, model: str | None, data: tuple[str, ...], out
               help="Override a config key, dotted for sections (repeatable): --set lora.r=8")
 @click.option("--overwrite", is_flag=True, help="Replace an output directory holding a previous run.")
 @click.option("--dry-run", is_flag=True, help="Validate, print the resolved config and plugins, and exit.")
+@progress_options
 @user_errors
 def run(config_file: str | None, plugins: str | None, model: str | None, data: tuple[str, ...],
-        output: str | None, sets: tuple[str, ...], overwrite: bool, dry_run: bool) -> None:
+        output: str | None, sets: tuple[str, ...], overwrite: bool, dry_run: bool, reporter: Any) -> None:
     """Fine-tune a model. CONFIG_FILE is an optional YAML file; flags override it."""
     import yaml
 
     from ftcore import engine
 
-    flags = run_flags(plugins, model, data, output, sets, overwrite)
-    config, chosen = engine.resolve(config_file, flags, log=_log)
-    if dry_run:
-        click.echo("# plugins")
-        for row in chosen.versions():
-            click.echo(f"#   {row['name']:<18} {row['kind']:<10} {row['distribution'] or '-'} {row['version'] or ''}")
-        click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
-        return
-    engine.execute(config, chosen, _log)
+    with reporter:
+        flags = run_flags(plugins, model, data, output, sets, overwrite)
+        config, chosen = engine.resolve(config_file, flags, log=reporter)
+        if dry_run:
+            click.echo("# plugins")
+            for row in chosen.versions():
+                click.echo(f"#   {row['name']:<18} {row['kind']:<10} {row['distribution'] or '-'} {row['version'] or ''}")
+            click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
+            return
+        engine.execute(config, chosen, reporter)
 
 
 def _log(message: str) -> None:
@@ -105,6 +108,14 @@ def plugins_cmd(as_json: bool) -> None:
         desc = r.description if r.error is None else f"[red]failed to import: {r.error}[/red]"
         table.add_row(r.name, r.kind or "?", r.distribution or "-", r.version or "-", desc)
     Console(width=max(120, Console().width)).print(table)
+
+
+from ftcore.generate import chat_cmd, generate_cmd  # noqa: E402
+from ftcore.init_cli import init_cmd  # noqa: E402
+
+main.add_command(generate_cmd)
+main.add_command(chat_cmd)
+main.add_command(init_cmd)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -88,13 +88,26 @@ class TrainingConfig(Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 where supported, else fp32.")
     gradient_checkpointing: bool = Field(False)
     seed: int = Field(42)
-    report_to: list[str] = Field(default_factory=list, description="Trackers: tensorboard, mlflow, wandb, trackio.")
+    report_to: list[str] = Field(default_factory=list,
+                                 description="Experiment trackers: tensorboard, trackio, mlflow, wandb (or none).")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without a better eval loss and keep the best "
+        "checkpoint; needs save_strategy equal to eval_strategy.")
+    early_stopping_threshold: float = Field(0.0, ge=0, description="How much eval loss must improve to count.")
+    overfit_warning_evals: int = Field(
+        3, ge=0, description="Warn when eval loss rose at this many evaluations in a row while train loss fell (0: off).")
 
     @model_validator(mode="after")
     def _steps_need_numbers(self) -> "TrainingConfig":
         if self.eval_strategy == "steps" and self.eval_steps is None:
             self.__dict__["eval_steps"] = self.logging_steps
         return self
+
+
+class ReportConfig(Section):
+    enabled: bool = Field(True, description="Write report.html and plots/*.png into the output directory.")
+    samples: int = Field(3, ge=0, description="Held-out prompts generated from before and after training (0: none).")
+    max_new_tokens: int = Field(20, ge=1, description="Tokens generated per sample.")
 
 
 class RunConfig(Section):
@@ -104,6 +117,7 @@ class RunConfig(Section):
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig, description="The run report.")
     output_dir: str = Field("runs/ftcore-run", description="Where everything the run writes goes.")
     overwrite: bool = Field(False, description="Replace an output directory that holds another run.")
     _sections: dict[str, Any] = PrivateAttr(default_factory=dict)

@@ -21,8 +21,11 @@ import yaml
 
 from ftcore import config as cfg
 from ftcore import data as data_mod
+from ftcore import report
 from ftcore.errors import ConfigError, FtcoreError, PluginError
 from ftcore.plugins import PluginSet, installed_entry_points, select
+from ftcore.progress import as_reporter
+from ftcore.trackers import configure_trainer as configure_trackers
 
 RUN_MARKER = "ftcore-run.json"
 LR_WARN = 5e-4
@@ -53,6 +56,7 @@ class RunResult:
     model_dir: Path | None = None
     config_path: Path | None = None
     metrics_path: Path | None = None
+    report_path: Path | None = None
     exports: list[Path] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     data_stats: dict[str, Any] = field(default_factory=dict)
@@ -62,7 +66,7 @@ class RunResult:
 
     def as_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
-        for k in ("output_dir", "model_dir", "config_path", "metrics_path"):
+        for k in ("output_dir", "model_dir", "config_path", "metrics_path", "report_path"):
             out[k] = str(out[k]) if out[k] is not None else None
         out["exports"] = [str(p) for p in self.exports]
         return out
@@ -87,6 +91,9 @@ def resolve(source: Any = None, flags: dict[str, Any] | None = None,
     schemas = _schemas(plugins)
     config = cfg.validate(raw, schemas, list(installed_entry_points()))
     config.plugins = plugins.names()
+    from ftcore.callbacks import check_config   # early stopping and trackers
+
+    check_config(config)
     if config.training.learning_rate > LR_WARN:
         log(f"warning: training.learning_rate={config.training.learning_rate:g} is above {LR_WARN:g}, "
             f"a known way to ruin a fine-tune; 1e-4 to 2e-4 is the usual range for LoRA.")
@@ -127,12 +134,12 @@ def run(source: Any = None, *, flags: dict[str, Any] | None = None, plugins: lis
     used in addition to those named in the config. Keyword ``overrides`` are merged on
     top as a flags layer, e.g. ``run("cfg.yaml", output_dir="out")``.
     """
-    log = log or _default_log
-    flags = cfg.merge(flags or {}, overrides)
-    config, plugin_set = resolve(source, flags, plugins, log)
-    if dry_run:
-        return RunResult(output_dir=Path(config.output_dir), plugins=plugin_set.versions(), dry_run=True)
-    return execute(config, plugin_set, log)
+    with as_reporter(log) as log:   # a callable, a Reporter, or None: automatic progress display
+        flags = cfg.merge(flags or {}, overrides)
+        config, plugin_set = resolve(source, flags, plugins, log)
+        if dry_run:
+            return RunResult(output_dir=Path(config.output_dir), plugins=plugin_set.versions(), dry_run=True)
+        return execute(config, plugin_set, log)
 
 
 def execute(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], None] = print) -> RunResult:
@@ -140,6 +147,7 @@ def execute(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], None
     from ftcore.models import resolve_model_path
 
     quiet_libraries()
+    log = as_reporter(log)
     started = time.time()
     model_path = resolve_model_path(config.model.path, log)
     out = prepare_output_dir(Path(config.output_dir), config.overwrite)
@@ -153,7 +161,8 @@ def execute(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], None
     ctx.tokenizer = load_tokenizer(model_path, config)
     for added in hook.ftcore_prepare_tokenizer(tokenizer=ctx.tokenizer, config=config):
         ctx.added_tokens += list(added or [])
-    prepared = data_mod.prepare(config, plugins, ctx.tokenizer, log)
+    with log.phase("preparing data"):
+        prepared = data_mod.prepare(config, plugins, ctx.tokenizer, log)
     result.data_stats = prepared.stats.as_dict()
     log_data_stats(prepared.stats, log)
     hook.ftcore_data_prepared(train_dataset=prepared.train, eval_dataset=prepared.eval,
@@ -177,16 +186,15 @@ def execute(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], None
     result.model_dir = model_dir
     result.metrics_path = out / "metrics.jsonl"
     result.metrics = summarize(trainer, train_output, final_eval, collator, started)
-    for paths in hook.ftcore_export(run_dir=out, model_dir=model_dir, config=config, ctx=ctx):
-        result.exports += [Path(p) for p in paths or []]
+    result.metrics.update(report.run_metrics(trainer, ctx))
+    with log.phase("exporting"):
+        for paths in hook.ftcore_export(run_dir=out, model_dir=model_dir, config=config, ctx=ctx):
+            result.exports += [Path(p) for p in paths or []]
+    result.report_path = report.write_report(result, ctx) if config.report.enabled else None
     write_json_atomic(out / "summary.json", result.as_dict())
     hook.ftcore_run_finished(result=result, ctx=ctx)
-    log_summary(result, log)
+    log.summary(result)
     return result
-
-
-def _default_log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def pick_precision(precision: str) -> str:
@@ -305,15 +313,16 @@ def training_arguments(ctx: RunContext, has_eval: bool) -> dict[str, Any]:
 def build_trainer(model: Any, prepared: data_mod.PreparedData, ctx: RunContext) -> tuple[Any, Any]:
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
 
-    from ftcore.callbacks import MetricsCallback
+    from ftcore.callbacks import adjust_arguments, run_callbacks
 
     hook = ctx.plugins.hook
     args = training_arguments(ctx, prepared.eval is not None)
+    adjust_arguments(args, ctx, prepared.eval is not None)
     hook.ftcore_training_arguments(args=args, config=ctx.config, ctx=ctx)
     training_args = TrainingArguments(**args)
     optimizer = hook.ftcore_build_optimizer(model=model, training_args=training_args, config=ctx.config)
     collator = data_mod.make_collator(ctx.config.data.packing, ctx.tokenizer)
-    callbacks = [MetricsCallback(ctx.output_dir / "metrics.jsonl", collator.counter, ctx.log)]
+    callbacks = run_callbacks(ctx, prepared, collator.counter)
     for extra in hook.ftcore_trainer_callbacks(ctx=ctx):
         callbacks += list(extra or [])
     trainer = Trainer(model=model, args=training_args, train_dataset=prepared.train,
@@ -321,6 +330,7 @@ def build_trainer(model: Any, prepared: data_mod.PreparedData, ctx: RunContext) 
                       callbacks=callbacks, optimizers=(optimizer, None))
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
+    ctx.state["tracker_dirs"] = configure_trackers(trainer, ctx.output_dir)
     ctx.state["trainer"] = trainer
     return trainer, collator
 
@@ -361,14 +371,6 @@ def summarize(trainer: Any, train_output: Any, final_eval: dict[str, Any], colla
         "packing_efficiency": (collator.counter.real / collator.counter.computed) if collator.counter.computed else None,
         "runtime_s": round(time.time() - started, 2),
     }
-
-
-def log_summary(result: RunResult, log: Callable[[str], None]) -> None:
-    m = result.metrics
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-    log(f"done in {m.get('runtime_s')}s: {m.get('steps')} steps, train loss {fmt(m.get('train_loss'))}, "
-        f"eval loss {fmt(m.get('eval_loss_start'))} -> {fmt(m.get('eval_loss'))}")
-    log(f"wrote {result.model_dir}" + "".join(f", {p}" for p in result.exports))
 
 
 def is_user_error(exc: BaseException) -> bool:
