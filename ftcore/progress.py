@@ -186,6 +186,20 @@ class JsonReporter(Reporter):
         super().__init__()
         self.stream = stream
 
+    def __enter__(self) -> "JsonReporter":
+        """Keep stdout for JSON only: whatever else prints there (library chatter) goes to stderr meanwhile."""
+        if self.stream is None:
+            self.stream = sys.stdout
+            self._saved_stdout = sys.stdout
+            sys.stdout = sys.stderr
+        return self
+
+    def close(self) -> None:
+        saved = getattr(self, "_saved_stdout", None)
+        if saved is not None:
+            sys.stdout = saved
+            self._saved_stdout = None
+
     def emit(self, event: str, **fields: Any) -> None:
         stream = self.stream or sys.stdout
         stream.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}, default=str) + "\n")
