@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from ftcore import errors
+from ftcore.progress import progress_options
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -90,10 +91,11 @@ def run_flags(plugins: str | None, model: str | None, data: tuple[str, ...], out
 @click.option("--main-process-ip", help="Address of machine 0 (launch.main_process_ip).")
 @click.option("--main-process-port", type=int, help="Rendezvous port on machine 0 (launch.main_process_port).")
 @click.option("--hostfile", type=click.Path(dir_okay=False), help="Hostfile starting every machine (launch.hostfile).")
+@progress_options
 @user_errors
 def run(config_file: str | None, plugins: str | None, model: str | None, data: tuple[str, ...],
         output: str | None, sets: tuple[str, ...], overwrite: bool, resume: str | None, dry_run: bool,
-        **launch: Any) -> None:
+        reporter: Any, **launch: Any) -> None:
     """Fine-tune a model. CONFIG_FILE is an optional YAML file; flags override it.
 
     Exit status: 0 done, 1 internal error, 2 user error, 3 interrupted with a checkpoint saved.
@@ -103,17 +105,18 @@ def run(config_file: str | None, plugins: str | None, model: str | None, data: t
     from ftcore import engine
     from ftcore.config import merge
 
-    flags = run_flags(plugins, model, data, output, sets, overwrite, resume)
-    given = {k: v for k, v in launch.items() if v is not None}
-    flags = merge(flags, {"launch": given}) if given else flags
-    config, chosen = engine.resolve(config_file, flags, log=_log)
-    if dry_run:
-        click.echo("# plugins")
-        for row in chosen.versions():
-            click.echo(f"#   {row['name']:<18} {row['kind']:<10} {row['distribution'] or '-'} {row['version'] or ''}")
-        click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
-        return
-    result = engine.execute(config, chosen, _log)
+    with reporter:
+        flags = run_flags(plugins, model, data, output, sets, overwrite, resume)
+        given = {k: v for k, v in launch.items() if v is not None}
+        flags = merge(flags, {"launch": given}) if given else flags
+        config, chosen = engine.resolve(config_file, flags, log=reporter)
+        if dry_run:
+            click.echo("# plugins")
+            for row in chosen.versions():
+                click.echo(f"#   {row['name']:<18} {row['kind']:<10} {row['distribution'] or '-'} {row['version'] or ''}")
+            click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
+            return
+        result = engine.execute(config, chosen, reporter)
     if result.exit_code:
         sys.exit(result.exit_code)
 
@@ -152,6 +155,12 @@ main.add_command(merge_command)
 from ftcore.export import command as export_command  # noqa: E402
 
 main.add_command(export_command)
+from ftcore.generate import chat_cmd, generate_cmd  # noqa: E402
+from ftcore.init_cli import init_cmd  # noqa: E402
+
+main.add_command(generate_cmd)
+main.add_command(chat_cmd)
+main.add_command(init_cmd)
 
 
 if __name__ == "__main__":  # pragma: no cover

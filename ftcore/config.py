@@ -93,6 +93,14 @@ class TrainingConfig(Section):
                                 "(same loss, less work); false: the model's own full-logits loss.")
     packed_attention: bool = Field(True, description="With packing, attend within each example instead of over the "
                                    "whole packed row with a mask (same result, less work); false: the model's attention.")
+    report_to: list[str] = Field(default_factory=list,
+                                 description="Experiment trackers: tensorboard, trackio, mlflow, wandb (or none).")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without a better eval loss and keep the best "
+        "checkpoint; needs save_strategy equal to eval_strategy.")
+    early_stopping_threshold: float = Field(0.0, ge=0, description="How much eval loss must improve to count.")
+    overfit_warning_evals: int = Field(
+        3, ge=0, description="Warn when eval loss rose at this many evaluations in a row while train loss fell (0: off).")
 
     @model_validator(mode="after")
     def _steps_need_numbers(self) -> "TrainingConfig":
@@ -122,6 +130,10 @@ class LaunchConfig(Section):
             raise ValueError("a run on several machines needs main_process_ip (the address of machine 0) "
                              "or a hostfile")
         return self
+class ReportConfig(Section):
+    enabled: bool = Field(True, description="Write report.html and plots/*.png into the output directory.")
+    samples: int = Field(3, ge=0, description="Held-out prompts generated from before and after training (0: none).")
+    max_new_tokens: int = Field(20, ge=1, description="Tokens generated per sample.")
 
 
 class RunConfig(Section):
@@ -132,6 +144,7 @@ class RunConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig, description="The run report.")
     output_dir: str = Field("runs/ftcore-run", description="Where everything the run writes goes.")
     overwrite: bool = Field(False, description="Replace an output directory that holds another run.")
     resume: str | None = Field(None, description="auto: continue from the newest complete checkpoint in "

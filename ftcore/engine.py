@@ -27,7 +27,10 @@ from ftcore.errors import ConfigError, FtcoreError, Interrupted, PluginError
 from ftcore.licence import base_model_licence
 from ftcore.licence import describe as describe_licence
 from ftcore.outputs import OutputGuard
+from ftcore import report
 from ftcore.plugins import PluginSet, installed_entry_points, select
+from ftcore.progress import as_reporter
+from ftcore.trackers import configure_trainer as configure_trackers
 
 RUN_MARKER = "ftcore-run.json"
 LR_WARN = 5e-4
@@ -58,6 +61,7 @@ class RunResult:
     model_dir: Path | None = None
     config_path: Path | None = None
     metrics_path: Path | None = None
+    report_path: Path | None = None
     exports: list[Path] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     data_stats: dict[str, Any] = field(default_factory=dict)
@@ -68,7 +72,7 @@ class RunResult:
 
     def as_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
-        for k in ("output_dir", "model_dir", "config_path", "metrics_path"):
+        for k in ("output_dir", "model_dir", "config_path", "metrics_path", "report_path"):
             out[k] = str(out[k]) if out[k] is not None else None
         out["exports"] = [str(p) for p in self.exports]
         return out
@@ -93,6 +97,9 @@ def resolve(source: Any = None, flags: dict[str, Any] | None = None,
     schemas = _schemas(plugins)
     config = cfg.validate(raw, schemas, list(installed_entry_points()))
     config.plugins = plugins.names()
+    from ftcore.callbacks import check_config   # early stopping and trackers
+
+    check_config(config)
     if config.training.learning_rate > LR_WARN:
         log(f"warning: training.learning_rate={config.training.learning_rate:g} is above {LR_WARN:g}, "
             f"a known way to ruin a fine-tune; 1e-4 to 2e-4 is the usual range for LoRA.")
@@ -133,12 +140,12 @@ def run(source: Any = None, *, flags: dict[str, Any] | None = None, plugins: lis
     used in addition to those named in the config. Keyword ``overrides`` are merged on
     top as a flags layer, e.g. ``run("cfg.yaml", output_dir="out")``.
     """
-    log = log or _default_log
-    flags = cfg.merge(flags or {}, overrides)
-    config, plugin_set = resolve(source, flags, plugins, log)
-    if dry_run:
-        return RunResult(output_dir=Path(config.output_dir), plugins=plugin_set.versions(), dry_run=True)
-    return execute(config, plugin_set, log)
+    with as_reporter(log) as log:   # a callable, a Reporter, or None: automatic progress display
+        flags = cfg.merge(flags or {}, overrides)
+        config, plugin_set = resolve(source, flags, plugins, log)
+        if dry_run:
+            return RunResult(output_dir=Path(config.output_dir), plugins=plugin_set.versions(), dry_run=True)
+        return execute(config, plugin_set, log)
 
 
 def execute(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], None] = print) -> RunResult:
@@ -159,9 +166,10 @@ def _execute(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], Non
     if status is not None:
         return launched_result(config, plugins, status)
     quiet_libraries()
+    log = as_reporter(log)
     started = time.time()
     main = is_main_process()
-    log = log if main or world_size() == 1 else _rank_prefixed(log)
+    log = log if main or world_size() == 1 else as_reporter(_rank_prefixed(log))
     model_path = resolve_model_path(config.model.path, log)
     licence = base_model_licence(model_path)
     log(describe_licence(licence, model_path))
@@ -180,7 +188,8 @@ def _execute(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], Non
     ctx.tokenizer = load_tokenizer(model_path, config)
     for added in hook.ftcore_prepare_tokenizer(tokenizer=ctx.tokenizer, config=config):
         ctx.added_tokens += list(added or [])
-    prepared = data_mod.prepare(config, plugins, ctx.tokenizer, log)
+    with log.phase("preparing data"):
+        prepared = data_mod.prepare(config, plugins, ctx.tokenizer, log)
     result.data_stats = prepared.stats.as_dict()
     log_data_stats(prepared.stats, log)
     hook.ftcore_data_prepared(train_dataset=prepared.train, eval_dataset=prepared.eval,
@@ -214,13 +223,16 @@ def _execute(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], Non
     result.model_dir = model_dir
     result.metrics_path = out / "metrics.jsonl"
     result.metrics = summarize(trainer, train_output, final_eval, collator, started)
+    result.metrics.update(report.run_metrics(trainer, ctx))
     if not main:   # in a multi-process run only rank 0 writes outputs and exports
         return result
-    for paths in hook.ftcore_export(run_dir=out, model_dir=model_dir, config=config, ctx=ctx):
-        result.exports += [Path(p) for p in paths or []]
+    with log.phase("exporting"):
+        for paths in hook.ftcore_export(run_dir=out, model_dir=model_dir, config=config, ctx=ctx):
+            result.exports += [Path(p) for p in paths or []]
+    result.report_path = report.write_report(result, ctx) if config.report.enabled else None
     write_json_atomic(out / "summary.json", result.as_dict())
     hook.ftcore_run_finished(result=result, ctx=ctx)
-    log_summary(result, log)
+    log.summary(result)
     return result
 
 
@@ -462,15 +474,16 @@ def build_trainer(model: Any, prepared: data_mod.PreparedData, ctx: RunContext) 
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
 
     from ftcore import speedups
-    from ftcore.callbacks import MetricsCallback
+    from ftcore.callbacks import adjust_arguments, run_callbacks
 
     hook = ctx.plugins.hook
     args = training_arguments(ctx, prepared.eval is not None)
+    adjust_arguments(args, ctx, prepared.eval is not None)
     hook.ftcore_training_arguments(args=args, config=ctx.config, ctx=ctx)
     training_args = TrainingArguments(**args)
     optimizer = hook.ftcore_build_optimizer(model=model, training_args=training_args, config=ctx.config)
     collator = data_mod.make_collator(ctx.config.data.packing, ctx.tokenizer, model, ctx.log)
-    callbacks = [MetricsCallback(ctx.output_dir / "metrics.jsonl", collator.counter, ctx.log)]
+    callbacks = run_callbacks(ctx, prepared, collator.counter)
     for extra in hook.ftcore_trainer_callbacks(ctx=ctx):
         callbacks += list(extra or [])
     trainer_class = Trainer
@@ -481,6 +494,7 @@ def build_trainer(model: Any, prepared: data_mod.PreparedData, ctx: RunContext) 
                       callbacks=callbacks, optimizers=(optimizer, None))
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
+    ctx.state["tracker_dirs"] = configure_trackers(trainer, ctx.output_dir)
     ctx.state["trainer"] = trainer
     return trainer, collator
 
@@ -543,14 +557,6 @@ def summarize(trainer: Any, train_output: Any, final_eval: dict[str, Any], colla
         "packing_efficiency": (collator.counter.real / collator.counter.computed) if collator.counter.computed else None,
         "runtime_s": round(time.time() - started, 2),
     }
-
-
-def log_summary(result: RunResult, log: Callable[[str], None]) -> None:
-    m = result.metrics
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-    log(f"done in {m.get('runtime_s')}s: {m.get('steps')} steps, train loss {fmt(m.get('train_loss'))}, "
-        f"eval loss {fmt(m.get('eval_loss_start'))} -> {fmt(m.get('eval_loss'))}")
-    log(f"wrote {result.model_dir}" + "".join(f", {p}" for p in result.exports))
 
 
 def is_user_error(exc: BaseException) -> bool:
