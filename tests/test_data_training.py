@@ -77,7 +77,8 @@ def test_packed_batch_gives_the_same_per_example_loss_as_one_by_one(tiny):
         for leaky in (model(input_ids=batch["input_ids"], use_cache=False).logits,
                       model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True).logits):
             losses = _per_example_losses(leaky, batch["labels"], boundaries)
-            assert all(abs(a - b) > 1e-3 for a, b in zip(losses[1:], expected[1:]))
+            # (a random tiny model may barely react for one example; leakage anywhere is the point)
+            assert max(abs(a - b) for a, b in zip(losses[1:], expected[1:])) > 1e-3
 
 
 def test_padded_batch_gives_the_same_per_example_loss(tiny):
