@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftcore.errors import DataError
+from ftcore.errors import DataError, PluginError
 
 IGNORE_INDEX = -100
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -127,7 +127,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
         for lineno, raw in enumerate(fh, start=1):
             where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")   # a BOM (Windows editors) is fine
             except UnicodeDecodeError as exc:
                 yield where, Problem(where, None, f"not UTF-8 (bad byte at column {exc.start + 1}); "
                                      f"re-save the file as UTF-8")
@@ -142,7 +142,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")
         data = json.loads(text)
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 (bad byte at offset {exc.start}); re-save it as UTF-8.") from None
@@ -359,8 +359,6 @@ def format_record(fmt: str, record: dict[str, Any], plugins: Any, tokenizer: Any
     """Ask the format plugin ``fmt`` to render one valid record."""
     example = plugins.call_one(fmt, "ftcore_format_record", record=record, tokenizer=tokenizer, config=config)
     if not isinstance(example, Example):
-        from ftcore.errors import PluginError
-
         raise PluginError(f"format plugin {fmt!r} returned {type(example).__name__} from ftcore_format_record; "
                           f"it must return an ftcore.Example.")
     return example

@@ -50,9 +50,11 @@ def test_jsonl_json_parquet_csv_give_the_same_examples(tiny_model_dir, tmp_path)
         writer = csv.DictWriter(fh, fieldnames=["instruction", "input", "output"])
         writer.writeheader()
         writer.writerows(ALPACA)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + jsonl.read_bytes())      # saved by a Windows editor
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(ALPACA).encode())
     reference = prep(tiny_model_dir, [str(jsonl)])
     assert reference.stats.records == len(ALPACA) == reference.stats.train_examples
-    for name in ("d.json", "wrapped.json", "d.parquet", "d.csv"):
+    for name in ("d.json", "wrapped.json", "d.parquet", "d.csv", "bom.jsonl", "bom.json"):
         got = prep(tiny_model_dir, [str(tmp_path / name)])
         assert _ids(got) == _ids(reference), name
         assert got.stats.supervised_tokens == reference.stats.supervised_tokens
