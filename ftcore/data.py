@@ -200,7 +200,7 @@ def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
             for rec in reader:
                 yield f"{path}:{start}", _json_columns({k: v for k, v in rec.items() if k is not None})
                 start = reader.line_num + 1
-        except UnicodeDecodeError as exc:
+        except UnicodeDecodeError:
             raise DataError(f"{path}: not UTF-8 (bad byte near line {start}); re-save it as UTF-8.") from None
         except csv.Error as exc:
             raise DataError(f"{path}:{reader.line_num}: malformed CSV: {exc}") from None

@@ -187,7 +187,8 @@ def test_a_model_that_cannot_take_packed_positions_gets_padded_batches(tiny_mode
     logged = []
     wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))     # looks through PEFT
     assert isinstance(make_collator(True, tok, wrapped, logged.append), PackedCollator) and not logged
-    bloom = BloomForCausalLM(BloomConfig(vocab_size=len(tok), hidden_size=16, n_layer=1, n_head=2))  # ALiBi, no positions
+    # Bloom uses ALiBi and takes no position_ids: packed examples would attend to each other
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=len(tok), hidden_size=16, n_layer=1, n_head=2))
     assert isinstance(make_collator(True, tok, bloom, logged.append), PaddedCollator)
     assert "does not take position_ids" in logged[0]
     assert isinstance(make_collator(False, tok, wrapped, logged.append), PaddedCollator)
