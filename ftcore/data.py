@@ -251,18 +251,42 @@ def _iter_hub_or_saved(spec: Any) -> Iterator[tuple[str, Any]]:
 
 def tokenize(example: Example, tokenizer: Any) -> tuple[list[int], list[int]]:
     """Tokenize an Example; labels copy the ids of tokens overlapping a supervised span."""
-    enc = tokenizer(example.text, add_special_tokens=example.add_special_tokens,
-                    return_offsets_mapping=True)
-    return labels_from_offsets(enc["input_ids"], enc["offset_mapping"], example.supervised)
+    return tokenize_many([example], tokenizer)[0]
+
+
+def tokenize_many(examples: list[Example], tokenizer: Any) -> list[tuple[list[int], list[int]]]:
+    """Tokenize several Examples in batched tokenizer calls (same result as one by one)."""
+    out: list[Any] = [None] * len(examples)
+    for flag in (False, True):
+        picked = [i for i, ex in enumerate(examples) if bool(ex.add_special_tokens) == flag]
+        if not picked:
+            continue
+        enc = tokenizer([examples[i].text for i in picked], add_special_tokens=flag, return_offsets_mapping=True)
+        for j, i in enumerate(picked):
+            out[i] = labels_from_offsets(enc["input_ids"][j], enc["offset_mapping"][j], examples[i].supervised)
+    return out
 
 
 def labels_from_offsets(ids: list[int], offsets: list[tuple[int, int]],
                         spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    labels = []
-    for tok, (start, end) in zip(ids, offsets):
-        hit = end > start and any(start < s_end and end > s_start for s_start, s_end in spans)
-        labels.append(tok if hit else IGNORE_INDEX)
-    return list(ids), labels
+    """A token is supervised when its characters overlap a supervised span (empty tokens never are)."""
+    import numpy as np
+
+    merged: list[list[int]] = []
+    for s_start, s_end in sorted(spans):
+        if merged and s_start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], s_end)
+        else:
+            merged.append([s_start, s_end])
+    ids = list(ids)
+    if not merged or not ids:
+        return ids, [IGNORE_INDEX] * len(ids)
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    starts, ends = off[:, 0], off[:, 1]
+    span_starts, span_ends = np.asarray(merged, dtype=np.int64).T
+    k = np.searchsorted(span_ends, starts, side="right")          # first span ending after the token starts
+    hit = (ends > starts) & (k < len(merged)) & (span_starts[np.minimum(k, len(merged) - 1)] < ends)
+    return ids, np.where(hit, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
 
 
 def fit_length(ids: list[int], labels: list[int], max_length: int, too_long: str):
@@ -365,40 +389,50 @@ def format_record(fmt: str, record: dict[str, Any], plugins: Any, tokenizer: Any
 
 
 def _collect(specs, config, plugins, tokenizer, formats, stats, problems) -> list[tuple[list[int], list[int]]]:
-    data_cfg = config.data
-    rows = []
+    rows: list[tuple[list[int], list[int]]] = []
     for spec in specs:
         fmt = resolve_format(spec, formats)
-        count = 0
+        before = len(rows)
+        pending: list[Example] = []
         for where, record in iter_records(spec):
             stats.records += 1
             found = _check(where, record, fmt, plugins, config)
             if not found:
                 try:
-                    example = format_record(fmt, record, plugins, tokenizer, config)
+                    pending.append(format_record(fmt, record, plugins, tokenizer, config))
                 except DataError as exc:   # a record the format cannot render (e.g. a template refuses it)
                     found = [Problem(where, None, str(exc))]
             if found:
                 problems.extend(found)
                 stats.bad_records += 1
-                continue
-            ids, labels = tokenize(example, tokenizer)
-            ids, labels, action = fit_length(ids, labels, data_cfg.max_length, data_cfg.too_long)
-            if action == "dropped":
-                stats.dropped_too_long += 1
-                continue
-            supervised = sum(1 for t in labels if t != IGNORE_INDEX)
-            if supervised == 0:   # e.g. truncation cut off the whole response
-                stats.dropped_unsupervised += 1
-                continue
-            stats.truncated += action == "truncated"
-            stats.examples += 1
-            stats.tokens += len(ids)
-            stats.supervised_tokens += supervised
-            rows.append((ids, labels))
-            count += 1
-        stats.per_dataset[spec.path] = count
+            if len(pending) >= TOKENIZE_BATCH:
+                _add_rows(pending, tokenizer, config.data, stats, rows)
+                pending = []
+        _add_rows(pending, tokenizer, config.data, stats, rows)
+        stats.per_dataset[spec.path] = len(rows) - before
     return rows
+
+
+TOKENIZE_BATCH = 512
+
+
+def _add_rows(examples: list[Example], tokenizer: Any, data_cfg: Any, stats: DataStats,
+              rows: list[tuple[list[int], list[int]]]) -> None:
+    """Tokenize, apply the length policy, count, and keep what teaches something."""
+    for ids, labels in tokenize_many(examples, tokenizer) if examples else []:
+        ids, labels, action = fit_length(ids, labels, data_cfg.max_length, data_cfg.too_long)
+        if action == "dropped":
+            stats.dropped_too_long += 1
+            continue
+        supervised = sum(1 for t in labels if t != IGNORE_INDEX)
+        if supervised == 0:   # e.g. truncation cut off the whole response
+            stats.dropped_unsupervised += 1
+            continue
+        stats.truncated += action == "truncated"
+        stats.examples += 1
+        stats.tokens += len(ids)
+        stats.supervised_tokens += supervised
+        rows.append((ids, labels))
 
 
 def _check(where: str, record: Any, fmt: str, plugins: Any, config: Any) -> list[Problem]:
