@@ -388,5 +388,5 @@ def test_batched_tokenization_equals_one_by_one(tiny_tokenizer):
         assert enc["input_ids"][0] == tiny_tokenizer.bos_token_id or not ex.add_special_tokens
         singles.append(tokenize_many([ex], tiny_tokenizer)[0])
     assert tokenize_many(examples, tiny_tokenizer) == singles
-    assert [ids for ids, _ in singles] == [tiny_tokenizer(ex.text, add_special_tokens=ex.add_special_tokens)["input_ids"]
-                                          for ex in examples]
+    expected = [tiny_tokenizer(ex.text, add_special_tokens=ex.add_special_tokens)["input_ids"] for ex in examples]
+    assert [ids for ids, _ in singles] == expected
