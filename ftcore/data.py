@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftcore.errors import DataError
+from ftcore.errors import DataError, PluginError
 
 IGNORE_INDEX = -100
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -127,7 +127,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
         for lineno, raw in enumerate(fh, start=1):
             where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")   # a BOM (Windows editors) is fine
             except UnicodeDecodeError as exc:
                 yield where, Problem(where, None, f"not UTF-8 (bad byte at column {exc.start + 1}); "
                                      f"re-save the file as UTF-8")
@@ -142,7 +142,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")
         data = json.loads(text)
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 (bad byte at offset {exc.start}); re-save it as UTF-8.") from None
@@ -200,7 +200,7 @@ def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
             for rec in reader:
                 yield f"{path}:{start}", _json_columns({k: v for k, v in rec.items() if k is not None})
                 start = reader.line_num + 1
-        except UnicodeDecodeError as exc:
+        except UnicodeDecodeError:
             raise DataError(f"{path}: not UTF-8 (bad byte near line {start}); re-save it as UTF-8.") from None
         except csv.Error as exc:
             raise DataError(f"{path}:{reader.line_num}: malformed CSV: {exc}") from None
@@ -251,39 +251,42 @@ def _iter_hub_or_saved(spec: Any) -> Iterator[tuple[str, Any]]:
 
 def tokenize(example: Example, tokenizer: Any) -> tuple[list[int], list[int]]:
     """Tokenize an Example; labels copy the ids of tokens overlapping a supervised span."""
-    enc = tokenizer(example.text, add_special_tokens=example.add_special_tokens,
-                    return_offsets_mapping=True)
-    return labels_from_offsets(enc["input_ids"], enc["offset_mapping"], example.supervised)
-
-
-TOKENIZE_BATCH = 1024   # examples per tokenizer call in prepare(); 1 tokenizes record by record
+    return tokenize_many([example], tokenizer)[0]
 
 
 def tokenize_many(examples: list[Example], tokenizer: Any) -> list[tuple[list[int], list[int]]]:
-    """Tokenize Examples in batched tokenizer calls (parallel, in Rust): the same result as :func:`tokenize` each."""
+    """Tokenize several Examples in batched tokenizer calls (same result as one by one)."""
     out: list[Any] = [None] * len(examples)
     for flag in (False, True):
-        idx = [i for i, ex in enumerate(examples) if bool(ex.add_special_tokens) == flag]
-        if not idx:
+        picked = [i for i, ex in enumerate(examples) if bool(ex.add_special_tokens) == flag]
+        if not picked:
             continue
-        enc = tokenizer([examples[i].text for i in idx], add_special_tokens=flag, return_offsets_mapping=True)
-        for j, i in enumerate(idx):
+        enc = tokenizer([examples[i].text for i in picked], add_special_tokens=flag, return_offsets_mapping=True)
+        for j, i in enumerate(picked):
             out[i] = labels_from_offsets(enc["input_ids"][j], enc["offset_mapping"][j], examples[i].supervised)
     return out
 
 
 def labels_from_offsets(ids: list[int], offsets: list[tuple[int, int]],
                         spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    """A token is supervised when its (non-empty) character range overlaps a supervised span."""
-    if len(spans) == 1:   # the common case (one response), without the per-token loop over spans
-        (s_start, s_end), = spans
-        return list(ids), [tok if start < s_end and end > s_start and end > start else IGNORE_INDEX
-                           for tok, (start, end) in zip(ids, offsets)]
-    labels = []
-    for tok, (start, end) in zip(ids, offsets):
-        hit = end > start and any(start < s_end and end > s_start for s_start, s_end in spans)
-        labels.append(tok if hit else IGNORE_INDEX)
-    return list(ids), labels
+    """A token is supervised when its characters overlap a supervised span (empty tokens never are)."""
+    import numpy as np
+
+    merged: list[list[int]] = []
+    for s_start, s_end in sorted(spans):
+        if merged and s_start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], s_end)
+        else:
+            merged.append([s_start, s_end])
+    ids = list(ids)
+    if not merged or not ids:
+        return ids, [IGNORE_INDEX] * len(ids)
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    starts, ends = off[:, 0], off[:, 1]
+    span_starts, span_ends = np.asarray(merged, dtype=np.int64).T
+    k = np.searchsorted(span_ends, starts, side="right")          # first span ending after the token starts
+    hit = (ends > starts) & (k < len(merged)) & (span_starts[np.minimum(k, len(merged) - 1)] < ends)
+    return ids, np.where(hit, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
 
 
 def fit_length(ids: list[int], labels: list[int], max_length: int, too_long: str):
@@ -380,45 +383,42 @@ def format_record(fmt: str, record: dict[str, Any], plugins: Any, tokenizer: Any
     """Ask the format plugin ``fmt`` to render one valid record."""
     example = plugins.call_one(fmt, "ftcore_format_record", record=record, tokenizer=tokenizer, config=config)
     if not isinstance(example, Example):
-        from ftcore.errors import PluginError
-
         raise PluginError(f"format plugin {fmt!r} returned {type(example).__name__} from ftcore_format_record; "
                           f"it must return an ftcore.Example.")
     return example
 
 
 def _collect(specs, config, plugins, tokenizer, formats, stats, problems) -> list[tuple[list[int], list[int]]]:
-    data_cfg = config.data
-    rows = []
+    rows: list[tuple[list[int], list[int]]] = []
     for spec in specs:
         fmt = resolve_format(spec, formats)
-        count = 0
-        pending: list[Example] = []   # formatted, waiting to be tokenized in one batched call
+        before = len(rows)
+        pending: list[Example] = []
         for where, record in iter_records(spec):
             stats.records += 1
             found = _check(where, record, fmt, plugins, config)
             if not found:
                 try:
-                    example = format_record(fmt, record, plugins, tokenizer, config)
+                    pending.append(format_record(fmt, record, plugins, tokenizer, config))
                 except DataError as exc:   # a record the format cannot render (e.g. a template refuses it)
                     found = [Problem(where, None, str(exc))]
             if found:
                 problems.extend(found)
                 stats.bad_records += 1
-                continue
-            pending.append(example)
             if len(pending) >= TOKENIZE_BATCH:
-                count += _add_tokenized(pending, tokenizer, data_cfg, stats, rows)
+                _add_rows(pending, tokenizer, config.data, stats, rows)
                 pending = []
-        count += _add_tokenized(pending, tokenizer, data_cfg, stats, rows)
-        stats.per_dataset[spec.path] = count
+        _add_rows(pending, tokenizer, config.data, stats, rows)
+        stats.per_dataset[spec.path] = len(rows) - before
     return rows
 
 
-def _add_tokenized(examples: list[Example], tokenizer: Any, data_cfg: Any, stats: DataStats,
-                   rows: list[tuple[list[int], list[int]]]) -> int:
-    """Tokenize, apply the length policy, count, and append to ``rows``; returns how many were kept."""
-    kept = 0
+TOKENIZE_BATCH = 1024   # examples per tokenizer call in prepare(); 1 tokenizes record by record
+
+
+def _add_rows(examples: list[Example], tokenizer: Any, data_cfg: Any, stats: DataStats,
+              rows: list[tuple[list[int], list[int]]]) -> None:
+    """Tokenize, apply the length policy, count, and keep what teaches something."""
     for ids, labels in tokenize_many(examples, tokenizer) if examples else []:
         ids, labels, action = fit_length(ids, labels, data_cfg.max_length, data_cfg.too_long)
         if action == "dropped":
@@ -433,8 +433,6 @@ def _add_tokenized(examples: list[Example], tokenizer: Any, data_cfg: Any, stats
         stats.tokens += len(ids)
         stats.supervised_tokens += supervised
         rows.append((ids, labels))
-        kept += 1
-    return kept
 
 
 def _check(where: str, record: Any, fmt: str, plugins: Any, config: Any) -> list[Problem]:

@@ -39,7 +39,9 @@ def _prepare(config_file: str | None, flags: dict[str, Any], show: int, color: b
     report = prepare_data(config_file, flags=flags, log=lambda m: click.echo(m, err=True))
     examples = report.examples(show)
     if as_json:
+        shown_problems = [str(p) for p in report.data.problems[: report.config.data.max_errors_shown]]
         click.echo(json.dumps({"stats": report.stats.as_dict(), "added_tokens": report.added_tokens,
+                               "problems": shown_problems,
                                "examples": [render_marked(i, lab, report.tokenizer) for i, lab in examples]},
                               indent=2))
         return

@@ -50,9 +50,11 @@ def test_jsonl_json_parquet_csv_give_the_same_examples(tiny_model_dir, tmp_path)
         writer = csv.DictWriter(fh, fieldnames=["instruction", "input", "output"])
         writer.writeheader()
         writer.writerows(ALPACA)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + jsonl.read_bytes())      # saved by a Windows editor
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(ALPACA).encode())
     reference = prep(tiny_model_dir, [str(jsonl)])
     assert reference.stats.records == len(ALPACA) == reference.stats.train_examples
-    for name in ("d.json", "wrapped.json", "d.parquet", "d.csv"):
+    for name in ("d.json", "wrapped.json", "d.parquet", "d.csv", "bom.jsonl", "bom.json"):
         got = prep(tiny_model_dir, [str(tmp_path / name)])
         assert _ids(got) == _ids(reference), name
         assert got.stats.supervised_tokens == reference.stats.supervised_tokens
@@ -350,3 +352,41 @@ def test_cache_is_invalidated_by_content_format_settings_and_tokenizer(tiny_mode
     with_template = tokenizer_fingerprint(tok)
     tok.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
     assert len({before, with_template, tokenizer_fingerprint(tok)}) == 3
+
+
+# -- tokenization with labels --------------------------------------------------------------------
+
+def test_labels_supervise_exactly_the_tokens_overlapping_a_span():
+    import random
+
+    from ftcore.data import IGNORE_INDEX, labels_from_offsets
+
+    def by_definition(ids, offsets, spans):
+        return [t if e > s and any(s < se and e > ss for ss, se in spans) else IGNORE_INDEX
+                for t, (s, e) in zip(ids, offsets)]
+
+    rng = random.Random(0)
+    for _ in range(2000):      # random tokenizations (empty tokens included) and unsorted, overlapping spans
+        pos, offsets = 0, []
+        for _ in range(rng.randint(0, 30)):
+            width = rng.choice([0, 1, 2, 3])
+            offsets.append((pos, pos + width))
+            pos += width
+        spans = [(a, a + rng.randint(1, 6)) for a in (rng.randint(0, pos + 2) for _ in range(rng.randint(0, 4)))]
+        ids = list(range(100, 100 + len(offsets)))
+        assert labels_from_offsets(ids, offsets, spans) == (ids, by_definition(ids, offsets, spans))
+
+
+def test_batched_tokenization_equals_one_by_one(tiny_tokenizer):
+    from ftcore.data import tokenize_many
+
+    examples = [ftcore.Example.from_segments([(f"Q{i}: add {i} and {i}\n", False), (f"A: {2 * i}</s>", True)],
+                                             add_special_tokens=bool(i % 2)) for i in range(7)]
+    singles = []
+    for ex in examples:
+        enc = tiny_tokenizer(ex.text, add_special_tokens=ex.add_special_tokens)
+        assert enc["input_ids"][0] == tiny_tokenizer.bos_token_id or not ex.add_special_tokens
+        singles.append(tokenize_many([ex], tiny_tokenizer)[0])
+    assert tokenize_many(examples, tiny_tokenizer) == singles
+    expected = [tiny_tokenizer(ex.text, add_special_tokens=ex.add_special_tokens)["input_ids"] for ex in examples]
+    assert [ids for ids, _ in singles] == expected

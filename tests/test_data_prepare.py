@@ -71,6 +71,8 @@ def test_prepare_json_reports_stats_added_tokens_and_examples(tiny_model_dir, tm
     assert report["stats"]["records"] == 9 and report["stats"]["bad_records"] == 1
     assert report["stats"]["train_examples"] == 8
     assert report["added_tokens"] == ["<|im_start|>", "<|im_end|>"]
+    assert report["problems"] == [f"{data}:9: messages: is empty: a conversation needs at least one user and one "
+                                  f"assistant turn"]
     assert len(report["examples"]) == 3
     for shown in report["examples"]:
         assert shown.startswith("<|im_start|>user\nName number ")

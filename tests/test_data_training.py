@@ -175,3 +175,21 @@ def test_run_summary_counts_too_long_examples_and_padding(tiny_model_dir, alpaca
     result = ftcore.run(cfg, **QUIET)
     assert result.data_stats["truncated"] == 2 and result.data_stats["dropped_too_long"] == 0
     assert result.metrics["packing_efficiency"] == 1.0
+
+
+def test_a_model_that_cannot_take_packed_positions_gets_padded_batches(tiny_model_dir, tiny):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
+
+    from ftcore.data import make_collator
+
+    tok = tiny[1]
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    logged = []
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))     # looks through PEFT
+    assert isinstance(make_collator(True, tok, wrapped, logged.append), PackedCollator) and not logged
+    # Bloom uses ALiBi and takes no position_ids: packed examples would attend to each other
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=len(tok), hidden_size=16, n_layer=1, n_head=2))
+    assert isinstance(make_collator(True, tok, bloom, logged.append), PaddedCollator)
+    assert "does not take position_ids" in logged[0]
+    assert isinstance(make_collator(False, tok, wrapped, logged.append), PaddedCollator)

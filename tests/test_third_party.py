@@ -90,6 +90,7 @@ def test_the_plugin_tutorial_shows_the_example_package_file_for_file():
         assert body == (REPO / "examples" / "sharegpt-plugin" / title).read_text(), f"docs/plugins.md: {title} differs"
 
 
+@pytest.mark.slow
 def test_the_testing_guide_example_runs(tmp_path):
     code = "".join(body for title, body in _titled_blocks("testing-plugins.md") if title.startswith("test_my_format"))
     (tmp_path / "test_my_format.py").write_text(code)

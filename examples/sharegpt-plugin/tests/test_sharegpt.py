@@ -20,8 +20,9 @@ def tokenizer():
 
 def test_renders_vicuna_style_and_supervises_only_replies(tokenizer):
     example, labels = check_format(ftcore_sharegpt, RECORD, tokenizer, strict_boundaries=True)
-    assert example.text == (ftcore_sharegpt.VICUNA_SYSTEM + " USER: What is the capital of France? ASSISTANT: Paris.</s>"
-                            " USER: And of Italy? ASSISTANT: Rome.</s>")
+    assert example.text == (ftcore_sharegpt.VICUNA_SYSTEM
+                            + " USER: What is the capital of France? ASSISTANT: Paris.</s>"
+                            + " USER: And of Italy? ASSISTANT: Rome.</s>")
     assert supervised_text(example, tokenizer) == " Paris.</s> Rome.</s>"
 
 
