@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 
+import gguf
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 import ftcore
+from ftcore.cli import main
+from ftcore_plugins.gguf_export import arch as arch_mod
+from ftcore_plugins.gguf_export import export_gguf, modelfile
+from ftcore_plugins.gguf_export import writer as writer_mod
 from gguf_models import CHATML, SAMPLES, build, chat_tokenizer, spm_tokenizer
-
-gguf = pytest.importorskip("gguf", reason="the gguf package is in the gguf and test extras")
-from ftcore.cli import main  # noqa: E402
-from ftcore_plugins.gguf_export import arch as arch_mod  # noqa: E402
-from ftcore_plugins.gguf_export import export_gguf, modelfile  # noqa: E402
-from ftcore_plugins.gguf_export import writer as writer_mod  # noqa: E402
 
 QUIET = {"log": lambda m: None}
 

@@ -10,16 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf import GGUFReader
 
 import ftcore
+from ftcore_plugins.gguf_export import export_gguf
 from gguf_models import LLAMA3_SPLIT, QWEN2_SPLIT, SAMPLES, build, chat_tokenizer, spm_tokenizer, split_tokenizer
 from llama_cpp_probe import probe
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python (the test extra) is the consumer these tests run")
-from gguf import GGUFReader  # noqa: E402
-
-from ftcore_plugins.gguf_export import export_gguf  # noqa: E402
-
+# llama.cpp (llama-cpp-python, in the test extra) runs only in child processes: see llama_cpp_probe.py.
 QUIET = {"log": lambda m: None}
 SPECIAL_SAMPLES = ["<s>Hello</s> world</s>", "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"]
 

@@ -75,7 +75,11 @@ def _merger(ctx: Any) -> Callable[[Path, Path | None], Any]:
         if merged is None:
             raise PluginError(f"gguf-export: {adapter_dir} is an adapter, and no selected plugin merged it. "
                               f"Add the adapter plugin it was trained with (e.g. lora, qlora) to --plugins.")
-        return merged
+        if isinstance(merged, tuple):
+            return merged
+        from transformers import AutoTokenizer   # a plugin may return the model alone
+
+        return merged, AutoTokenizer.from_pretrained(str(adapter_dir))
     return merge
 
 
