@@ -13,6 +13,7 @@ import pytest
 from gguf import GGUFReader
 
 import ftcore
+import ftcore.export
 from ftcore_plugins.gguf_export import export_gguf
 from gguf_models import LLAMA3_SPLIT, QWEN2_SPLIT, SAMPLES, build, chat_tokenizer, spm_tokenizer, split_tokenizer
 from llama_cpp_probe import probe
@@ -220,4 +221,38 @@ def test_ftcore_export_command_merges_an_adapter_on_its_own(lora_run, tmp_path):
     in_run = llama_cpp_logits(lora_run.exports[0], [ids for ids, _ in references])
     for (ids, expected), got, same in zip(references, standalone, in_run):
         assert np.array_equal(got, same)
+        assert float(np.abs(got - expected).max()) <= TOLERANCE["f32"] * float(np.abs(expected).max())
+
+
+def test_qlora_adapter_is_merged_into_the_unquantized_base(tiny_models, tmp_path):
+    """An adapter trained on 4-bit NF4 weights is merged into the float32 base, never into 4-bit weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    base_dir = tiny_models["llama"]
+    quantized = AutoModelForCausalLM.from_pretrained(
+        str(base_dir), quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                              bnb_4bit_compute_dtype=torch.float32))
+    peft_model = get_peft_model(quantized, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():   # stands in for training: a non-zero update
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(adapter)
+
+    out = tmp_path / "qlora.gguf"
+    written = ftcore.export.export(str(adapter), str(out), ["lora", "gguf-export"], base=str(base_dir),
+                                   sets={"gguf-export": {"quant": "f32"}}, **QUIET)
+    assert written[0] == out
+    from ftcore_plugins._merge import merge_peft_adapter
+
+    merged, tok = merge_peft_adapter(str(adapter), str(base_dir), "float32")   # float32 base + adapter
+    merged.save_pretrained(tmp_path / "merged")
+    tok.save_pretrained(tmp_path / "merged")
+    references = transformers_logits(tmp_path / "merged", SAMPLES[:2])
+    for (ids, expected), got in zip(references, llama_cpp_logits(out, [ids for ids, _ in references])):
         assert float(np.abs(got - expected).max()) <= TOLERANCE["f32"] * float(np.abs(expected).max())
