@@ -74,6 +74,16 @@ def test_llama_cpp_logits_match_transformers(tiny_models, tmp_path, arch, quant)
             assert (got.argmax(-1) == expected.argmax(-1)).all()
 
 
+def test_tied_embeddings_export_without_an_output_matrix(tmp_path):
+    model_dir = build(tmp_path / "model", chat_tokenizer(), "qwen2", tie=True)
+    out = tmp_path / "tied.gguf"
+    export_gguf(model_dir, out, quant="f32", modelfile=False, **QUIET)
+    assert "output.weight" not in {t.name for t in GGUFReader(out).tensors}   # llama.cpp reuses token_embd
+    references = transformers_logits(model_dir, SAMPLES[:2])
+    for (ids, expected), got in zip(references, llama_cpp_logits(out, [ids for ids, _ in references])):
+        assert float(np.abs(got - expected).max()) <= TOLERANCE["f32"] * float(np.abs(expected).max())
+
+
 def test_llama3_rope_scaling_matches_transformers(tmp_path):
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64, "rope_theta": 10000.0}
