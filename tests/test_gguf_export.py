@@ -137,6 +137,17 @@ def test_run_with_an_unsupported_model_stops_before_training(tmp_path, alpaca_fi
     assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_run_refuses_an_occupied_output_file_before_training(llama_dir, tmp_path, alpaca_file):
+    taken = tmp_path / "model.gguf"
+    taken.write_bytes(b"someone's model")
+    config = {"plugins": ["lora", "alpaca", "gguf-export"], "model": str(llama_dir),
+              "data": {"datasets": [str(alpaca_file)]}, "output_dir": str(tmp_path / "run"),
+              "gguf-export": {"output": str(taken)}}
+    with pytest.raises(ftcore.ConfigError, match="already exists"):
+        ftcore.run(config, **QUIET)
+    assert taken.read_bytes() == b"someone's model" and not (tmp_path / "run" / "adapter").exists()
+
+
 def test_interrupted_export_leaves_no_gguf_and_keeps_the_previous_file(llama_dir, tmp_path, monkeypatch):
     out = tmp_path / "model.gguf"
     export_gguf(llama_dir, out, quant="f16", modelfile=False, **QUIET)
