@@ -50,8 +50,8 @@ def test_byte_level_bpe_model_metadata(llama_dir, tmp_path):
     assert kv["tokenizer.ggml.model"] == "gpt2" and kv["tokenizer.ggml.pre"] == "gpt-2"
     assert kv["tokenizer.ggml.tokens"][: len(tok)] == [tok.convert_ids_to_tokens(i) for i in range(len(tok))]
     assert len(kv["tokenizer.ggml.merges"]) == len(json.loads(tok.backend_tokenizer.to_str())["model"]["merges"])
-    assert (kv["tokenizer.ggml.bos_token_id"], kv["tokenizer.ggml.eos_token_id"]) == (tok.bos_token_id, tok.eos_token_id)
-    assert (kv["tokenizer.ggml.padding_token_id"], kv["tokenizer.ggml.unknown_token_id"]) == (tok.pad_token_id, tok.unk_token_id)
+    ids = [kv[f"tokenizer.ggml.{k}_token_id"] for k in ("bos", "eos", "padding", "unknown")]
+    assert ids == [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id]
     assert kv["tokenizer.ggml.add_bos_token"] is True and kv["tokenizer.chat_template"] == CHATML
     types = kv["tokenizer.ggml.token_type"]
     assert types[tok.convert_tokens_to_ids("<|im_end|>")] == gguf.TokenType.CONTROL

@@ -81,7 +81,7 @@ def _merger(ctx: Any) -> Callable[[Path, Path | None], Any]:
                               f"Add the adapter plugin it was trained with (e.g. lora, qlora) to --plugins.")
         if isinstance(merged, tuple):
             return merged
-        from transformers import AutoTokenizer   # a plugin may return the model alone
+        from transformers import AutoTokenizer  # a plugin may return the model alone
 
         return merged, AutoTokenizer.from_pretrained(str(adapter_dir))
     return merge

@@ -24,11 +24,10 @@ BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 # Split regexes of the byte-level pre-tokenizers llama.cpp implements, by its name for them.
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-KNOWN_SPLITS = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
-    GPT2_PATTERN: "gpt-2",
-}
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+KNOWN_SPLITS = {LLAMA3_PATTERN: "llama-bpe", QWEN2_PATTERN: "qwen2", GPT2_PATTERN: "gpt-2"}
 
 
 @dataclass
@@ -124,7 +123,7 @@ def from_tokenizer(tokenizer: Any, n_vocab: int, where: str) -> Vocab:
 
 
 def _token_type(family: str, token: str, added: dict[str, Any] | None, unk: str | None) -> int:
-    """llama.cpp's type for a token: control/user-defined for added tokens, byte and unknown pieces for SentencePiece."""
+    """llama.cpp's type for a token: control or user-defined when added; byte and unknown SentencePiece pieces."""
     import gguf
 
     if family == "llama" and token == unk:
