@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -217,14 +214,16 @@ def test_lora_run_exports_the_merged_model(lora_run, tiny_models):
 
 
 def test_ftcore_export_command_merges_an_adapter_on_its_own(lora_run, tmp_path):
+    from click.testing import CliRunner
+
+    from ftcore.cli import main
+
     out = tmp_path / "exported" / "standalone.gguf"
-    proc = subprocess.run(
-        [sys.executable, "-m", "ftcore.cli", "export", "--plugins", "gguf-export", "--model", str(lora_run.model_dir),
-         "--output", str(out), "--set", "gguf-export.quant=f32"],
-        capture_output=True, text=True, env=dict(os.environ), timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == [str(out), str(out.parent / "Modelfile")]
-    assert "merging adapter" in proc.stderr     # lora was taken from the run's plugins.json
+    result = CliRunner().invoke(main, ["export", "--plugins", "gguf-export", "--model", str(lora_run.model_dir),
+                                       "--output", str(out), "--set", "gguf-export.quant=f32"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.split() == [str(out), str(out.parent / "Modelfile")]
+    assert "merging adapter" in result.stderr     # lora was taken from the run's plugins.json
     texts = SAMPLES[2:4]
     references = merged_reference(lora_run, texts)
     standalone = llama_cpp_logits(out, [ids for ids, _ in references])
