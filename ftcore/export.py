@@ -35,7 +35,8 @@ def export(model: str, output: str, plugins: list[str], *, base: str | None = No
     names = list(plugins)
     run_config: dict[str, Any] = {}
     if run_dir is not None:
-        run_config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+        saved = run_dir / "config.yaml"
+        run_config = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
     if is_adapter:
         names += [n for n in _run_adapter_plugins(run_dir) if n not in names]
         base = base or (run_config.get("model") or {}).get("path") or _adapter_base(model_dir)

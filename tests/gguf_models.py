@@ -79,7 +79,8 @@ def spm_tokenizer(vocab_size: int = 600) -> Any:
 
 
 def build(folder: Path, tokenizer: Any, model_type: str = "llama", hidden: int = 64, layers: int = 2,
-          heads: int = 4, kv_heads: int = 2, std: float = 0.25, seed: int = 0, **extra: Any) -> Path:
+          heads: int = 4, kv_heads: int = 2, std: float = 0.25, seed: int = 0, tie: bool = False,
+          **extra: Any) -> Path:
     """Save a tiny model of ``model_type`` with large random weights and the tokenizer."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -89,7 +90,7 @@ def build(folder: Path, tokenizer: Any, model_type: str = "llama", hidden: int =
         model_type, vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=hidden * 3,
         max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **extra)
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tie, **extra)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for name, param in model.named_parameters():

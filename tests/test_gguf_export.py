@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 
+import gguf
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 import ftcore
+from ftcore.cli import main
+from ftcore_plugins.gguf_export import arch as arch_mod
+from ftcore_plugins.gguf_export import export_gguf, modelfile
+from ftcore_plugins.gguf_export import writer as writer_mod
 from gguf_models import CHATML, SAMPLES, build, chat_tokenizer, spm_tokenizer
-
-gguf = pytest.importorskip("gguf", reason="the gguf package is in the gguf and test extras")
-from ftcore.cli import main  # noqa: E402
-from ftcore_plugins.gguf_export import arch as arch_mod  # noqa: E402
-from ftcore_plugins.gguf_export import export_gguf, modelfile  # noqa: E402
-from ftcore_plugins.gguf_export import writer as writer_mod  # noqa: E402
 
 QUIET = {"log": lambda m: None}
 
@@ -51,8 +50,8 @@ def test_byte_level_bpe_model_metadata(llama_dir, tmp_path):
     assert kv["tokenizer.ggml.model"] == "gpt2" and kv["tokenizer.ggml.pre"] == "gpt-2"
     assert kv["tokenizer.ggml.tokens"][: len(tok)] == [tok.convert_ids_to_tokens(i) for i in range(len(tok))]
     assert len(kv["tokenizer.ggml.merges"]) == len(json.loads(tok.backend_tokenizer.to_str())["model"]["merges"])
-    assert (kv["tokenizer.ggml.bos_token_id"], kv["tokenizer.ggml.eos_token_id"]) == (tok.bos_token_id, tok.eos_token_id)
-    assert (kv["tokenizer.ggml.padding_token_id"], kv["tokenizer.ggml.unknown_token_id"]) == (tok.pad_token_id, tok.unk_token_id)
+    ids = [kv[f"tokenizer.ggml.{k}_token_id"] for k in ("bos", "eos", "padding", "unknown")]
+    assert ids == [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id]
     assert kv["tokenizer.ggml.add_bos_token"] is True and kv["tokenizer.chat_template"] == CHATML
     types = kv["tokenizer.ggml.token_type"]
     assert types[tok.convert_tokens_to_ids("<|im_end|>")] == gguf.TokenType.CONTROL
@@ -136,6 +135,17 @@ def test_run_with_an_unsupported_model_stops_before_training(tmp_path, alpaca_fi
     with pytest.raises(ftcore.ConfigError, match="GGUF export supports: llama, mistral, qwen2"):
         ftcore.run(config, **QUIET)
     assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_run_refuses_an_occupied_output_file_before_training(llama_dir, tmp_path, alpaca_file):
+    taken = tmp_path / "model.gguf"
+    taken.write_bytes(b"someone's model")
+    config = {"plugins": ["lora", "alpaca", "gguf-export"], "model": str(llama_dir),
+              "data": {"datasets": [str(alpaca_file)]}, "output_dir": str(tmp_path / "run"),
+              "gguf-export": {"output": str(taken)}}
+    with pytest.raises(ftcore.ConfigError, match="already exists"):
+        ftcore.run(config, **QUIET)
+    assert taken.read_bytes() == b"someone's model" and not (tmp_path / "run" / "adapter").exists()
 
 
 def test_interrupted_export_leaves_no_gguf_and_keeps_the_previous_file(llama_dir, tmp_path, monkeypatch):

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf import GGUFReader
 
 import ftcore
+import ftcore.export
+from ftcore_plugins.gguf_export import export_gguf
 from gguf_models import LLAMA3_SPLIT, QWEN2_SPLIT, SAMPLES, build, chat_tokenizer, spm_tokenizer, split_tokenizer
 from llama_cpp_probe import probe
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python (the test extra) is the consumer these tests run")
-from gguf import GGUFReader  # noqa: E402
-
-from ftcore_plugins.gguf_export import export_gguf  # noqa: E402
-
+# llama.cpp (llama-cpp-python, in the test extra) runs only in child processes: see llama_cpp_probe.py.
 QUIET = {"log": lambda m: None}
 SPECIAL_SAMPLES = ["<s>Hello</s> world</s>", "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"]
 
@@ -73,6 +69,16 @@ def test_llama_cpp_logits_match_transformers(tiny_models, tmp_path, arch, quant)
         assert float(np.abs(got - expected).max()) <= TOLERANCE[quant] * scale
         if quant == "f32":   # (16-bit rounding may flip near-ties)
             assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
+def test_tied_embeddings_export_without_an_output_matrix(tmp_path):
+    model_dir = build(tmp_path / "model", chat_tokenizer(), "qwen2", tie=True)
+    out = tmp_path / "tied.gguf"
+    export_gguf(model_dir, out, quant="f32", modelfile=False, **QUIET)
+    assert "output.weight" not in {t.name for t in GGUFReader(out).tensors}   # llama.cpp reuses token_embd
+    references = transformers_logits(model_dir, SAMPLES[:2])
+    for (ids, expected), got in zip(references, llama_cpp_logits(out, [ids for ids, _ in references])):
+        assert float(np.abs(got - expected).max()) <= TOLERANCE["f32"] * float(np.abs(expected).max())
 
 
 def test_llama3_rope_scaling_matches_transformers(tmp_path):
@@ -208,18 +214,54 @@ def test_lora_run_exports_the_merged_model(lora_run, tiny_models):
 
 
 def test_ftcore_export_command_merges_an_adapter_on_its_own(lora_run, tmp_path):
+    from click.testing import CliRunner
+
+    from ftcore.cli import main
+
     out = tmp_path / "exported" / "standalone.gguf"
-    proc = subprocess.run(
-        [sys.executable, "-m", "ftcore.cli", "export", "--plugins", "gguf-export", "--model", str(lora_run.model_dir),
-         "--output", str(out), "--set", "gguf-export.quant=f32"],
-        capture_output=True, text=True, env=dict(os.environ), timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == [str(out), str(out.parent / "Modelfile")]
-    assert "merging adapter" in proc.stderr     # lora was taken from the run's plugins.json
+    result = CliRunner().invoke(main, ["export", "--plugins", "gguf-export", "--model", str(lora_run.model_dir),
+                                       "--output", str(out), "--set", "gguf-export.quant=f32"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.split() == [str(out), str(out.parent / "Modelfile")]
+    assert "merging adapter" in result.stderr     # lora was taken from the run's plugins.json
     texts = SAMPLES[2:4]
     references = merged_reference(lora_run, texts)
     standalone = llama_cpp_logits(out, [ids for ids, _ in references])
     in_run = llama_cpp_logits(lora_run.exports[0], [ids for ids, _ in references])
     for (ids, expected), got, same in zip(references, standalone, in_run):
         assert np.array_equal(got, same)
+        assert float(np.abs(got - expected).max()) <= TOLERANCE["f32"] * float(np.abs(expected).max())
+
+
+def test_qlora_adapter_is_merged_into_the_unquantized_base(tiny_models, tmp_path):
+    """An adapter trained on 4-bit NF4 weights is merged into the float32 base, never into 4-bit weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    base_dir = tiny_models["llama"]
+    quantized = AutoModelForCausalLM.from_pretrained(
+        str(base_dir), quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                              bnb_4bit_compute_dtype=torch.float32))
+    peft_model = get_peft_model(quantized, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():   # stands in for training: a non-zero update
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(adapter)
+
+    out = tmp_path / "qlora.gguf"
+    written = ftcore.export.export(str(adapter), str(out), ["lora", "gguf-export"], base=str(base_dir),
+                                   sets={"gguf-export": {"quant": "f32"}}, **QUIET)
+    assert written[0] == out
+    from ftcore_plugins._merge import merge_peft_adapter
+
+    merged, tok = merge_peft_adapter(str(adapter), str(base_dir), "float32")   # float32 base + adapter
+    merged.save_pretrained(tmp_path / "merged")
+    tok.save_pretrained(tmp_path / "merged")
+    references = transformers_logits(tmp_path / "merged", SAMPLES[:2])
+    for (ids, expected), got in zip(references, llama_cpp_logits(out, [ids for ids, _ in references])):
         assert float(np.abs(got - expected).max()) <= TOLERANCE["f32"] * float(np.abs(expected).max())

@@ -36,36 +36,40 @@ def ftcore_config_schema():
 
 @ftcore.hookimpl
 def ftcore_run_started(config: Any, ctx: Any) -> None:
-    """Refuse an unsupported architecture before training, not after."""
+    """Refuse an unsupported architecture or an occupied output file before training, not after."""
     from ftcore.models import resolve_model_path
     from ftcore_plugins.gguf_export import arch
 
     base = resolve_model_path(config.model.path, ctx.log)
     arch.check(arch.read_config(base), str(base))
+    settings: GgufExportConfig = config.section(NAME)
+    output, _ = output_and_name(settings, Path(ctx.output_dir), None)
+    _check_free(output, output.parent / "Modelfile" if settings.modelfile else None, config.overwrite)
 
 
 @ftcore.hookimpl
 def ftcore_export(run_dir: Path, model_dir: Path, config: Any, ctx: Any) -> list[Path]:
     settings: GgufExportConfig = config.section(NAME)
-    model_dir = Path(model_dir)
-    requested = ctx.state.get(OUTPUT_KEY) or settings.output
-    named_file = requested is not None and Path(requested).suffix.lower() == ".gguf"
-    name = settings.name or (Path(requested).stem if named_file else Path(run_dir).name or model_dir.name)
-    output = target_path(settings, Path(run_dir), requested, name)
-    result = export_gguf(model_dir, output, quant=settings.quant, name=name, modelfile=settings.modelfile,
-                         overwrite=config.overwrite, base=config.model.path, merge=_merger(ctx), log=ctx.log)
-    return result
+    output, name = output_and_name(settings, Path(run_dir), ctx.state.get(OUTPUT_KEY))
+    return export_gguf(Path(model_dir), output, quant=settings.quant, name=name, modelfile=settings.modelfile,
+                       overwrite=config.overwrite, base=config.model.path, merge=_merger(ctx), log=ctx.log)
 
 
-def target_path(settings: GgufExportConfig, run_dir: Path, chosen: str | os.PathLike | None, name: str) -> Path:
-    """The file to write: --output, else gguf-export.output, else RUN/gguf/NAME-QUANT.gguf."""
-    default_name = f"{name}-{settings.quant}.gguf"
-    if chosen is None:
-        return run_dir / "gguf" / default_name
-    path = Path(chosen)
-    if path.is_dir() or path.suffix.lower() != ".gguf":
-        return path / default_name
-    return path
+def output_and_name(settings: GgufExportConfig, run_dir: Path, requested: str | os.PathLike | None
+                    ) -> tuple[Path, str]:
+    """The file to write and the model's name in it.
+
+    The file: ``ftcore export --output`` (``requested``), else ``gguf-export.output``, else
+    RUN/gguf/NAME-QUANT.gguf; a folder gets NAME-QUANT.gguf inside. The name:
+    ``gguf-export.name``, else the chosen file's stem, else the run folder's name.
+    """
+    chosen = requested or settings.output
+    path = Path(chosen) if chosen is not None else None
+    is_file = path is not None and path.suffix.lower() == ".gguf" and not path.is_dir()
+    name = settings.name or (path.stem if is_file else run_dir.name)
+    if is_file:
+        return path, name
+    return (path if path is not None else run_dir / "gguf") / f"{name}-{settings.quant}.gguf", name
 
 
 def _merger(ctx: Any) -> Callable[[Path, Path | None], Any]:
@@ -75,7 +79,11 @@ def _merger(ctx: Any) -> Callable[[Path, Path | None], Any]:
         if merged is None:
             raise PluginError(f"gguf-export: {adapter_dir} is an adapter, and no selected plugin merged it. "
                               f"Add the adapter plugin it was trained with (e.g. lora, qlora) to --plugins.")
-        return merged
+        if isinstance(merged, tuple):
+            return merged
+        from transformers import AutoTokenizer  # a plugin may return the model alone
+
+        return merged, AutoTokenizer.from_pretrained(str(adapter_dir))
     return merge
 
 

@@ -24,11 +24,10 @@ BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 # Split regexes of the byte-level pre-tokenizers llama.cpp implements, by its name for them.
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-KNOWN_SPLITS = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
-    GPT2_PATTERN: "gpt-2",
-}
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+KNOWN_SPLITS = {LLAMA3_PATTERN: "llama-bpe", QWEN2_PATTERN: "qwen2", GPT2_PATTERN: "gpt-2"}
 
 
 @dataclass
@@ -89,12 +88,8 @@ def from_tokenizer(tokenizer: Any, n_vocab: int, where: str) -> Vocab:
 
     if _has(spec.get("pre_tokenizer"), "ByteLevel"):
         vocab = Vocab(model="gpt2", tokens=[], types=[], pre=_byte_level_pre(spec, where), merges=merges)
-        piece_type = lambda token: gguf.TokenType.NORMAL  # noqa: E731
     elif model.get("byte_fallback"):
         vocab = Vocab(model="llama", tokens=[], types=[], add_space_prefix=_prepends_space(spec))
-        unk = model.get("unk_token")
-        piece_type = lambda token: (gguf.TokenType.BYTE if BYTE_TOKEN.match(token)  # noqa: E731
-                                    else gguf.TokenType.UNKNOWN if token == unk else gguf.TokenType.NORMAL)
     else:
         raise ConfigError(f"gguf-export: {where}: a BPE tokenizer that is neither byte-level nor "
                           f"SentencePiece-style (byte fallback) is not supported.")
@@ -109,12 +104,7 @@ def from_tokenizer(tokenizer: Any, n_vocab: int, where: str) -> Vocab:
             if vocab.model == "llama":
                 vocab.scores.append(floor)
             continue
-        if vocab.model == "llama" and token == model.get("unk_token"):
-            kind = gguf.TokenType.UNKNOWN
-        elif i in added:
-            kind = gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED
-        else:
-            kind = piece_type(token)
+        kind = _token_type(vocab.model, token, added.get(i), model.get("unk_token"))
         vocab.tokens.append(token)
         vocab.types.append(int(kind))
         if vocab.model == "llama":
@@ -130,6 +120,19 @@ def from_tokenizer(tokenizer: Any, n_vocab: int, where: str) -> Vocab:
     template = getattr(tokenizer, "chat_template", None)
     vocab.chat_template = template if isinstance(template, str) else None
     return vocab
+
+
+def _token_type(family: str, token: str, added: dict[str, Any] | None, unk: str | None) -> int:
+    """llama.cpp's type for a token: control or user-defined when added; byte and unknown SentencePiece pieces."""
+    import gguf
+
+    if family == "llama" and token == unk:
+        return gguf.TokenType.UNKNOWN
+    if added is not None:
+        return gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    if family == "llama" and BYTE_TOKEN.match(token):
+        return gguf.TokenType.BYTE
+    return gguf.TokenType.NORMAL
 
 
 def _has(node: Any, type_name: str) -> bool:
