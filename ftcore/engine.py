@@ -357,7 +357,7 @@ def log_data_stats(stats: data_mod.DataStats, log: Callable[[str], None]) -> Non
 def log_parameter_counts(model: Any, log: Callable[[str], None]) -> None:
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
+        n = getattr(p, "ds_numel", None) or p.numel()   # a weight sharded at construction reports its full size
         if hasattr(p, "quant_state") or p.__class__.__name__ == "Params4bit":
             n *= 2   # 4-bit weights pack two values per byte element
         total += n

@@ -252,9 +252,9 @@ def check_combination(config: Any, plugins: Any, ds: dict[str, Any]) -> None:
             raise ConfigError(
                 f'plugin "{name}" loads 4-bit quantized base weights, which ZeRO stage 3 cannot shard here: '
                 f"stage 3 partitions every weight tensor, and bitsandbytes' packed 4-bit tensors only shard when "
-                f"the model is created inside DeepSpeed's zero.Init with a matching quant storage dtype, which "
-                f"ftcore does not set up. Use deepspeed-zero.stage=2 (the frozen 4-bit weights stay whole on "
-                f"each rank, the LoRA gradients and optimizer state are sharded), or lora without quantization.")
+                f"they are stored in the model's own dtype (bnb_4bit_quant_storage), a setup ftcore does not "
+                f"verify. Use deepspeed-zero.stage=2 (the frozen 4-bit weights stay whole on each rank, the LoRA "
+                f"gradients and optimizer state are sharded), or lora without quantization.")
         if (_get(zero, "offload_param.device") or "none") != "none":
             raise ConfigError(f'plugin "{name}" loads quantized weights, which DeepSpeed cannot offload: '
                               f"set deepspeed-zero.offload_param=none.")
@@ -273,8 +273,29 @@ def ftcore_run_started(config: Any, ctx: Any) -> None:
     ds = deepspeed_config(config.section(NAME))
     check_combination(config, ctx.plugins, ds)
     ctx.state["deepspeed_config"] = ds
+    if ds["zero_optimization"]["stage"] == 3:
+        ctx.state["zero3_model_construction"] = zero3_model_construction(ds, config, ctx)
     if is_main_process():
         (ctx.output_dir / "deepspeed.json").write_text(json.dumps(ds, indent=2) + "\n", encoding="utf-8")
+
+
+def zero3_model_construction(ds: dict[str, Any], config: Any, ctx: Any) -> Any:
+    """Under stage 3, let transformers build the model inside DeepSpeed's zero.Init, so that each rank
+    holds only its shard of the weights from the start instead of a whole copy.
+
+    transformers looks for a live ``HfDeepSpeedConfig`` (it keeps only a weak reference, so the
+    caller keeps this object). It needs concrete values where the trainer's config says "auto";
+    the trainer's own, complete config replaces it when training starts.
+    """
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    t = config.training
+    early = {k: v for k, v in copy.deepcopy(ds).items() if k not in ("optimizer", "scheduler")}
+    early.update(train_micro_batch_size_per_gpu=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation,
+                 gradient_clipping=t.max_grad_norm, bf16={"enabled": ctx.precision == "bf16"},
+                 fp16={"enabled": ctx.precision == "fp16"})
+    early["zero_optimization"] = {k: v for k, v in early["zero_optimization"].items() if v != "auto"}
+    return HfDeepSpeedConfig(early)
 
 
 @ftcore.hookimpl
