@@ -196,8 +196,8 @@ def execute(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], None
 # -- processes ---------------------------------------------------------------------
 
 def in_launched_rank() -> bool:
-    """True inside a process a distributed launcher started (torchrun, deepspeed, accelerate set these)."""
-    return "LOCAL_RANK" in os.environ or "WORLD_SIZE" in os.environ
+    """True inside a process a per-process launcher started (torchrun, deepspeed, accelerate set LOCAL_RANK)."""
+    return "LOCAL_RANK" in os.environ
 
 
 def world_size() -> int:
@@ -220,11 +220,10 @@ def launch(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], None]
     Each rank runs ``python -m ftcore.cli run <resolved config>`` with the launcher's
     environment, so ranks never launch again (see ``in_launched_rank``).
     """
-    launching = config.launch.num_processes > 1 or config.launch.num_machines > 1
     if in_launched_rank():
         return None
     if not plugins.hook.ftcore_launch.get_hookimpls():
-        if launching:
+        if config.launch.num_processes > 1 or config.launch.num_machines > 1:
             raise ConfigError(f"launch.num_processes={config.launch.num_processes} / launch.num_machines="
                               f"{config.launch.num_machines} needs a strategy plugin that launches processes, "
                               f"and none of the selected plugins does. Add one to --plugins (`ftcore plugins` "
@@ -235,7 +234,7 @@ def launch(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], None]
     if passed:
         raise PluginError(f"plugin(s) {', '.join(passed)} were passed as objects, but a launched run starts new "
                           f"processes that load plugins by entry point only. Install them as packages with an "
-                          f"entry point in the {'ftcore.plugins'!r} group, or run without a launching strategy.")
+                          f"entry point in the 'ftcore.plugins' group, or run without a launching strategy.")
     out = Path(config.output_dir)
     if config.launch.machine_rank == 0:
         check_output_dir(out, config.overwrite)    # refuse before any process starts
