@@ -239,7 +239,7 @@ def launch(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], None]
     if config.launch.machine_rank == 0:
         check_output_dir(out, config.overwrite)    # refuse before any process starts
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.launch-", suffix=".yaml", dir=out.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.launch-", suffix=".yaml", dir=out.parent.absolute())
     launch_file = Path(name)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
