@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO (stages 1-3, CPU/NVMe offload) over several processes and machines.
 
-This plugin does three things, all through hooks:
+What it does, all through hooks:
 
 - ``ftcore_launch``: start the ranks through an existing launcher (PyTorch's elastic
   launcher, i.e. torchrun, or DeepSpeed's own when a hostfile is given), stream their
@@ -8,6 +8,8 @@ This plugin does three things, all through hooks:
 - ``ftcore_training_arguments``: give the trainer a DeepSpeed config in which the
   batch size, accumulation, learning rate, precision and clipping are ``"auto"`` (filled
   by transformers from the run's settings, so the two can never disagree);
+- under stage 3, have transformers build the model inside ``zero.Init`` (each rank holds
+  only its shard from the start), and switch that off again before exporters load models;
 - refuse combinations that cannot work, before anything is launched.
 
 The DeepSpeed config is layered: ftcore's defaults < the user's own JSON
@@ -37,18 +39,10 @@ NAME = "deepspeed-zero"
 Offload = Literal["none", "cpu", "nvme"]
 SizeOrAuto = int | Literal["auto"]
 
-# The section's keys that become zero_optimization keys (same name unless mapped here).
-ZERO_KEYS = {
-    "stage": "stage",
-    "overlap_comm": "overlap_comm",
-    "contiguous_gradients": "contiguous_gradients",
-    "reduce_bucket_size": "reduce_bucket_size",
-    "allgather_bucket_size": "allgather_bucket_size",
-    "stage3_prefetch_bucket_size": "stage3_prefetch_bucket_size",
-    "stage3_param_persistence_threshold": "stage3_param_persistence_threshold",
-    "stage3_max_live_parameters": "stage3_max_live_parameters",
-    "stage3_max_reuse_distance": "stage3_max_reuse_distance",
-}
+# The section's keys that are zero_optimization keys of the same name.
+ZERO_KEYS = ("stage", "overlap_comm", "contiguous_gradients", "reduce_bucket_size", "allgather_bucket_size",
+             "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "stage3_max_live_parameters",
+             "stage3_max_reuse_distance")
 STAGE3_ONLY = ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
                "stage3_max_live_parameters", "stage3_max_reuse_distance")
 
@@ -145,13 +139,13 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 def _zero_layer(settings: DeepSpeedZeroConfig, fields: set[str], stage: int) -> dict[str, Any]:
     zero: dict[str, Any] = {}
-    for field, key in ZERO_KEYS.items():
-        value = getattr(settings, field)
-        if field in fields and value is not None and (stage == 3 or field not in STAGE3_ONLY):
+    for key in ZERO_KEYS:
+        value = getattr(settings, key)
+        if key in fields and value is not None and (stage == 3 or key not in STAGE3_ONLY):
             zero[key] = value
-    for field, key in (("offload_optimizer", "offload_optimizer"), ("offload_param", "offload_param")):
-        if field in fields and getattr(settings, field) != "none":
-            device = getattr(settings, field)
+    for key in ("offload_optimizer", "offload_param"):
+        device = getattr(settings, key)
+        if key in fields and device != "none":
             zero[key] = {"device": device, "pin_memory": settings.pin_memory}
             if device == "nvme":
                 zero[key]["nvme_path"] = settings.nvme_path
