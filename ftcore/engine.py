@@ -239,8 +239,8 @@ def _execute(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], Non
 # -- processes ---------------------------------------------------------------------
 
 def in_launched_rank() -> bool:
-    """True inside a process a distributed launcher started (torchrun, deepspeed, accelerate set these)."""
-    return "LOCAL_RANK" in os.environ or "WORLD_SIZE" in os.environ
+    """True inside a process a per-process launcher started (torchrun, deepspeed, accelerate set LOCAL_RANK)."""
+    return "LOCAL_RANK" in os.environ
 
 
 def world_size() -> int:
@@ -263,11 +263,10 @@ def launch(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], None]
     Each rank runs ``python -m ftcore.cli run <resolved config>`` with the launcher's
     environment, so ranks never launch again (see ``in_launched_rank``).
     """
-    launching = config.launch.num_processes > 1 or config.launch.num_machines > 1
     if in_launched_rank():
         return None
     if not plugins.hook.ftcore_launch.get_hookimpls():
-        if launching:
+        if config.launch.num_processes > 1 or config.launch.num_machines > 1:
             raise ConfigError(f"launch.num_processes={config.launch.num_processes} / launch.num_machines="
                               f"{config.launch.num_machines} needs a strategy plugin that launches processes, "
                               f"and none of the selected plugins does. Add one to --plugins (`ftcore plugins` "
@@ -278,12 +277,12 @@ def launch(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], None]
     if passed:
         raise PluginError(f"plugin(s) {', '.join(passed)} were passed as objects, but a launched run starts new "
                           f"processes that load plugins by entry point only. Install them as packages with an "
-                          f"entry point in the {'ftcore.plugins'!r} group, or run without a launching strategy.")
+                          f"entry point in the 'ftcore.plugins' group, or run without a launching strategy.")
     out = Path(config.output_dir)
     if config.launch.machine_rank == 0:
         check_output_dir(out, config.overwrite, config.resume is not None)    # refuse before any process starts
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.launch-", suffix=".yaml", dir=out.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.launch-", suffix=".yaml", dir=out.parent.absolute())
     launch_file = Path(name)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -435,7 +434,7 @@ def log_data_stats(stats: data_mod.DataStats, log: Callable[[str], None]) -> Non
 def log_parameter_counts(model: Any, log: Callable[[str], None]) -> None:
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
+        n = getattr(p, "ds_numel", None) or p.numel()   # a weight sharded at construction reports its full size
         if hasattr(p, "quant_state") or p.__class__.__name__ == "Params4bit":
             n *= 2   # 4-bit weights pack two values per byte element
         total += n

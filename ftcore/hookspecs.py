@@ -81,7 +81,7 @@ def ftcore_launch(argv, config, ctx):
 
 @hookspec
 def ftcore_export(run_dir, model_dir, config, ctx):
-    """Turn the finished run into an artifact; return the list of paths written."""
+    """Turn the finished run into an artifact; return the list of paths written (in rank 0 only when multi-process)."""
 
 
 # -- lifecycle ---------------------------------------------------------------
@@ -113,4 +113,4 @@ def ftcore_trainer_created(trainer, ctx):
 
 @hookspec
 def ftcore_run_finished(result, ctx):
-    """Called at the end of a successful run with the ``ftcore.RunResult``."""
+    """Called at the end of a successful run with the ``ftcore.RunResult`` (in rank 0 only when multi-process)."""

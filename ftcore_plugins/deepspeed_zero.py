@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO (stages 1-3, CPU/NVMe offload) over several processes and machines.
 
-This plugin does three things, all through hooks:
+What it does, all through hooks:
 
 - ``ftcore_launch``: start the ranks through an existing launcher (PyTorch's elastic
   launcher, i.e. torchrun, or DeepSpeed's own when a hostfile is given), stream their
@@ -8,6 +8,8 @@ This plugin does three things, all through hooks:
 - ``ftcore_training_arguments``: give the trainer a DeepSpeed config in which the
   batch size, accumulation, learning rate, precision and clipping are ``"auto"`` (filled
   by transformers from the run's settings, so the two can never disagree);
+- under stage 3, have transformers build the model inside ``zero.Init`` (each rank holds
+  only its shard from the start), and switch that off again before exporters load models;
 - refuse combinations that cannot work, before anything is launched.
 
 The DeepSpeed config is layered: ftcore's defaults < the user's own JSON
@@ -37,18 +39,10 @@ NAME = "deepspeed-zero"
 Offload = Literal["none", "cpu", "nvme"]
 SizeOrAuto = int | Literal["auto"]
 
-# The section's keys that become zero_optimization keys (same name unless mapped here).
-ZERO_KEYS = {
-    "stage": "stage",
-    "overlap_comm": "overlap_comm",
-    "contiguous_gradients": "contiguous_gradients",
-    "reduce_bucket_size": "reduce_bucket_size",
-    "allgather_bucket_size": "allgather_bucket_size",
-    "stage3_prefetch_bucket_size": "stage3_prefetch_bucket_size",
-    "stage3_param_persistence_threshold": "stage3_param_persistence_threshold",
-    "stage3_max_live_parameters": "stage3_max_live_parameters",
-    "stage3_max_reuse_distance": "stage3_max_reuse_distance",
-}
+# The section's keys that are zero_optimization keys of the same name.
+ZERO_KEYS = ("stage", "overlap_comm", "contiguous_gradients", "reduce_bucket_size", "allgather_bucket_size",
+             "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "stage3_max_live_parameters",
+             "stage3_max_reuse_distance")
 STAGE3_ONLY = ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
                "stage3_max_live_parameters", "stage3_max_reuse_distance")
 
@@ -145,13 +139,13 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 def _zero_layer(settings: DeepSpeedZeroConfig, fields: set[str], stage: int) -> dict[str, Any]:
     zero: dict[str, Any] = {}
-    for field, key in ZERO_KEYS.items():
-        value = getattr(settings, field)
-        if field in fields and value is not None and (stage == 3 or field not in STAGE3_ONLY):
+    for key in ZERO_KEYS:
+        value = getattr(settings, key)
+        if key in fields and value is not None and (stage == 3 or key not in STAGE3_ONLY):
             zero[key] = value
-    for field, key in (("offload_optimizer", "offload_optimizer"), ("offload_param", "offload_param")):
-        if field in fields and getattr(settings, field) != "none":
-            device = getattr(settings, field)
+    for key in ("offload_optimizer", "offload_param"):
+        device = getattr(settings, key)
+        if key in fields and device != "none":
             zero[key] = {"device": device, "pin_memory": settings.pin_memory}
             if device == "nvme":
                 zero[key]["nvme_path"] = settings.nvme_path
@@ -252,9 +246,9 @@ def check_combination(config: Any, plugins: Any, ds: dict[str, Any]) -> None:
             raise ConfigError(
                 f'plugin "{name}" loads 4-bit quantized base weights, which ZeRO stage 3 cannot shard here: '
                 f"stage 3 partitions every weight tensor, and bitsandbytes' packed 4-bit tensors only shard when "
-                f"the model is created inside DeepSpeed's zero.Init with a matching quant storage dtype, which "
-                f"ftcore does not set up. Use deepspeed-zero.stage=2 (the frozen 4-bit weights stay whole on "
-                f"each rank, the LoRA gradients and optimizer state are sharded), or lora without quantization.")
+                f"they are stored in the model's own dtype (bnb_4bit_quant_storage), a setup ftcore does not "
+                f"verify. Use deepspeed-zero.stage=2 (the frozen 4-bit weights stay whole on each rank, the LoRA "
+                f"gradients and optimizer state are sharded), or lora without quantization.")
         if (_get(zero, "offload_param.device") or "none") != "none":
             raise ConfigError(f'plugin "{name}" loads quantized weights, which DeepSpeed cannot offload: '
                               f"set deepspeed-zero.offload_param=none.")
@@ -273,8 +267,29 @@ def ftcore_run_started(config: Any, ctx: Any) -> None:
     ds = deepspeed_config(config.section(NAME))
     check_combination(config, ctx.plugins, ds)
     ctx.state["deepspeed_config"] = ds
+    if ds["zero_optimization"]["stage"] == 3:
+        ctx.state["zero3_model_construction"] = zero3_model_construction(ds, config, ctx)
     if is_main_process():
         (ctx.output_dir / "deepspeed.json").write_text(json.dumps(ds, indent=2) + "\n", encoding="utf-8")
+
+
+def zero3_model_construction(ds: dict[str, Any], config: Any, ctx: Any) -> Any:
+    """Under stage 3, let transformers build the model inside DeepSpeed's zero.Init, so that each rank
+    holds only its shard of the weights from the start instead of a whole copy.
+
+    transformers looks for a live ``HfDeepSpeedConfig`` (it keeps only a weak reference, so the
+    caller keeps this object). It needs concrete values where the trainer's config says "auto";
+    the trainer's own, complete config replaces it when training starts.
+    """
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    t = config.training
+    early = {k: v for k, v in copy.deepcopy(ds).items() if k not in ("optimizer", "scheduler")}
+    early.update(train_micro_batch_size_per_gpu=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation,
+                 gradient_clipping=t.max_grad_norm, bf16={"enabled": ctx.precision == "bf16"},
+                 fp16={"enabled": ctx.precision == "fp16"})
+    early["zero_optimization"] = {k: v for k, v in early["zero_optimization"].items() if v != "auto"}
+    return HfDeepSpeedConfig(early)
 
 
 @ftcore.hookimpl

@@ -144,6 +144,7 @@ def test_zero3_full_through_a_hostfile_saves_a_normal_model(tiny_model_dir, alpa
 
     monkeypatch.syspath_prepend(str(FIXTURE))                 # the test plugins, here and in the ranks
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FIXTURE), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("FTCORE_TEST_PROBE_DIR", str(tmp_path))
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     out = tmp_path / "full"
@@ -163,6 +164,9 @@ def test_zero3_full_through_a_hostfile_saves_a_normal_model(tiny_model_dir, alpa
     base = load_file(str(tiny_model_dir / "model.safetensors"))
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in base.items()}   # gathered, not shards
     assert any(not saved[k].equal(base[k]) for k in base)                                 # and trained
+    for rank in (0, 1):   # built inside zero.Init: each rank held about half the weights from the start
+        loaded = json.loads((tmp_path / f"loaded-rank{rank}.json").read_text())
+        assert loaded["full"] == sum(v.numel() for v in base.values()) and loaded["local"] < 0.6 * loaded["full"]
     probe = json.loads((out / "probe-export.json").read_text())
     assert probe["rank"] == "0" and probe["parameters"] == sum(v.numel() for v in base.values())
     assert result.exports == [out / "probe-export.json"]

@@ -31,7 +31,18 @@ class FailingRank:
 
 
 class ProbeExport:
-    """Load the saved model with plain transformers and record which rank did it and the shapes."""
+    """Record each rank's share of the loaded weights (to FTCORE_TEST_PROBE_DIR); as an exporter, load the
+    saved model with plain transformers and record which rank did it and the shapes."""
+
+    @ftcore.hookimpl
+    def ftcore_model_loaded(self, model):
+        folder = os.environ.get("FTCORE_TEST_PROBE_DIR")
+        if folder:
+            local = sum(p.numel() for p in model.parameters())
+            full = sum(getattr(p, "ds_numel", None) or p.numel() for p in model.parameters())
+            path = os.path.join(folder, f"loaded-rank{os.environ.get('RANK')}.json")
+            with open(path, "w") as fh:
+                json.dump({"local": local, "full": full}, fh)
 
     @ftcore.hookimpl
     def ftcore_export(self, run_dir, model_dir):
