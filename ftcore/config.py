@@ -90,6 +90,11 @@ class TrainingConfig(Section):
     seed: int = Field(42)
     report_to: list[str] = Field(default_factory=list, description="Trackers: tensorboard, mlflow, wandb, trackio.")
 
+    @field_validator("save_strategy", "eval_strategy", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value   # YAML reads a bare `no` as false
+
     @model_validator(mode="after")
     def _steps_need_numbers(self) -> "TrainingConfig":
         if self.eval_strategy == "steps" and self.eval_steps is None:
