@@ -199,6 +199,13 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def unsafe_state_error(checkpoint: Path, exc: BaseException) -> ConfigError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ConfigError(f"checkpoint {checkpoint}: a state file (optimizer, scheduler or RNG state) holds more than "
+                       f"tensors and plain data, so weights-only loading refused to unpickle it ({first}). It was "
+                       f"altered or not written by ftcore: resume from another checkpoint, or start afresh.")
+
+
 def clean_staging(run_dir: Path) -> None:
     """Remove checkpoints cut off by an earlier kill (they are never resumed from)."""
     shutil.rmtree(run_dir / CHECKPOINTS / STAGING, ignore_errors=True)

@@ -102,6 +102,11 @@ class TrainingConfig(Section):
     overfit_warning_evals: int = Field(
         3, ge=0, description="Warn when eval loss rose at this many evaluations in a row while train loss fell (0: off).")
 
+    @field_validator("save_strategy", "eval_strategy", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value   # YAML reads a bare `no` as false
+
     @model_validator(mode="after")
     def _steps_need_numbers(self) -> "TrainingConfig":
         if self.eval_strategy == "steps" and self.eval_steps is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -325,7 +326,12 @@ def train(trainer: Any, collator: Any, resume_from: Path | None, ctx: RunContext
     elif ctx.config.resume:
         (out / "metrics.jsonl").unlink(missing_ok=True)   # a fresh start: no rows from the attempt before
     with stop_on_signals(trainer, ctx.log) as stopper:
-        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        try:
+            output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except pickle.UnpicklingError as exc:   # transformers loads checkpoint state with weights_only=True
+            if resume_from is None:
+                raise
+            raise checkpoints.unsafe_state_error(resume_from, exc) from None
     if stopper.received and stopper.saved_step is not None:
         where = out / checkpoints.CHECKPOINTS / f"checkpoint-{stopper.saved_step}"
         raise Interrupted(f"interrupted by {stopper.received} at step {stopper.saved_step} of "
