@@ -75,6 +75,9 @@ def run(config_file: str | None, plugins: str | None, model: str | None, data: t
     with reporter:
         flags = run_flags(plugins, model, data, output, sets, overwrite)
         config, chosen = engine.resolve(config_file, flags, log=reporter)
+        if dry_run and reporter.mode == "json":
+            reporter.emit("dry_run", plugins=chosen.versions(), config=config.to_dict())
+            return
         if dry_run:
             click.echo("# plugins")
             for row in chosen.versions():

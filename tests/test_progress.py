@@ -128,3 +128,14 @@ def test_live_display_in_a_terminal(tiny_model_dir, alpaca_file, tmp_path):
     bar = re.findall(r"training .*?(\d+)/5 +epoch ([\d.]+) · loss ([\d.]+) .*· lr \S+ · (\d+) tok/s .*ETA", plain)
     assert bar and bar[-1][0] == "5" and float(bar[-1][1]) == 1.0
     assert "ftcore run summary" in plain and re.search(r"│ peak memory\s+│ [\d.]+ MiB RSS", plain)
+
+
+def test_json_dry_run_is_one_json_event(tiny_model_dir, alpaca_file, tmp_path):
+    res = CliRunner().invoke(main, ["run", "--model", str(tiny_model_dir), "--data", str(alpaca_file), "-o",
+                                    str(tmp_path / "o"), "--log-format", "json", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    events = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [e["event"] for e in events] == ["dry_run"]
+    assert events[0]["config"]["model"]["path"] == str(tiny_model_dir)
+    assert {p["name"] for p in events[0]["plugins"]} == {"lora", "alpaca"}
+    assert not (tmp_path / "o").exists()
