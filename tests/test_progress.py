@@ -13,7 +13,6 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from conftest import tiny_config
 from ftcore.cli import main
 from ftcore.progress import JsonReporter, QuietReporter, Reporter, RichReporter, choose_mode, make_reporter
 from ux_runs import shared_run
@@ -124,7 +123,7 @@ def test_live_display_in_a_terminal(tiny_model_dir, alpaca_file, tmp_path):
     assert code == 0, screen[-3000:]
     assert "\x1b[?25l" in screen and "\x1b[2K" in screen     # a live display: hidden cursor, redrawn lines
     plain = ANSI.sub("", screen)
-    assert re.search(r"preparing data .*1/1 .*done in", plain)
+    assert re.search(r"preparing data .*1/1 .*done in", plain) and re.search(r"exporting .*1/1 .*done in", plain)
     bar = re.findall(r"training .*?(\d+)/5 +epoch ([\d.]+) · loss ([\d.]+) .*· lr \S+ · (\d+) tok/s .*ETA", plain)
     assert bar and bar[-1][0] == "5" and float(bar[-1][1]) == 1.0
     assert "ftcore run summary" in plain and re.search(r"│ peak memory\s+│ [\d.]+ MiB RSS", plain)
