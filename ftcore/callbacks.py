@@ -116,7 +116,8 @@ class SamplesCallback(TrainerCallback):
     """Generates from a few held-out prompts before training and after it, for the run report."""
 
     def __init__(self, prompts: list[dict[str, Any]], tokenizer: Any, store: dict[str, Any],
-                 max_new_tokens: int = 20) -> None:
+                 max_new_tokens: int = 20, log: Callable[[str], None] = print) -> None:
+        self.log = log
         self.prompts = prompts
         self.tokenizer = tokenizer
         self.store = store
@@ -127,7 +128,13 @@ class SamplesCallback(TrainerCallback):
 
         if model is None or not self.prompts:
             return
-        outputs = [generate_ids(model, self.tokenizer, p["prompt_ids"], self.max_new_tokens) for p in self.prompts]
+        try:
+            outputs = [generate_ids(model, self.tokenizer, p["prompt_ids"], self.max_new_tokens) for p in self.prompts]
+        except Exception as exc:  # samples are for the report; a model that cannot generate must not stop training
+            if state.is_world_process_zero:
+                self.log(f"warning: no {key}-training samples for the report: generation failed "
+                         f"({type(exc).__name__}: {exc}); set report.samples: 0 to skip them.")
+            return
         if state.is_world_process_zero:
             self.store[key] = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
 
@@ -210,5 +217,5 @@ def run_callbacks(ctx: Any, prepared: Any, counter: Any) -> list[TrainerCallback
         ctx.state["samples"] = {"held_out": prepared.eval is not None,
                                 "prompts": sample_prompts(source, ctx.tokenizer, report.samples)}
         callbacks.append(SamplesCallback(ctx.state["samples"]["prompts"], ctx.tokenizer, ctx.state["samples"],
-                                         report.max_new_tokens))
+                                         report.max_new_tokens, ctx.log))
     return callbacks

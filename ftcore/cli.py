@@ -110,6 +110,9 @@ def run(config_file: str | None, plugins: str | None, model: str | None, data: t
         given = {k: v for k, v in launch.items() if v is not None}
         flags = merge(flags, {"launch": given}) if given else flags
         config, chosen = engine.resolve(config_file, flags, log=reporter)
+        if dry_run and reporter.mode == "json":
+            reporter.emit("dry_run", plugins=chosen.versions(), config=config.to_dict())
+            return
         if dry_run:
             click.echo("# plugins")
             for row in chosen.versions():

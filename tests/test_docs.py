@@ -1,0 +1,57 @@
+"""The docs: the configuration reference matches the schemas, and the site builds with warnings as errors."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from ftcore.cli import main
+from ftcore.config import RunConfig, TrainingConfig
+from ftcore.docs import REPO_DOC, config_reference, config_reference_text
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_configuration_reference_is_up_to_date():
+    assert REPO_DOC == REPO / "docs" / "reference" / "configuration.md"
+    assert REPO_DOC.read_text(encoding="utf-8") == config_reference_text(), (
+        "docs/reference/configuration.md is out of date: run `python -m ftcore.docs` and commit the result.")
+
+
+def test_reference_lists_every_key_with_its_default(tmp_path):
+    written = config_reference(tmp_path / "configuration.md")
+    text = written.read_text()
+    for name, field in TrainingConfig.model_fields.items():
+        assert re.search(rf"^\| `{name}` \|", text, re.M), name
+    assert "| `early_stopping_patience` | int &#124; null | `null` |" in text
+    assert '| `learning_rate` | float | `0.0002` |' in text
+    for section in RunConfig.model_fields:
+        assert f"`{section}`" in text
+    for plugin in ("lora", "alpaca", "chatml", "full"):        # bundled plugins' sections
+        assert f"### `{plugin}`" in text
+
+
+def test_mkdocs_builds_strict(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(REPO / "mkdocs.yml"),
+                           "-d", str(tmp_path / "site")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for page in ("index.html", "quickstart/index.html", "reference/configuration/index.html",
+                 "recipes/qlora-7b-24gb/index.html", "recipes/embedding/index.html"):
+        assert (tmp_path / "site" / page).exists(), page
+
+
+def test_documented_flags_and_commands_exist():
+    runner = CliRunner()
+    run_help = runner.invoke(main, ["run", "--help"]).output
+    for flag in ("--no-progress", "--quiet", "--log-format"):
+        assert flag in run_help and flag in (REPO / "docs" / "watching-runs.md").read_text()
+    for command in ("generate", "chat", "init"):
+        assert runner.invoke(main, [command, "--help"]).exit_code == 0
+    trying = (REPO / "docs" / "trying-models.md").read_text()
+    for option in ("--max-new-tokens", "--temperature", "--top-p", "--seed", "--dtype", "--chat-template", "--system"):
+        assert option in trying
+        assert option in runner.invoke(main, ["generate", "--help"]).output + runner.invoke(main, ["chat", "--help"]).output
