@@ -134,6 +134,9 @@ def install_atomic_saves(trainer: Any, counter: Any) -> None:
             trainer.accelerator.wait_for_everyone()
             if main:
                 _finish(staging_root / name, run_dir / name, trainer, counter)
+            best = trainer.state.best_model_checkpoint
+            if best and Path(best) == staging_root / name:   # the trainer recorded the staging path
+                trainer.state.best_model_checkpoint = str(run_dir / name)
         except BaseException as exc:
             error = save_failure(exc, staging_root / name, run_dir.parent) if isinstance(exc, Exception) else None
             if main:

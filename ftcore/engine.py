@@ -508,6 +508,9 @@ def final_evaluation(trainer: Any) -> dict[str, Any]:
     """The final eval metrics; reused when training just evaluated the final weights (no second pass)."""
     history = trainer.state.log_history
     step = trainer.state.global_step
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best and not best.endswith(f"checkpoint-{step}"):
+        return trainer.evaluate()   # the weights now are the best checkpoint's, not the last step's
     for entry in reversed(history):
         if entry.get("step") != step:
             break

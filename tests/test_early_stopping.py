@@ -57,7 +57,6 @@ def test_early_stopping_needs_a_held_out_set(tiny_model_dir, tmp_path):
         ftcore.resolve(config, log=lambda m: None)
 
 
-@pytest.mark.xfail(reason="fails on main after merging the parallel branches (engine/cli/merge-hook integration); tracked in the issue notes, to be fixed next session", strict=False)
 def test_overfitting_run_warns_stops_early_and_keeps_the_best_checkpoint(tiny_model_dir, tmp_path):
     """Train on one answer, evaluate on a contradicting one: train loss falls, eval loss turns up."""
     prompt = "Name the capital of France ({}).".format
