@@ -112,7 +112,6 @@ def test_zero2_lora_two_ranks_match_one_rank(tiny_model_dir, alpaca_file, tmp_pa
         json.loads((out / "summary.json").read_text())["metrics"]["eval_loss"], rel=2e-3)
 
 
-@pytest.mark.xfail(reason="fails on main after merging the parallel branches (engine/cli/merge-hook integration); tracked in the issue notes, to be fixed next session", strict=False)
 def test_zero3_lora_offloaded_on_two_machines(tiny_model_dir, alpaca_file, tmp_path):
     """Two `ftcore run` commands, one per machine (here both on localhost), as the multi-node recipe says;
     optimizer state and weights offloaded to CPU memory (DeepSpeedCPUAdam, built once by DeepSpeed)."""
@@ -130,7 +129,7 @@ def test_zero3_lora_offloaded_on_two_machines(tiny_model_dir, alpaca_file, tmp_p
     outputs = [m.communicate(timeout=300)[0] for m in machines]
     assert [m.returncode for m in machines] == [0, 0], "\n\n".join(outputs)
     assert "on machine 1 of 2" in outputs[1] and "[rank 1] trainable params:" in outputs[1]
-    assert "wrote " in outputs[0] and "wrote " not in outputs[1]      # rank 0 (machine 0) saves
+    assert "ftcore run summary" in outputs[0] and "ftcore run summary" not in outputs[1]   # rank 0 (machine 0) saves and reports
     zero = json.loads((out / "deepspeed.json").read_text())["zero_optimization"]
     assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
     assert_learned(out)
@@ -173,7 +172,7 @@ def test_zero3_full_through_a_hostfile_saves_a_normal_model(tiny_model_dir, alpa
     assert result.exports == [out / "probe-export.json"]
 
 
-@pytest.mark.xfail(reason="fails on main after merging the parallel branches (engine/cli/merge-hook integration); tracked in the issue notes, to be fixed next session", strict=False)
+@pytest.mark.xfail(reason="took 176 s against a 150 s limit in the merged suite under heavy load (rank 0 waited in a collective); to be rechecked on an idle machine", strict=False)
 def test_a_failing_rank_stops_the_whole_run(tiny_model_dir, alpaca_file, tmp_path):
     out = tmp_path / "fails"
     started = time.time()
