@@ -33,6 +33,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 import ftcore
+from ftcore.config import merge as merge_config
 from ftcore.errors import ConfigError
 
 NAME = "deepspeed-zero"
@@ -127,16 +128,6 @@ def _get(tree: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def _zero_layer(settings: DeepSpeedZeroConfig, fields: set[str], stage: int) -> dict[str, Any]:
     zero: dict[str, Any] = {}
     for key in ZERO_KEYS:
@@ -170,7 +161,7 @@ def deepspeed_config(settings: DeepSpeedZeroConfig) -> dict[str, Any]:
         "steps_per_print": 10**9, "wall_clock_breakdown": False,
         "zero_optimization": _zero_layer(settings, set(DeepSpeedZeroConfig.model_fields) - explicit, stage),
     }
-    ds = _merge(_merge(defaults, user), {"zero_optimization": _zero_layer(settings, explicit, stage)})
+    ds = merge_config(merge_config(defaults, user), {"zero_optimization": _zero_layer(settings, explicit, stage)})
     if ds.get("train_batch_size") == "auto":
         del ds["train_batch_size"]   # transformers would fill it before it knows the number of ranks
     zero = ds["zero_optimization"]
