@@ -466,6 +466,9 @@ def compare(results: dict[str, dict[str, Any]], mem_key: str) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     s, res, mem_key = report["settings"], report["results"], report["memory_metric"]
     mem_name = "peak CUDA MiB" if mem_key == "peak_cuda_mb" else "peak RSS MiB"
+    if not res:   # e.g. --only qlora
+        return "\n".join(["# Benchmark results", "", f"Produced by `{report['command']}` on {report['machine']} "
+                          f"at {report['finished']}.", *markdown_extras(report), ""])
     lines = [
         "# Benchmark results",
         "",
@@ -507,6 +510,19 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {other} | {fmt(r['real_tokens_per_s'])} | {fmt(r['supervised_tokens_per_s'])} | "
                      f"{fmt(r['train_time'])} | {fmt(r['peak_memory'])} | {fmt(r['eval_loss'])} |")
     lines += ["", "Targets: " + "; ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in c["targets"].items()) + "."]
+    lines += markdown_extras(report)
+    lines += ["", "Columns: *real tok/s* = non-padding positions the model computed per second of "
+              "`train_runtime`; *supervised tok/s* = positions with a loss target per second (the reference recipe "
+              "supervises the prompt too, so its count includes prompt tokens); *padding share* = padding positions / "
+              "all computed positions. MFU (GPU only) = (4 x frozen matmul parameters + 6 x trainable parameters + "
+              "12 x layers x heads x head_dim x mean causal context) x real tokens / train time / peak bf16 FLOP/s; "
+              "embeddings are a lookup and not counted, and the LM head counts at every real token for every trainer.",
+              ""]
+    return "\n".join(lines)
+
+
+def markdown_extras(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if "prep" in report:
         p = report["prep"]
         if "error" in p:
@@ -533,14 +549,7 @@ def markdown(report: dict[str, Any]) -> str:
                       if "ratio" in q else "failed.")]
     if report.get("notes"):
         lines += ["", "Notes:", *[f"- {n}" for n in report["notes"]]]
-    lines += ["", "Columns: *real tok/s* = non-padding positions the model computed per second of "
-              "`train_runtime`; *supervised tok/s* = positions with a loss target per second (the reference recipe "
-              "supervises the prompt too, so its count includes prompt tokens); *padding share* = padding positions / "
-              "all computed positions. MFU (GPU only) = (4 x frozen matmul parameters + 6 x trainable parameters + "
-              "12 x layers x heads x head_dim x mean causal context) x real tokens / train time / peak bf16 FLOP/s; "
-              "embeddings are a lookup and not counted, and the LM head counts at every real token for every trainer.",
-              ""]
-    return "\n".join(lines)
+    return lines
 
 
 def data_summary(model_dir: Path, train: Path) -> dict[str, Any]:
