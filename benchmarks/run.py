@@ -60,7 +60,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     gpu = args.gpu
     s = {
         "model_size": args.model_size or ("1b" if gpu else ("tiny" if args.quick else "small")),
-        "examples": args.examples or (2000 if gpu else (96 if args.quick else 128)),
+        "examples": args.examples or (2000 if gpu else (96 if args.quick else 480)),
         "max_length": args.max_length or (2048 if gpu else 512),
         "max_words": 800 if gpu else 200,
         "epochs": 1, "learning_rate": 2e-4, "warmup_ratio": 0.03, "seed": 0,
