@@ -137,6 +137,12 @@ def build(out: Path, size: str = "small", seed: int = 0, vocab_size: int = 16384
     hidden, layers, heads, kv, inter = MODEL_SIZES[size]
     build_model(folder, tok, hidden_size=hidden, layers=layers, heads=heads, kv_heads=kv, intermediate_size=inter,
                 max_positions=max_positions, seed=seed)
+    if size in ("medium", "1b"):
+        # Saved in bf16 like published checkpoints of this size (what QLoRA and the GPU runs load).
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(torch.bfloat16).save_pretrained(folder)
     return folder
 
 

@@ -60,7 +60,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     gpu = args.gpu
     s = {
         "model_size": args.model_size or ("1b" if gpu else ("tiny" if args.quick else "small")),
-        "examples": args.examples or (2000 if gpu else (160 if args.quick else 400)),
+        "examples": args.examples or (2000 if gpu else (96 if args.quick else 480)),
         "max_length": args.max_length or (2048 if gpu else 512),
         "max_words": 800 if gpu else 200,
         "epochs": 1, "learning_rate": 2e-4, "warmup_ratio": 0.03, "seed": 0,
@@ -131,6 +131,37 @@ def current_rss_mb() -> float:
         return round(int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
+class RssSampler:
+    """Samples this process's RSS while training runs (a TrainerCallback): the peak without model loading."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss_mb())
+            self._stop.wait(0.05)
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        sampler = self
+
+        class Sample(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+                sampler._thread.start()
+
+            def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+                sampler._stop.set()
+                sampler.peak = max(sampler.peak, current_rss_mb())
+
+        return Sample()
+
+
 def peak_memory_mb(device: str) -> dict[str, float]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
     out = {"peak_rss_mb": round(rss, 1)}
@@ -159,8 +190,8 @@ def flops_per_token(model: Any, mean_context: float) -> dict[str, float]:
             "flops_per_token": 4 * frozen + 6 * trainable + attention}
 
 
-def finish(name: str, spec: dict[str, Any], trainer: Any, counter: Counter, tokenizer: Any,
-           started: float) -> dict[str, Any]:
+def finish(name: str, spec: dict[str, Any], trainer: Any, counter: Counter, sampler: RssSampler,
+           tokenizer: Any, started: float) -> dict[str, Any]:
     history = trainer.state.log_history
     train_s = next((h["train_runtime"] for h in reversed(history) if "train_runtime" in h), None)
     losses = [h["loss"] for h in history if "loss" in h]
@@ -188,6 +219,7 @@ def finish(name: str, spec: dict[str, Any], trainer: Any, counter: Counter, toke
         result.update(fl, device_name=name_, peak_flops=peak,
                       mfu=round(fl["flops_per_token"] * counter.real / train_s / peak, 4) if peak else None)
     result.update(peak_memory_mb(spec["device"]))
+    result["train_peak_rss_mb"] = round(sampler.peak, 1)
     result["wall_s"] = round(time.time() - started, 2)
     result["load_avg_end"] = round(os.getloadavg()[0], 2)
     return result
@@ -239,17 +271,23 @@ def worker_trl(name: str, spec: dict[str, Any], started: float) -> dict[str, Any
                          peft_config=LoraConfig(**LORA))
     counter = Counter(trainer.data_collator)
     trainer.data_collator = counter
+    sampler = RssSampler()
+    trainer.add_callback(sampler.callback())
     trainer.train()
-    return finish(name, spec, trainer, counter, tokenizer, started)
+    return finish(name, spec, trainer, counter, sampler, tokenizer, started)
 
 
 def make_probe() -> tuple[dict[str, Any], Any]:
     """A plugin object that wraps the trainer's collator in a Counter and keeps the trainer."""
     import ftcore
 
-    seen: dict[str, Any] = {}
+    seen: dict[str, Any] = {"sampler": RssSampler()}
 
     class BenchmarkProbe:
+        @ftcore.hookimpl
+        def ftcore_trainer_callbacks(self, ctx):  # noqa: ANN001
+            return [seen["sampler"].callback()]
+
         @ftcore.hookimpl
         def ftcore_data_prepared(self, train_dataset, eval_dataset, stats, ctx):  # noqa: ANN001
             seen["rss_before_model_mb"] = current_rss_mb()
@@ -313,7 +351,7 @@ def worker_ftcore(name: str, spec: dict[str, Any], started: float) -> dict[str, 
         config["training"]["precision"] = "bf16" if spec["device"] == "cuda" else "fp32"
     result = ftcore.run(config, plugins=plugins, log=lambda m: None)
     trainer = probe["trainer"]
-    out = finish(name, spec, trainer, probe["counter"], trainer.processing_class, started)
+    out = finish(name, spec, trainer, probe["counter"], probe["sampler"], trainer.processing_class, started)
     out["ftcore_adapter"] = "qlora plugin" if names else ("bitsandbytes directly" if name == "ftcore_qlora" else "lora")
     out["ftcore_runtime_s"] = result.metrics.get("runtime_s")
     out["rss_before_model_mb"] = probe.get("rss_before_model_mb")
@@ -428,6 +466,9 @@ def compare(results: dict[str, dict[str, Any]], mem_key: str) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     s, res, mem_key = report["settings"], report["results"], report["memory_metric"]
     mem_name = "peak CUDA MiB" if mem_key == "peak_cuda_mb" else "peak RSS MiB"
+    if not res:   # e.g. --only qlora
+        return "\n".join(["# Benchmark results", "", f"Produced by `{report['command']}` on {report['machine']} "
+                          f"at {report['finished']}.", *markdown_extras(report), ""])
     lines = [
         "# Benchmark results",
         "",
@@ -469,6 +510,19 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {other} | {fmt(r['real_tokens_per_s'])} | {fmt(r['supervised_tokens_per_s'])} | "
                      f"{fmt(r['train_time'])} | {fmt(r['peak_memory'])} | {fmt(r['eval_loss'])} |")
     lines += ["", "Targets: " + "; ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in c["targets"].items()) + "."]
+    lines += markdown_extras(report)
+    lines += ["", "Columns: *real tok/s* = non-padding positions the model computed per second of "
+              "`train_runtime`; *supervised tok/s* = positions with a loss target per second (the reference recipe "
+              "supervises the prompt too, so its count includes prompt tokens); *padding share* = padding positions / "
+              "all computed positions. MFU (GPU only) = (4 x frozen matmul parameters + 6 x trainable parameters + "
+              "12 x layers x heads x head_dim x mean causal context) x real tokens / train time / peak bf16 FLOP/s; "
+              "embeddings are a lookup and not counted, and the LM head counts at every real token for every trainer.",
+              ""]
+    return "\n".join(lines)
+
+
+def markdown_extras(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if "prep" in report:
         p = report["prep"]
         if "error" in p:
@@ -487,20 +541,15 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{q.get('adapter', '?')}): " + (
                       f"peak {q['lora_peak_mb']:.0f} MiB (LoRA) vs {q['qlora_peak_mb']:.0f} MiB (QLoRA) = "
                       f"{q['ratio']:.2f}x; target <= 0.5x: {'met' if q['ratio'] <= 0.5 else 'MISSED'}."
+                      + (f" While training (model loaded): {q['lora_train_peak_mb']:.0f} MiB vs "
+                         f"{q['qlora_train_peak_mb']:.0f} MiB = {q['ratio_train']:.2f}x." if "ratio_train" in q else "")
                       + (f" Above the process's RSS before the model is loaded (Python, torch, transformers, data): "
                          f"{q['lora_model_training_mb']:.0f} MiB vs {q['qlora_model_training_mb']:.0f} MiB = "
                          f"{q['ratio_model_training']:.2f}x." if "ratio_model_training" in q else "")
                       if "ratio" in q else "failed.")]
     if report.get("notes"):
         lines += ["", "Notes:", *[f"- {n}" for n in report["notes"]]]
-    lines += ["", "Columns: *real tok/s* = non-padding positions the model computed per second of "
-              "`train_runtime`; *supervised tok/s* = positions with a loss target per second (the reference recipe "
-              "supervises the prompt too, so its count includes prompt tokens); *padding share* = padding positions / "
-              "all computed positions. MFU (GPU only) = (4 x frozen matmul parameters + 6 x trainable parameters + "
-              "12 x layers x heads x head_dim x mean causal context) x real tokens / train time / peak bf16 FLOP/s; "
-              "embeddings are a lookup and not counted, and the LM head counts at every real token for every trainer.",
-              ""]
-    return "\n".join(lines)
+    return lines
 
 
 def data_summary(model_dir: Path, train: Path) -> dict[str, Any]:
@@ -616,10 +665,10 @@ def qlora_comparison(spec: dict[str, Any], work: Path, timeout: float) -> dict[s
     size = "medium" if spec["device"] == "cpu" else "1b"
     model_dir = make_data.build(work, size, seed=spec["seed"], max_positions=2048)
     train = work / "train-qlora.jsonl"
-    lines = Path(spec["train"]).read_text(encoding="utf-8").splitlines()[:8]
+    lines = Path(spec["train"]).read_text(encoding="utf-8").splitlines()[:4]
     train.write_text("\n".join(lines) + "\n", encoding="utf-8")
     q = {**spec, "model": str(model_dir), "train": str(train), "max_length": 128, "heldout": str(work / "heldout-qlora.jsonl")}
-    Path(q["heldout"]).write_text("\n".join(Path(spec["heldout"]).read_text().splitlines()[:8]) + "\n")
+    Path(q["heldout"]).write_text("\n".join(Path(spec["heldout"]).read_text().splitlines()[:2]) + "\n")
     mem_key = "peak_cuda_mb" if spec["device"] == "cuda" else "peak_rss_mb"
     out: dict[str, Any] = {"model_size": size, "model_params": model_summary(model_dir)["params"]}
     for name in ("ftcore_lora", "ftcore_qlora"):
@@ -628,6 +677,9 @@ def qlora_comparison(spec: dict[str, Any], work: Path, timeout: float) -> dict[s
     if mem_key in lora and mem_key in qlora:
         out.update(lora_peak_mb=lora[mem_key], qlora_peak_mb=qlora[mem_key], adapter=qlora.get("ftcore_adapter"),
                    ratio=round(qlora[mem_key] / lora[mem_key], 3))
+        if mem_key == "peak_rss_mb":
+            out.update(lora_train_peak_mb=lora["train_peak_rss_mb"], qlora_train_peak_mb=qlora["train_peak_rss_mb"],
+                       ratio_train=round(qlora["train_peak_rss_mb"] / lora["train_peak_rss_mb"], 3))
         if mem_key == "peak_rss_mb" and lora.get("rss_before_model_mb") and qlora.get("rss_before_model_mb"):
             # What the model and training add on top of the process (Python, torch, transformers, the data).
             lora_own = lora[mem_key] - lora["rss_before_model_mb"]
