@@ -22,6 +22,7 @@ import yaml
 from ftcore import config as cfg
 from ftcore import data as data_mod
 from ftcore import report
+from ftcore.checks import check_config
 from ftcore.errors import ConfigError, FtcoreError, PluginError
 from ftcore.plugins import PluginSet, installed_entry_points, select
 from ftcore.progress import as_reporter
@@ -91,9 +92,7 @@ def resolve(source: Any = None, flags: dict[str, Any] | None = None,
     schemas = _schemas(plugins)
     config = cfg.validate(raw, schemas, list(installed_entry_points()))
     config.plugins = plugins.names()
-    from ftcore.callbacks import check_config   # early stopping and trackers
-
-    check_config(config)
+    check_config(config)   # early stopping and trackers
     if config.training.learning_rate > LR_WARN:
         log(f"warning: training.learning_rate={config.training.learning_rate:g} is above {LR_WARN:g}, "
             f"a known way to ruin a fine-tune; 1e-4 to 2e-4 is the usual range for LoRA.")
