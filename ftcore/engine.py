@@ -29,6 +29,7 @@ from ftcore.licence import base_model_licence
 from ftcore.licence import describe as describe_licence
 from ftcore.outputs import OutputGuard
 from ftcore import report
+from ftcore.checks import check_config
 from ftcore.plugins import PluginSet, installed_entry_points, select
 from ftcore.progress import as_reporter
 from ftcore.trackers import configure_trainer as configure_trackers
@@ -98,9 +99,7 @@ def resolve(source: Any = None, flags: dict[str, Any] | None = None,
     schemas = _schemas(plugins)
     config = cfg.validate(raw, schemas, list(installed_entry_points()))
     config.plugins = plugins.names()
-    from ftcore.callbacks import check_config   # early stopping and trackers
-
-    check_config(config)
+    check_config(config)   # early stopping and trackers
     if config.training.learning_rate > LR_WARN:
         log(f"warning: training.learning_rate={config.training.learning_rate:g} is above {LR_WARN:g}, "
             f"a known way to ruin a fine-tune; 1e-4 to 2e-4 is the usual range for LoRA.")
