@@ -82,6 +82,30 @@ def resolve_resume(resume: str, out: Path, overwrite: bool, log: Callable[[str],
     return path
 
 
+def config_changes(checkpoint: Path, config: Any) -> list[str]:
+    """Keys whose value differs from the config of the run that wrote the checkpoint ("key: old -> new")."""
+    import yaml
+
+    path = checkpoint.parent.parent / "config.yaml"
+    try:
+        old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    before, after = _flat(old), _flat(config.to_dict())
+    skip = ("output_dir", "resume", "overwrite")
+    return [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
+            if k not in skip and before.get(k) != after.get(k)]
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
 def read_marker(checkpoint: Path) -> dict[str, Any]:
     try:
         return json.loads((checkpoint / MARKER).read_text(encoding="utf-8"))
@@ -128,6 +152,7 @@ def install_atomic_saves(trainer: Any, counter: Any) -> None:
         main = trainer.args.should_save
         if main:
             shutil.rmtree(staging_root / name, ignore_errors=True)
+        trainer.accelerator.wait_for_everyone()   # no rank writes before a stale folder is gone
         trainer._get_output_dir = lambda trial=None: str(staging_root)
         try:
             save_checkpoint(model, trial)

@@ -175,6 +175,8 @@ def _execute(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], Non
     log(describe_licence(licence, model_path))
     out = Path(config.output_dir)
     resume_from = checkpoints.resolve_resume(config.resume, out, config.overwrite, log) if config.resume else None
+    for change in checkpoints.config_changes(resume_from, config) if resume_from else []:
+        log(f"warning: resuming with a changed configuration: {change}")
     if main:
         out = prepare_output_dir(out, config.overwrite, resuming=config.resume is not None, guard=guard)
     ctx = RunContext(config=config, plugins=plugins, output_dir=out, log=log)

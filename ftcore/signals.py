@@ -27,10 +27,24 @@ class StopOnSignal(TrainerCallback):
         self.saved_step: int | None = None
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001 - transformers' signature
-        if self.received:
+        if self._anywhere(args):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    def _anywhere(self, args: Any) -> bool:
+        """Whether any rank got a signal: all ranks must stop at the same step, or the others hang."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return bool(self.received)
+        import torch
+
+        flag = torch.tensor([1 if self.received else 0], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not self.received:
+            self.received = "a signal to another rank"
+        return bool(flag.item())
 
     def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
         if self.received:

@@ -152,3 +152,19 @@ def test_metrics_are_trimmed_to_the_checkpoint_step(tmp_path):
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)) + '{"step": 8, "lo')
     checkpoints.trim_metrics(path, 4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_resuming_with_a_changed_config_names_each_change(tmp_path):
+    import yaml
+
+    import ftcore
+
+    run_dir = tmp_path / "run"
+    checkpoint = run_dir / "checkpoints" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    config, _ = ftcore.resolve({"model": "m", "output_dir": str(run_dir), "training": {"learning_rate": 2e-4}},
+                               log=lambda m: None)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    again, _ = ftcore.resolve({"model": "m", "output_dir": "elsewhere", "resume": "auto",
+                               "training": {"learning_rate": 1e-4}}, log=lambda m: None)
+    assert checkpoints.config_changes(checkpoint, again) == ["training.learning_rate: 0.0002 -> 0.0001"]
