@@ -166,8 +166,10 @@ def deepspeed_config(settings: DeepSpeedZeroConfig) -> dict[str, Any]:
         del ds["train_batch_size"]   # transformers would fill it before it knows the number of ranks
     zero = ds["zero_optimization"]
     zero["stage"] = stage
-    if (_get(zero, "offload_optimizer.device") or "none") != "none" and "optimizer" not in ds:
-        # Offloaded optimizer state needs DeepSpeed's own CPU optimizer (DeepSpeedCPUAdam), not torch's.
+    offloaded = (_get(zero, "offload_optimizer.device") or "none") != "none"
+    if offloaded and "optimizer" not in ds and ds.get("zero_force_ds_cpu_optimizer", True):
+        # Offloaded optimizer state needs DeepSpeed's own CPU optimizer (DeepSpeedCPUAdam, compiled on first
+        # use), unless the user's file allows the trainer's torch AdamW with zero_force_ds_cpu_optimizer: false.
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
                                                        "weight_decay": "auto"}}
     if stage == 3:

@@ -58,6 +58,13 @@ def test_stage3_gathers_weights_on_save_and_offloads(tmp_path):
                                                           "weight_decay": "auto"}}
 
 
+def test_user_json_may_keep_torch_adamw_for_offload(tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_force_ds_cpu_optimizer": False}))
+    ds = ds_config(tmp_path, {"offload_optimizer": "cpu", "config_file": str(user)})
+    assert "optimizer" not in ds and ds["zero_force_ds_cpu_optimizer"] is False
+
+
 def test_nvme_offload_needs_stage3_and_a_path(tmp_path):
     nvme = tmp_path / "nvme"
     ds = ds_config(tmp_path, {"stage": 3, "offload_param": "nvme", "nvme_path": str(nvme)})

@@ -32,13 +32,26 @@ def ftcore_cli(args: list[str], env_extra: dict | None = None, **popen) -> subpr
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(FIXTURE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.update(env_extra or {})
+    popen.setdefault("stdout", subprocess.PIPE)
     return subprocess.Popen([sys.executable, "-m", "ftcore.cli", "run", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+                            stderr=subprocess.STDOUT, **popen)
 
 
-def run_cli(args: list[str], timeout: int = 300, **kw) -> tuple[int, str]:
+def finish(procs: list[subprocess.Popen], timeout: int = 900) -> list[str]:
+    """Wait for the commands (killing them all if one runs over) and return their output."""
+    try:
+        return [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                for child in psutil.Process(p.pid).children(recursive=True):
+                    child.kill()
+                p.kill()
+
+
+def run_cli(args: list[str], **kw) -> tuple[int, str]:
     proc = ftcore_cli(args, **kw)
-    output, _ = proc.communicate(timeout=timeout)
+    output = finish([proc])[0]
     return proc.returncode, output
 
 
@@ -114,24 +127,30 @@ def test_zero2_lora_two_ranks_match_one_rank(tiny_model_dir, alpaca_file, tmp_pa
 
 def test_zero3_lora_offloaded_on_two_machines(tiny_model_dir, alpaca_file, tmp_path):
     """Two `ftcore run` commands, one per machine (here both on localhost), as the multi-node recipe says;
-    optimizer state and weights offloaded to CPU memory (DeepSpeedCPUAdam, built once by DeepSpeed)."""
+    optimizer state and weights offloaded to CPU memory, with the trainer's AdamW allowed by the user's own
+    DeepSpeed JSON (the default, DeepSpeedCPUAdam, is a C++ op DeepSpeed compiles on first use)."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "zero3"
+    own = tmp_path / "ds.json"        # the user's own DeepSpeed JSON: torch's AdamW on the offloaded state
+    own.write_text(json.dumps({"zero_force_ds_cpu_optimizer": False}))
     args = base_args(tiny_model_dir, alpaca_file, out, "deepspeed-zero,lora,alpaca") + [
         "--set", "deepspeed-zero.stage=3", "--set", "deepspeed-zero.offload_optimizer=cpu",
-        "--set", "deepspeed-zero.offload_param=cpu", "--num-processes", "2", "--num-machines", "2",
+        "--set", "deepspeed-zero.offload_param=cpu", "--set", f"deepspeed-zero.config_file={own}",
+        "--num-processes", "2", "--num-machines", "2",
         "--main-process-ip", "127.0.0.1", "--main-process-port", str(port)]
     machines = [ftcore_cli(args + ["--machine-rank", str(rank)]) for rank in (0, 1)]
-    outputs = [m.communicate(timeout=300)[0] for m in machines]
+    outputs = finish(machines)
     assert [m.returncode for m in machines] == [0, 0], "\n\n".join(outputs)
     assert "on machine 1 of 2" in outputs[1] and "[rank 1] trainable params:" in outputs[1]
     assert "ftcore run summary" in outputs[0] and "ftcore run summary" not in outputs[1]   # rank 0 (machine 0) saves and reports
-    zero = json.loads((out / "deepspeed.json").read_text())["zero_optimization"]
+    ds = json.loads((out / "deepspeed.json").read_text())
+    zero = ds["zero_optimization"]
     assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
+    assert ds["zero_force_ds_cpu_optimizer"] is False and "optimizer" not in ds
     assert_learned(out)
     assert_only_rank0_wrote(out)
     assert_adapter_loads_with_peft(out / "adapter", tiny_model_dir)
@@ -172,26 +191,30 @@ def test_zero3_full_through_a_hostfile_saves_a_normal_model(tiny_model_dir, alpa
     assert result.exports == [out / "probe-export.json"]
 
 
-@pytest.mark.xfail(reason="took 176 s against a 150 s limit in the merged suite under heavy load (rank 0 waited in a collective); to be rechecked on an idle machine", strict=False)
 def test_a_failing_rank_stops_the_whole_run(tiny_model_dir, alpaca_file, tmp_path):
     out = tmp_path / "fails"
-    started = time.time()
-    proc = ftcore_cli(base_args(tiny_model_dir, alpaca_file, out, "deepspeed-zero,lora,alpaca,dstest-fail")
-                      + ["--num-processes", "2"],
-                      env_extra={"FTCORE_TEST_FAIL_RANK": "1", "FTCORE_TEST_FAIL_STEP": "2"})
-    ranks: set[int] = set()
-    while proc.poll() is None:      # remember the ranks' pids, to check none is left behind
-        try:
-            for child in psutil.Process(proc.pid).children(recursive=True):
-                ranks.add(child.pid)
-        except psutil.NoSuchProcess:
-            pass
-        time.sleep(0.5)
-    output = proc.stdout.read()
-    elapsed = time.time() - started
+    log = tmp_path / "output.txt"
+    with open(log, "w") as sink:
+        proc = ftcore_cli(base_args(tiny_model_dir, alpaca_file, out, "deepspeed-zero,lora,alpaca,dstest-fail")
+                          + ["--num-processes", "2"],
+                          env_extra={"FTCORE_TEST_FAIL_RANK": "1", "FTCORE_TEST_FAIL_STEP": "2"}, stdout=sink)
+        ranks: set[int] = set()
+        failed_at = None
+        deadline = time.time() + 900
+        while proc.poll() is None and time.time() < deadline:
+            try:      # remember the ranks' pids, to check that none is left behind
+                ranks.update(c.pid for c in psutil.Process(proc.pid).children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+            if failed_at is None and "injected failure" in log.read_text():
+                failed_at = time.time()
+            time.sleep(0.25)
+        finish([proc], timeout=1)
+    ended = time.time()
+    output = log.read_text()
     assert proc.returncode == 1, output                       # the failing rank's own exit status
     assert "RuntimeError: injected failure on rank 1 at step 2" in output
     assert "rank 1 failed with exit status 1" in output
-    assert elapsed < 150, f"took {elapsed:.0f}s: rank 0 was left waiting in a collective"
+    assert failed_at is not None and ended - failed_at < 60, "rank 0 was left waiting in a collective"
     assert ranks and not [p for p in ranks if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
     assert not (out / "adapter").exists() and not (out / "summary.json").exists()
