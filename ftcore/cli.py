@@ -109,6 +109,8 @@ def plugins_cmd(as_json: bool) -> None:
 
 from ftcore.merge import merge_command  # noqa: E402  (command in its own module)
 main.add_command(merge_command)
+from ftcore.estimate import estimate_command  # noqa: E402  (command in its own module)
+main.add_command(estimate_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
