@@ -32,20 +32,38 @@ def ftcore_config_schema():
     return LoraSettings
 
 
-def lora_config(settings: LoraSettings, ctx: Any) -> Any:
-    """The PEFT LoraConfig for these settings; new tokens (added by a format) get trainable rows."""
+def lora_config(settings: LoraSettings, ctx: Any, model: Any = None) -> Any:
+    """The PEFT LoraConfig for these settings.
+
+    Tokens a format added (ChatML markers, say) get trainable rows in the input embeddings and,
+    when the model does not tie them, in the output layer too: otherwise the model could not learn
+    to predict them (``<|im_end|>`` ends every answer).
+    """
     from peft import LoraConfig
 
     extra: dict[str, Any] = {}
     new_ids = new_token_ids(ctx)
     if new_ids:
         extra["trainable_token_indices"] = {"embed_tokens": new_ids}
+        head = untied_output_name(model)
+        if head:
+            extra["trainable_token_indices"][head] = new_ids
     return LoraConfig(
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
         target_modules=settings.target_modules, bias=settings.bias, use_rslora=settings.use_rslora,
         use_dora=settings.use_dora, modules_to_save=settings.modules_to_save or None,
         layers_to_transform=settings.layers_to_transform, init_lora_weights=settings.init_lora_weights,
         task_type="CAUSAL_LM", **extra)
+
+
+def untied_output_name(model: Any) -> str | None:
+    """The output layer's module name when it does not share the input embeddings' weight."""
+    if model is None or model.get_output_embeddings() is None:
+        return None
+    head = model.get_output_embeddings()
+    if head.weight is model.get_input_embeddings().weight:
+        return None
+    return next((n for n, m in model.named_modules() if m is head), None)
 
 
 def new_token_ids(ctx: Any) -> list[int]:
@@ -61,7 +79,7 @@ def ftcore_load_model(model_path: str, tokenizer: Any, config: Any, ctx: Any) ->
     model = load_base_model(model_path, tokenizer, config, ctx)
     if config.training.gradient_checkpointing:
         model.enable_input_require_grads()
-    return get_peft_model(model, lora_config(config.section(NAME), ctx))
+    return get_peft_model(model, lora_config(config.section(NAME), ctx, model))
 
 
 @ftcore.hookimpl
