@@ -165,6 +165,8 @@ main.add_command(generate_cmd)
 main.add_command(chat_cmd)
 main.add_command(init_cmd)
 
+from ftcore.estimate import estimate_command  # noqa: E402  (command in its own module)
+main.add_command(estimate_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

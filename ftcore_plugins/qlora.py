@@ -77,7 +77,7 @@ def ftcore_load_model(model_path: str, tokenizer: Any, config: Any, ctx: Any) ->
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=settings.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False})
-    return get_peft_model(model, lora_config(config.section("lora"), ctx))
+    return get_peft_model(model, lora_config(config.section("lora"), ctx, model))
 
 
 def keep_cpu_layout_trainable(model: Any) -> None:

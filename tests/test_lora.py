@@ -13,7 +13,7 @@ from conftest import tiny_config
 from ftcore.engine import RunContext
 
 
-def _load(tiny_model_dir, tmp_path, lora: dict):
+def _load(tiny_model_dir, tmp_path, lora: dict, added: list[str] = ()):
     """Resolve a config with this lora section and load the model through the plugin's hook (no training)."""
     from ftcore_plugins import lora as lora_plugin
     from transformers import AutoTokenizer
@@ -22,6 +22,9 @@ def _load(tiny_model_dir, tmp_path, lora: dict):
                                       "output_dir": str(tmp_path / "o")}, log=lambda m: None)
     ctx = RunContext(config=config, plugins=plugins, output_dir=tmp_path)
     ctx.tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    if added:
+        ctx.tokenizer.add_special_tokens({"additional_special_tokens": list(added)})
+        ctx.added_tokens = list(added)
     model = lora_plugin.ftcore_load_model(model_path=str(tiny_model_dir), tokenizer=ctx.tokenizer,
                                           config=config, ctx=ctx)
     return model, model.peft_config["default"]
@@ -52,6 +55,14 @@ def test_each_option_reaches_the_lora_config_and_the_model(tiny_model_dir, tmp_p
     assert type(model.base_model.model.lm_head).__name__ == "ModulesToSaveWrapper"
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("lm_head.modules_to_save" in n for n in trainable)
+
+
+def test_tokens_a_format_adds_are_trainable_in_and_out(tiny_model_dir, tmp_path):
+    model, cfg = _load(tiny_model_dir, tmp_path, {}, added=["<|im_start|>", "<|im_end|>"])
+    vocab = model.get_input_embeddings().weight.shape[0]
+    assert cfg.trainable_token_indices == {"embed_tokens": [vocab - 2, vocab - 1], "lm_head": [vocab - 2, vocab - 1]}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens" in n]
+    assert any("embed_tokens" in n for n in trainable) and any("lm_head" in n for n in trainable)
 
 
 def test_bad_lora_option_is_a_config_error_naming_the_key(tiny_model_dir, tmp_path):
