@@ -176,6 +176,51 @@ def install_atomic_saves(trainer: Any, counter: Any) -> None:
     trainer._save_checkpoint = atomic_save
 
 
+def install_rng_neutral_evaluation(trainer: Any) -> None:
+    """Evaluate without drawing from the training's random streams.
+
+    The eval dataloader draws a seed from torch's global generator, so an evaluation between two
+    steps would shift the dropout masks of every later step. A checkpoint saved just before an
+    evaluation (the last step of an epoch, say) would then resume onto different masks than the
+    uninterrupted run used. With the streams restored after each evaluation, a run's training is
+    the same whatever its evaluation schedule, and a resume reproduces it exactly.
+    """
+    evaluate = trainer.evaluate
+
+    def neutral_evaluate(*args: Any, **kwargs: Any) -> Any:
+        with preserved_rng():
+            return evaluate(*args, **kwargs)
+
+    trainer.evaluate = neutral_evaluate
+
+
+class preserved_rng:  # noqa: N801  (used as a context manager)
+    """Save python's, numpy's and torch's (CPU and accelerator) random states; restore them on exit."""
+
+    def __enter__(self) -> "preserved_rng":
+        import random
+
+        import numpy as np
+        import torch
+
+        self.states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                       torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import random
+
+        import numpy as np
+        import torch
+
+        py, npy, cpu, cuda = self.states
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 def _finish(staged: Path, final: Path, trainer: Any, counter: Any) -> None:
     from transformers.trainer_utils import rotate_checkpoints
 

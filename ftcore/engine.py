@@ -319,6 +319,7 @@ def train(trainer: Any, collator: Any, resume_from: Path | None, ctx: RunContext
     out = ctx.output_dir
     checkpoints.clean_staging(out)
     checkpoints.install_atomic_saves(trainer, collator.counter)
+    checkpoints.install_rng_neutral_evaluation(trainer)
     if resume_from is not None:
         marker = checkpoints.read_marker(resume_from)
         checkpoints.trim_metrics(out / "metrics.jsonl", int(marker.get("step", 0)))

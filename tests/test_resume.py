@@ -43,6 +43,25 @@ def test_sigkill_mid_epoch_then_resume_auto_reproduces_every_step(resumable, tmp
     assert summary["metrics"]["steps"] == 12
 
 
+@pytest.mark.slow
+def test_resume_from_the_epochs_last_checkpoint_reproduces_the_next_epoch(resumable, tmp_path):
+    """Step 6 ends epoch 1 and is checkpointed before the epoch's evaluation: the resumed epoch 2 must
+    draw the same dropout masks as the uninterrupted run, so evaluation may not consume training randomness."""
+    config, reference = resumable
+    out = tmp_path / "out"
+    proc = start(config, out)
+    wait_for_step(proc, out, 7)
+    send(proc, signal.SIGKILL)
+    finish(proc)
+    newest = checkpoints.newest_complete(out)
+    assert newest is not None and checkpoints.step_of(newest) >= 6
+
+    rc, log = run(config, out, "--resume", "auto", log_name="resume.log")
+    assert rc == 0, log
+    assert f"resuming from {newest}" in log
+    assert_same_training(out, reference)
+
+
 SLOW_SAVE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
