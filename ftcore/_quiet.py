@@ -7,13 +7,18 @@ import os
 import warnings
 
 
-def quiet_libraries() -> None:
+def quiet_loggers() -> None:
+    """The cheap part, safe before any library is imported (bitsandbytes warns at import time)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*kernels.*")
     for name in ("bitsandbytes", "DeepSpeed", "deepspeed", "accelerate", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def quiet_libraries() -> None:
+    quiet_loggers()
     try:
         import datasets
 

@@ -49,6 +49,9 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.version_option(package_name="ftcore")
 def main() -> None:
     """ftcore: fine-tune open LLMs with LoRA, QLoRA or full fine-tuning, through plugins."""
+    from ftcore._quiet import quiet_loggers
+
+    quiet_loggers()   # before any command imports a library that warns on import
 
 
 def run_flags(plugins: str | None, model: str | None, data: tuple[str, ...], output: str | None,
