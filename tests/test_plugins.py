@@ -16,7 +16,9 @@ from ftcore import plugins as plugins_mod
 from ftcore.cli import main
 from ftcore.errors import PluginError
 
-BUNDLED = {"alpaca": "format", "chatml": "format", "lora": "adapter", "full": "adapter"}
+BUNDLED = {"alpaca": "format", "chatml": "format", "lora": "adapter", "full": "adapter", "qlora": "adapter",
+           "paged-adamw-8bit": "optimizer", "deepspeed-zero": "strategy", "gguf-export": "exporter",
+           "merge": "exporter"}
 
 
 def test_bundled_plugins_are_real_entry_points_of_the_installed_package():
