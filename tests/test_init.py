@@ -15,6 +15,7 @@ from ftcore.cli import main
 from ftcore.config import CORE_KEYS, RunConfig
 from ftcore.init_cli import DATA_PLACEHOLDER, MODEL_PLACEHOLDER, TEMPLATES
 from ftcore.plugins import installed_entry_points
+from conftest import write_jsonl
 
 
 def _init(tmp_path, *args):
@@ -46,7 +47,7 @@ def test_template_is_commented_yaml_with_valid_core_keys(template, tmp_path):
 @pytest.mark.parametrize("template", list(TEMPLATES))
 def test_filled_template_passes_dry_run_when_its_plugins_are_installed(template, tmp_path, tiny_model_dir,
                                                                         alpaca_file):
-    """qlora and deepspeed-zero come from other plugins: until installed, the run names them as missing."""
+    """All three templates' plugins are bundled; a trimmed install without one names it as missing."""
     target = tmp_path / "cfg.yaml"
     _init(tmp_path, str(target), "--template", template)
     text = target.read_text().replace(MODEL_PLACEHOLDER, str(tiny_model_dir)).replace(DATA_PLACEHOLDER,
@@ -77,18 +78,38 @@ def test_init_lists_templates():
     assert res.exit_code == 0 and [line.split()[0] for line in res.stdout.splitlines()] == list(TEMPLATES)
 
 
-def test_lora_alpaca_template_runs_as_written(tmp_path, tiny_model_dir, alpaca_file):
-    """The default template, with only model and data filled in (by the flags), trains for real."""
+def _chat_records(n: int) -> list[dict]:
+    return [{"messages": [{"role": "system", "content": "You add numbers."},
+                          {"role": "user", "content": f"What is {a} plus {a}?"},
+                          {"role": "assistant", "content": f"It is {2 * a}."}]} for a in range(n)]
+
+
+RUNS_AS_WRITTEN = [
+    # template, extra `ftcore run` arguments the template's own header says to use, its output dir, its adapter
+    pytest.param("lora-alpaca", [], "runs/lora-alpaca", id="lora-alpaca"),
+    pytest.param("qlora-chatml", [], "runs/qlora-chatml", id="qlora-chatml"),   # bitsandbytes 4-bit, on this CPU
+    pytest.param("deepspeed", ["--num-processes", "2"], "runs/lora-deepspeed", id="deepspeed",
+                 marks=pytest.mark.slow),                                          # two ZeRO ranks over gloo
+]
+
+
+@pytest.mark.parametrize("template, run_args, out_dir", RUNS_AS_WRITTEN)
+def test_template_runs_as_written(template, run_args, out_dir, tmp_path, tiny_model_dir, alpaca_file):
+    """Each template, with only model and data filled in (by the flags), trains for real as its header says."""
+    data = alpaca_file if template != "qlora-chatml" else write_jsonl(tmp_path / "chat.jsonl", _chat_records(24))
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "ftcore.cli"]
-    proc = subprocess.run([*cmd, "init", "--model", str(tiny_model_dir), "--data", str(alpaca_file)], cwd=tmp_path,
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run([*cmd, "init", "--template", template, "--model", str(tiny_model_dir), "--data", str(data)],
+                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "ftcore.yaml").exists() and "FILL IN" in (tmp_path / "ftcore.yaml").read_text()
-    proc = subprocess.run([*cmd, "run", "ftcore.yaml", "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    out = tmp_path / "runs" / "lora-alpaca"
+    text = (tmp_path / "ftcore.yaml").read_text()
+    assert "FILL IN" in text and MODEL_PLACEHOLDER not in text and DATA_PLACEHOLDER not in text
+    proc = subprocess.run([*cmd, "run", "ftcore.yaml", "--no-progress", *run_args], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = tmp_path / out_dir
     assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "report.html").exists()
     summary = yaml.safe_load((out / "summary.json").read_text())
     assert summary["metrics"]["epochs"] == 3 and summary["metrics"]["eval_loss"] is not None
+    plugins = [p["name"] for p in yaml.safe_load((out / "plugins.json").read_text())]
+    assert set(yaml.safe_load(text)["plugins"]) <= set(plugins)
