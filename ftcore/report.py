@@ -85,15 +85,24 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+def plot_series(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """What each plot draws, by plot name and line label: ``(step, value)`` points from metrics.jsonl rows."""
+    return {
+        "loss": {"train loss": [(r["step"], r["loss"]) for r in rows if "loss" in r],
+                 "eval loss": [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]},
+        "learning_rate": {"learning rate": [(r["step"], r["learning_rate"]) for r in rows if "learning_rate" in r]},
+        "throughput": {"tokens / s": [(r["step"], r["tokens_per_s"]) for r in rows
+                                      if "loss" in r and r.get("tokens_per_s")]},
+    }
+
+
 def make_plots(rows: list[dict[str, Any]]) -> dict[str, bytes]:
     """PNG bytes by name: loss (train and eval), learning_rate, throughput."""
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    lrs = [(r["step"], r["learning_rate"]) for r in rows if "learning_rate" in r]
-    speed = [(r["step"], r["tokens_per_s"]) for r in rows if "loss" in r and r.get("tokens_per_s")]
+    series = plot_series(rows)
     plots: dict[str, bytes] = {}
 
     fig, ax = _figure("Loss", "loss")
+    train, evals = series["loss"]["train loss"], series["loss"]["eval loss"]
     if train:
         ax.plot(*zip(*train), label="train loss", color="#1f77b4")
     if evals:
@@ -103,12 +112,14 @@ def make_plots(rows: list[dict[str, Any]]) -> dict[str, bytes]:
     plots["loss"] = _png(fig)
 
     fig, ax = _figure("Learning rate", "learning rate")
+    lrs = series["learning_rate"]["learning rate"]
     if lrs:
         ax.plot(*zip(*lrs), color="#2ca02c")
         ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     plots["learning_rate"] = _png(fig)
 
     fig, ax = _figure("Throughput", "tokens / s")
+    speed = series["throughput"]["tokens / s"]
     if speed:
         ax.plot(*zip(*speed), color="#9467bd")
     plots["throughput"] = _png(fig)

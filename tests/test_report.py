@@ -9,7 +9,7 @@ from html.parser import HTMLParser
 import pytest
 from PIL import Image
 
-from ux_runs import shared_run
+from ux_runs import metric_rows, shared_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -146,3 +146,37 @@ def test_samples_are_real_generations_before_and_after_training(run, page, tiny_
         ids = tok(prompt, add_special_tokens=True)["input_ids"]   # alpaca renders with BOS
         assert before == tok.decode(generate_ids(base, tok, ids, 6), skip_special_tokens=True)
         assert after == tok.decode(generate_ids(trained, tok, ids, 6), skip_special_tokens=True)
+
+
+def test_loss_plot_draws_the_train_and_eval_loss_curves(run):
+    """The loss PNG is drawn from both series of metrics.jsonl: without the eval points it is another image."""
+    from ftcore.report import make_plots, plot_series
+
+    rows = metric_rows(run)
+    series = plot_series(rows)["loss"]
+    assert series["train loss"] == [(r["step"], r["loss"]) for r in rows if "loss" in r] and len(series["train loss"]) == 10
+    assert series["eval loss"] == [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    assert len({step for step, _ in series["eval loss"]}) >= 5       # evaluations at the start and every 2 steps
+    drawn = make_plots(rows)["loss"]
+    assert drawn == (run.output_dir / "plots" / "loss.png").read_bytes()
+    without_eval = make_plots([{k: v for k, v in r.items() if k != "eval_loss"} for r in rows])["loss"]
+    _check_png(without_eval)
+    assert without_eval != drawn
+
+
+def test_samples_come_from_the_held_out_prompts(run, page):
+    """The report's prompts are the first held-out examples of the run's own data split, and it says so."""
+    from transformers import AutoTokenizer
+
+    import ftcore
+    from ftcore import data as data_mod
+    from ftcore.callbacks import sample_prompts
+
+    config, plugins = ftcore.resolve(str(run.output_dir / "config.yaml"), log=lambda m: None)
+    tok = AutoTokenizer.from_pretrained(str(run.model_dir))
+    prepared = data_mod.prepare(config, plugins, tok, log=lambda m: None)
+    held_out = [p["prompt"] for p in sample_prompts(prepared.eval, tok, 2)]
+    training = {p["prompt"] for p in sample_prompts(prepared.train, tok, len(prepared.train))}
+    assert [row[0] for row in page.sample_rows] == held_out
+    assert not training & set(held_out)
+    assert "Greedy generations from held-out prompts" in run.report_path.read_text(encoding="utf-8")
