@@ -44,6 +44,36 @@ def test_mkdocs_builds_strict(tmp_path):
         assert (tmp_path / "site" / page).exists(), page
 
 
+def _nav_pages(entries) -> list[tuple[str, str]]:
+    out = []
+    for entry in entries:
+        for title, value in entry.items():
+            out += _nav_pages(value) if isinstance(value, list) else [(title, value)]
+    return out
+
+
+def test_every_use_has_a_recipe_in_the_nav():
+    """Quickstart, the generated reference and one page per use the project promises, all reachable from the nav."""
+    import yaml
+
+    nav = dict(_nav_pages(yaml.safe_load((REPO / "mkdocs.yml").read_text(encoding="utf-8"))["nav"]))
+    wanted = {"Quickstart": "quickstart.md", "Configuration": "reference/configuration.md",
+              "QLoRA on a 7B model on one 24 GB GPU": "recipes/qlora-7b-24gb.md",
+              "Multi-GPU and multi-node with DeepSpeed": "recipes/multi-gpu-deepspeed.md",
+              "Exporting to llama.cpp and Ollama": "recipes/llama-cpp-and-ollama.md",
+              "Embedding ftcore in an application": "recipes/embedding.md", "Writing a plugin": "plugins.md"}
+    for title, page in wanted.items():
+        assert nav.get(title) == page, title
+    for page in nav.values():
+        assert (REPO / "docs" / page).is_file(), page
+    words = {"recipes/qlora-7b-24gb.md": ("24 GB", "qlora"), "recipes/multi-gpu-deepspeed.md": ("--num-machines",),
+             "recipes/llama-cpp-and-ollama.md": ("ollama", "gguf"), "recipes/embedding.md": ("ftcore.run(",),
+             "plugins.md": ("hookimpl", "entry-points")}
+    for page, needed in words.items():
+        text = (REPO / "docs" / page).read_text(encoding="utf-8").lower()
+        assert all(w.lower() in text for w in needed), page
+
+
 def test_documented_flags_and_commands_exist():
     runner = CliRunner()
     run_help = runner.invoke(main, ["run", "--help"]).output

@@ -132,6 +132,21 @@ def test_live_display_in_a_terminal(tiny_model_dir, alpaca_file, tmp_path):
     assert re.search(r"│ peak memory\s+│ [\d.]+ [KMG]iB RSS", plain), plain[-3000:]   # over 1 GiB in a fresh venv
 
 
+@pytest.mark.slow
+def test_no_progress_in_a_terminal_gives_plain_lines(tiny_model_dir, alpaca_file, tmp_path):
+    code, screen = _run_in_pty(_cli(
+        "--model", str(tiny_model_dir), "--data", str(alpaca_file), "--output", str(tmp_path / "run"), "--no-progress",
+        "--set", "training.epochs=1", "--set", "training.gradient_accumulation=1", "--set", "data.val_size=4",
+        "--set", "data.max_length=128", "--set", "training.logging_steps=1", "--set", "report.samples=0"))
+    assert code == 0, screen[-3000:]
+    assert "\x1b[?25l" not in screen and "\x1b[2K" not in screen      # no live display, though stderr is a terminal
+    lines = screen.replace("\r\n", "\n").split("\n")
+    assert "preparing data..." in lines and "training: 5 steps, 1 epoch" in lines and "exporting..." in lines
+    steps = [l for l in lines if re.match(r"step \d/5 epoch [\d.]+ loss=.* learning_rate=\S+ .*tok/s=\d+ eta ", l)]
+    assert len(steps) == 5
+    assert any(re.match(r"│ peak memory\s+│", l) for l in lines)           # the summary table, as plain text
+
+
 def test_json_dry_run_is_one_json_event(tiny_model_dir, alpaca_file, tmp_path):
     res = CliRunner().invoke(main, ["run", "--model", str(tiny_model_dir), "--data", str(alpaca_file), "-o",
                                     str(tmp_path / "o"), "--log-format", "json", "--dry-run"])

@@ -67,3 +67,25 @@ def test_a_missing_tracker_package_is_a_config_error_naming_it(tiny_model_dir, t
                         lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a))
     with pytest.raises(ftcore.ConfigError, match=r"pip install tensorboard"):
         _resolve(tiny_model_dir, tmp_path, ["tensorboard"])
+
+
+def test_no_tracker_by_default(tiny_model_dir, alpaca_file, tmp_path):
+    """Without training.report_to the trainer gets no integration callback (not even an installed one)."""
+    from conftest import tiny_config
+
+    seen = {}
+
+    class Probe:
+        @ftcore.hookimpl
+        def ftcore_trainer_created(self, trainer, ctx):
+            seen["report_to"] = trainer.args.report_to
+            seen["callbacks"] = [type(cb).__name__ for cb in trainer.callback_handler.callbacks]
+
+    config = tiny_config(tiny_model_dir, alpaca_file, tmp_path / "out")
+    config["report"] = {"samples": 0}
+    assert ftcore.resolve(config, log=lambda m: None)[0].training.report_to == []
+    result = ftcore.run(config, plugins=[Probe()], log=lambda m: None)
+    assert seen["report_to"] in ([], ["none"], "none")
+    integrations = {"TensorBoardCallback", "TrackioCallback", "MLflowCallback", "WandbCallback"}
+    assert not integrations & set(seen["callbacks"]), seen["callbacks"]
+    assert "tracker_dirs" not in result.metrics and not (result.output_dir / "tensorboard").exists()
