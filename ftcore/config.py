@@ -88,13 +88,12 @@ class TrainingConfig(Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 where supported, else fp32.")
     gradient_checkpointing: bool = Field(False)
     seed: int = Field(42)
-    report_to: list[str] = Field(default_factory=list, description="Trackers: tensorboard, mlflow, wandb, trackio.")
+    report_to: list[str] = Field(default_factory=list,
+                                 description="Experiment trackers: tensorboard, trackio, mlflow, wandb (or none).")
     sparse_logits: bool = Field(True, description="Compute logits and loss only where the next token is supervised "
                                 "(same loss, less work); false: the model's own full-logits loss.")
     packed_attention: bool = Field(True, description="With packing, attend within each example instead of over the "
                                    "whole packed row with a mask (same result, less work); false: the model's attention.")
-    report_to: list[str] = Field(default_factory=list,
-                                 description="Experiment trackers: tensorboard, trackio, mlflow, wandb (or none).")
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many evaluations without a better eval loss and keep the best "
         "checkpoint; needs save_strategy equal to eval_strategy.")
