@@ -8,7 +8,8 @@ import ftcore
 from ftcore import models
 
 
-def test_builtin_model_is_built_offline_once_and_loads(monkeypatch):
+def test_builtin_model_is_built_offline_once_and_loads(monkeypatch, tmp_path):
+    monkeypatch.setenv("FTCORE_CACHE", str(tmp_path))   # empty: other tests may have built it in the session cache
     real = models.pretrain
     calls = []
 
