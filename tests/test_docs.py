@@ -85,3 +85,14 @@ def test_documented_flags_and_commands_exist():
     for option in ("--max-new-tokens", "--temperature", "--top-p", "--seed", "--dtype", "--chat-template", "--system"):
         assert option in trying
         assert option in runner.invoke(main, ["generate", "--help"]).output + runner.invoke(main, ["chat", "--help"]).output
+
+
+def test_readme_shows_the_latest_benchmark_tables_and_command():
+    results = (REPO / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    command = re.search(r"Produced by `([^`]+)`", results).group(1)
+    assert f"`{command}`" in readme
+    rows = [line for line in results.splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + 3 + 2 + 2          # both tables: headers, separators, three trainers, two ratios
+    for line in rows:
+        assert line in readme.splitlines(), f"README.md does not show the latest benchmark row: {line}"
