@@ -99,6 +99,7 @@ class Estimate:
     trainable_params: int
     gradient_checkpointing: bool
     notes: list[str] = field(default_factory=list)
+    selected: bool = True        # named with --plugins (every method is, when none is named)
 
     @property
     def total(self) -> int:
@@ -237,21 +238,28 @@ def estimate_method(shape: ModelShape, method: str, seq_len: int = 2048, batch: 
 def estimate(model: str | Path | dict[str, Any], plugins: list[str] = (), seq_len: int = 2048, batch: int = 4,
              gradient_checkpointing: bool = False, precision: str = "bf16", lora_r: int = 16,
              lora_targets: list[str] | str = ATTENTION) -> dict[str, Any]:
-    """Estimate every method named in ``plugins`` (all three when none is): the library behind `ftcore estimate`."""
+    """Estimate every method (full, LoRA, QLoRA): the library behind `ftcore estimate`.
+
+    All three are always estimated, side by side as in the reference recipe's table; the
+    ones named in ``plugins`` (all, when none is) are marked ``selected``.
+    """
     if seq_len < 1 or batch < 1 or lora_r < 1:
         raise ConfigError("--seq-len, --batch and --lora-r must be positive.")
     config = load_config(model)
     shape = model_shape(config, name=str(model) if not isinstance(model, dict) else "config")
-    methods = [p for p in plugins if p in METHODS] or list(METHODS)
+    selected = [p for p in plugins if p in METHODS] or list(METHODS)
     eight_bit = any(p in EIGHT_BIT_OPTIMIZERS for p in plugins)
     rows = [estimate_method(shape, m, seq_len, batch, gradient_checkpointing, precision, eight_bit, lora_r,
-                            lora_targets) for m in methods]
+                            lora_targets) for m in METHODS]
+    for row in rows:
+        row.selected = row.method in selected
     return {
         "model": shape.name, "params": shape.params, "layers": shape.layers, "hidden": shape.hidden,
         "vocab": shape.vocab, "seq_len": seq_len, "batch": batch, "precision": precision,
         "gradient_checkpointing": gradient_checkpointing,
         "optimizer": "8-bit AdamW" if eight_bit else "AdamW", "lora_r": lora_r,
         "lora_targets": lora_targets if isinstance(lora_targets, str) else list(lora_targets),
+        "selected": [m for m in METHODS if m in selected],
         "methods": [r.as_dict() for r in rows], "assumptions": ASSUMPTIONS,
     }
 
@@ -281,11 +289,14 @@ def print_table(result: dict[str, Any]) -> None:
     title = (f"{result['model']}: {result['params'] / 1e9:.2f}B params, batch {result['batch']} x seq "
              f"{result['seq_len']}, {result['precision']}, {result['optimizer']}, gradient checkpointing "
              f"{'on' if result['gradient_checkpointing'] else 'off'}")
-    table = Table(title=title)
+    marked = len(result["selected"]) < len(result["methods"])
+    table = Table(title=title, caption="* the method named with --plugins" if marked else None)
     for col in ("method", "weights GB", "gradients GB", "optimizer GB", "activations GB", "total GB", "trainable"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in result["methods"]:
         name = r["method"] + (" (ckpt)" if r["gradient_checkpointing"] and not result["gradient_checkpointing"] else "")
+        if marked and r["selected"]:
+            name = f"[bold]* {name}[/bold]"
         table.add_row(name, _gb(r["weights"]), _gb(r["gradients"]), _gb(r["optimizer"]), _gb(r["activations"]),
                       f"[bold]{_gb(r['total'])}[/bold]", f"{r['trainable_params']:,d}")
     console = Console(width=max(110, Console().width))
@@ -297,8 +308,9 @@ def print_table(result: dict[str, Any]) -> None:
 
 @click.command("estimate")
 @click.option("--model", "-m", required=True, help="Model folder, its config.json, or ftcore:tiny-llama (no weights are read).")
-@click.option("--plugins", "-p", default="", help="Methods to show (full, lora, qlora; default all) and an 8-bit "
-              "optimizer plugin (paged-adamw-8bit); other plugins do not change the estimate.")
+@click.option("--plugins", "-p", default="", help="The run's plugins: the adapter method among them (full, lora, "
+              "qlora) is marked in the table of all three; paged-adamw-8bit switches to 8-bit optimizer state; "
+              "other plugins do not change the estimate.")
 @click.option("--seq-len", default=2048, show_default=True, help="Tokens per sequence.")
 @click.option("--batch", default=4, show_default=True, help="Sequences per device per step.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False, show_default=True,

@@ -44,7 +44,9 @@ def test_options_move_the_figures_the_right_way():
     longer = {r["method"]: r for r in estimate(LLAMA2_7B, seq_len=4096)["methods"]}
     assert longer["lora"]["activations"] == pytest.approx(2 * base["lora"]["activations"], rel=1e-9)
     eight = {r["method"]: r for r in estimate(LLAMA2_7B, plugins=["full", "paged-adamw-8bit"])["methods"]}
-    assert list(eight) == ["full"] and eight["full"]["optimizer"] < base["full"]["optimizer"] / 3.9
+    assert list(eight) == ["full", "lora", "qlora"]                         # all three, always
+    assert [m for m, r in eight.items() if r["selected"]] == ["full"]       # the one named is marked
+    assert eight["full"]["optimizer"] < base["full"]["optimizer"] / 3.9
     wide = {r["method"]: r for r in estimate(LLAMA2_7B, plugins=["lora"], lora_targets="all-linear",
                                               lora_r=8)["methods"]}
     assert wide["lora"]["trainable_params"] == 32 * 8 * (4 * 8192 + 3 * (4096 + 11008))
@@ -64,12 +66,19 @@ def test_cli_reads_a_folder_without_weights_a_config_path_or_a_builtin(tmp_path)
     assert [r["method"] for r in rows] == ["full", "lora", "qlora"]
     assert all(set(r) >= {"weights", "gradients", "optimizer", "activations", "total"} for r in rows)
     picked = json.loads(by_file.output)
-    assert [r["method"] for r in picked["methods"]] == ["qlora"] and picked["seq_len"] == 1024
+    # `--plugins qlora` still shows every method (the recipe's table), with qlora marked as the chosen one
+    assert [r["method"] for r in picked["methods"]] == ["full", "lora", "qlora"] and picked["seq_len"] == 1024
+    assert picked["selected"] == ["qlora"] and [r["selected"] for r in picked["methods"]] == [False, False, True]
+    assert all(r["gradient_checkpointing"] for r in picked["methods"])
     assert picked["assumptions"]
     table = runner.invoke(main, ["estimate", "-m", "ftcore:tiny-llama", "--precision", "fp32"])
     assert table.exit_code == 0, table.output
     for word in ("weights", "gradients", "optimizer", "activations", "full", "lora", "qlora", "Assumptions"):
         assert word in table.output
+    assert "*" not in table.output        # nothing named with --plugins: no method marked
+    marked = runner.invoke(main, ["estimate", "-m", str(folder), "--plugins", "qlora,chatml"])
+    assert marked.exit_code == 0, marked.output
+    assert "* qlora" in marked.output and "* lora" not in marked.output and "full" in marked.output
 
 
 @pytest.mark.parametrize("args, expect", [
@@ -119,8 +128,9 @@ def test_estimate_is_within_35_percent_of_measured_peaks(tmp_path):
     on_gpu = measured[0]["device"] == "cuda"
     precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
     for method, got in zip(methods, measured):
-        est = estimate(str(model), [method], seq_len=SEQ, batch=BATCH, gradient_checkpointing=True,
-                       precision=precision)["methods"][0]
+        rows = estimate(str(model), [method], seq_len=SEQ, batch=BATCH, gradient_checkpointing=True,
+                        precision=precision)["methods"]
+        est = next(r for r in rows if r["method"] == method)
         ratio = est["total"] / got["peak"]
         assert 0.65 <= ratio <= 1.35, f"{method}: estimate {est['total'] / 1e6:.1f} MB, measured " \
                                       f"{got['peak'] / 1e6:.1f} MB ({got})"
