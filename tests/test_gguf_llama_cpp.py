@@ -271,3 +271,32 @@ def test_qlora_adapter_is_merged_into_the_unquantized_base(tiny_models, tmp_path
     references = transformers_logits(tmp_path / "merged", SAMPLES[:2])
     for (ids, expected), got in zip(references, llama_cpp_logits(out, [ids for ids, _ in references])):
         assert float(np.abs(got - expected).max()) <= TOLERANCE["f32"] * float(np.abs(expected).max())
+
+
+def test_qlora_run_exports_the_adapter_merged_into_the_unquantized_base(tiny_models, tmp_path):
+    """A real qlora run (4-bit NF4 base on this CPU) with gguf-export: the GGUF holds the fp32 base + adapter."""
+    from safetensors.numpy import load_file
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Add {a} and {a + 1}.", "input": "",
+                                        "output": str(2 * a + 1)}) + "\n" for a in range(16)))
+    config = {"plugins": ["qlora", "alpaca", "gguf-export"], "model": str(tiny_models["llama"]),
+              "data": {"datasets": [str(data)], "max_length": 64, "val_size": 0},
+              "training": {"epochs": 1, "batch_size": 4, "gradient_accumulation": 1, "learning_rate": 2e-2,
+                           "logging_steps": 10, "save_strategy": "no", "eval_strategy": "no"},
+              "lora": {"r": 8}, "gguf-export": {"quant": "f32"}, "output_dir": str(tmp_path / "run")}
+    result = ftcore.run(config, **QUIET)
+    gguf_file = result.exports[0]
+    assert result.model_dir.name == "adapter" and gguf_file.suffix == ".gguf"
+    # A layer LoRA did not touch (default targets: attention) is the base's fp32 weight, bit for bit:
+    # nothing was rounded onto the 4-bit grid the adapter was trained on.
+    exported = {t.name: np.array(t.data) for t in GGUFReader(gguf_file).tensors}
+    base_weights = load_file(str(tiny_models["llama"] / "model.safetensors"))
+    assert np.array_equal(exported["blk.0.ffn_up.weight"], base_weights["model.layers.0.mlp.up_proj.weight"])
+    texts = SAMPLES[:2]
+    merged = merged_reference(result, texts)
+    base = transformers_logits(tiny_models["llama"], texts)
+    for (ids, expected), (_, before), got in zip(merged, base, llama_cpp_logits(gguf_file, [i for i, _ in merged])):
+        scale = float(np.abs(expected).max())
+        assert float(np.abs(got - expected).max()) <= TOLERANCE["f32"] * scale
+        assert float(np.abs(got - before).max()) > 100 * TOLERANCE["f32"] * scale   # the adapter changed it
