@@ -212,3 +212,27 @@ def test_hostfile_command_reaches_every_machine(tmp_path):
     hosts.write_text("node-a slots=8\nnode-b eight\n")
     with pytest.raises(ftcore.ConfigError, match=r"hostfile:2: expected 'HOST slots=N'"):
         deepspeed_zero.deepspeed_launcher_command(argv, launch)
+
+
+@pytest.mark.parametrize("plugins, stage, reason", [
+    (["deepspeed-zero", "lora", "alpaca", "paged-adamw-8bit"], 2,
+     '"paged-adamw-8bit" builds its own optimizer.*ZeRO owns the optimizer'),
+    (["deepspeed-zero", "qlora", "alpaca"], 3, '"qlora" loads 4-bit quantized base weights.*stage=2'),
+], ids=["paged-adamw-8bit", "qlora-zero3"])
+def test_bundled_plugins_that_cannot_work_with_zero_are_refused(plugins, stage, reason, tiny_model_dir,
+                                                                 alpaca_file, tmp_path):
+    """The bundled plugins themselves, not only the test stand-ins: refused with the reason, nothing written."""
+    cfg = tiny_config(tiny_model_dir, alpaca_file, tmp_path / "out")
+    cfg["plugins"] = plugins
+    cfg["deepspeed-zero"] = {"stage": stage}
+    with pytest.raises(ftcore.ConfigError, match=reason):
+        ftcore.run(cfg, log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_qlora_with_zero2_is_allowed(tmp_path):
+    """qlora + ZeRO-1/2 is listed as working (GPU only): the combination check lets it through."""
+    for stage in (1, 2):
+        config, plugins = resolved(tmp_path, {"stage": stage}, plugins=("deepspeed-zero", "qlora", "alpaca"))
+        ds = deepspeed_zero.deepspeed_config(config.section("deepspeed-zero"))
+        deepspeed_zero.check_combination(config, plugins, ds)
