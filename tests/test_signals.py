@@ -51,3 +51,20 @@ def test_signal_handlers_are_restored_after_training(tiny_model_dir, alpaca_file
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     ftcore.run(tiny_config(tiny_model_dir, alpaca_file, tmp_path / "out", max_steps=1), log=lambda m: None)
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.slow
+def test_a_second_signal_stops_at_once_without_a_checkpoint(resumable, tmp_path):
+    """The documented status 130: a second signal (here SIGINT right after SIGTERM) stops without saving,
+    and leaves no checkpoint that --resume auto could take half-written."""
+    config, _ = resumable
+    out = tmp_path / "out"
+    proc = start(config, out)
+    wait_for_step(proc, out, 3)
+    send(proc, signal.SIGTERM)
+    send(proc, signal.SIGINT)       # a different signal, so the two are never merged into one delivery
+    rc, log = finish(proc, timeout=120)
+    assert rc == 130, log
+    assert "received again: stopping now, without a checkpoint" in log and "stopped (no checkpoint saved)" in log
+    assert "interrupted by" not in log and not (out / "adapter").exists()
+    assert all(checkpoints.is_complete(c) for c in checkpoints.checkpoint_folders(out))
