@@ -130,6 +130,58 @@ def test_a_checkpoint_cut_off_while_saving_is_never_resumed_from(resumable, tmp_
     assert_same_training(out, reference)
 
 
+SLOW_FINAL_SAVE = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def stalled(tensors, filename, *a, **k):
+        # write the final adapter's weights, then stall before its save completes
+        real(tensors, filename, *a, **k)
+        if ".adapter.tmp" in str(filename):
+            Path(sys.argv[3]).write_text(str(filename))
+            time.sleep(600)
+
+    safetensors.torch.save_file = stalled   # before peft and ftcore import it
+    import ftcore
+    ftcore.run(sys.argv[1], output_dir=sys.argv[2])
+""")
+
+
+@pytest.mark.slow
+def test_a_kill_while_saving_the_final_adapter_publishes_nothing_and_resume_finishes(resumable, tmp_path):
+    """Training is over and the adapter is half-written when the run is killed: no `adapter/` appears,
+    and `--resume auto` takes the last checkpoint, writes the same adapter as the uninterrupted run and
+    removes the leftovers."""
+    import subprocess
+
+    from procs import env
+
+    config, reference = resumable
+    out, flag = tmp_path / "out", tmp_path / "saving-now"
+    script = tmp_path / "slow_final_save.py"
+    script.write_text(SLOW_FINAL_SAVE)
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(script), str(config), str(out), str(flag)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env())
+    proc.log_path = tmp_path / "killed.log"
+    wait_for_file(proc, flag)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert (out / ".adapter.tmp" / "adapter_model.safetensors").exists()    # killed halfway through
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+    last = checkpoints.newest_complete(out)
+    assert last is not None and checkpoints.step_of(last) == 12
+
+    rc, text = run(config, out, "--resume", "auto", log_name="resume.log")
+    assert rc == 0, text
+    assert f"resuming from {last}" in text
+    assert not (out / ".adapter.tmp").exists()
+    assert_same_training(out, reference)
+
+
 # -- the rules of --resume, without training -------------------------------------------
 
 def test_resume_auto_in_an_empty_place_starts_from_the_beginning(tmp_path):
