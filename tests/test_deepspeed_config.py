@@ -231,7 +231,7 @@ def test_bundled_plugins_that_cannot_work_with_zero_are_refused(plugins, stage, 
 
 
 def test_qlora_with_zero2_is_allowed(tmp_path):
-    """qlora + ZeRO-1/2 is listed as working (GPU only): the combination check lets it through."""
+    """qlora + ZeRO-1/2 works (run with two ranks in test_deepspeed_ranks.py): the combination check lets it through."""
     for stage in (1, 2):
         config, plugins = resolved(tmp_path, {"stage": stage}, plugins=("deepspeed-zero", "qlora", "alpaca"))
         ds = deepspeed_zero.deepspeed_config(config.section("deepspeed-zero"))

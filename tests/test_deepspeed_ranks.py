@@ -126,6 +126,35 @@ def test_zero2_lora_two_ranks_match_one_rank(tiny_model_dir, alpaca_file, tmp_pa
 
 
 
+@pytest.mark.parametrize("stage", [1, 2], ids=["zero1", "zero2"])
+def test_qlora_zero_two_ranks_match_one_rank(stage, tiny_model_dir, alpaca_file, tmp_path):
+    """qlora + ZeRO-1/2, the combinations PEFT documents for quantized adapters: each rank holds the whole 4-bit
+    base (bitsandbytes' CPU backend) and ZeRO shards the LoRA weights' optimizer state (and, at stage 2,
+    gradients). The losses are those of a one-process qlora run on the same global batch, not plain lora's."""
+    out = tmp_path / f"qlora-zero{stage}"
+    status, output = run_cli(base_args(tiny_model_dir, alpaca_file, out, "deepspeed-zero,qlora,alpaca")
+                             + ["--set", f"deepspeed-zero.stage={stage}", "--num-processes", "2"])
+    assert status == 0, output
+    assert f"launching 2 process(es) with DeepSpeed ZeRO stage {stage}" in output
+    assert "[rank 1] trainable params:" in output
+    assert_learned(out)
+    assert_only_rank0_wrote(out)
+    assert_adapter_loads_with_peft(out / "adapter", tiny_model_dir)     # onto the unquantized base
+
+    one_rank = {}
+    for adapter in ("qlora", "lora"):
+        cfg = tiny_config(tiny_model_dir, alpaca_file, tmp_path / f"one-{adapter}", epochs=2, batch_size=4,
+                          learning_rate=1e-3)
+        cfg["plugins"] = [adapter, "alpaca"]
+        cfg["lora"] = {"dropout": 0}
+        one_rank[adapter] = train_losses(ftcore.run(cfg, log=lambda m: None).output_dir)
+    losses = train_losses(out)
+    assert losses == pytest.approx(one_rank["qlora"], rel=1e-4)     # measured here: 2e-7 apart
+    # The ranks really ran 4-bit: quantization moves the tiny model's losses ~1.5e-3 away from plain lora's.
+    assert max(abs(a - b) / b for a, b in zip(losses, one_rank["lora"])) > 5e-4
+
+
+
 def assert_full_model_saved(model: Path, base: Path) -> None:
     """A full fine-tune saved as a normal safetensors model: the base model's tensors, trained, loadable."""
     import torch
@@ -160,6 +189,29 @@ def test_zero1_lora_and_full_zero2_on_two_ranks(adapter, stage, tiny_model_dir, 
         assert_adapter_loads_with_peft(out / "adapter", tiny_model_dir)
     else:
         assert_full_model_saved(out / "model", tiny_model_dir)
+
+
+def test_zero2_lora_offloaded_to_deepspeeds_cpu_adam(tiny_model_dir, alpaca_file, tmp_path):
+    """offload_optimizer: cpu with DeepSpeed's default optimizer for offloaded state, DeepSpeedCPUAdam (a C++ op
+    DeepSpeed compiles on first use, a minute or two here): the ranks step it, and the losses are those of a
+    one-process run with torch's AdamW on the same global batch."""
+    out = tmp_path / "offloaded"
+    plugins = "deepspeed-zero,lora,alpaca,dstest-probe-optimizer"
+    status, output = run_cli(base_args(tiny_model_dir, alpaca_file, out, plugins)
+                             + ["--set", "deepspeed-zero.offload_optimizer=cpu", "--num-processes", "2"],
+                             env_extra={"FTCORE_TEST_PROBE_DIR": str(tmp_path)})
+    assert status == 0, output
+    ds = json.loads((out / "deepspeed.json").read_text())
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and ds["optimizer"]["type"] == "AdamW"
+    for rank in (0, 1):
+        assert "DeepSpeedCPUAdam" in json.loads((tmp_path / f"optimizer-rank{rank}.json").read_text())
+    assert_learned(out)
+    assert_only_rank0_wrote(out)
+    assert_adapter_loads_with_peft(out / "adapter", tiny_model_dir)
+    cfg = tiny_config(tiny_model_dir, alpaca_file, tmp_path / "one", epochs=2, batch_size=4, learning_rate=1e-3)
+    cfg["lora"] = {"dropout": 0}
+    assert train_losses(out) == pytest.approx(train_losses(ftcore.run(cfg, log=lambda m: None).output_dir), rel=2e-3)
+
 
 
 def test_zero3_lora_offloaded_on_two_machines(tiny_model_dir, alpaca_file, tmp_path):

@@ -78,7 +78,29 @@ class FourBit:
         raise AssertionError("a quantized adapter with ZeRO-3 must be refused before any model is loaded")
 
 
+class ProbeOptimizer:
+    """Record each rank's optimizer as the classes wrapped one in another (to FTCORE_TEST_PROBE_DIR)."""
+
+    @ftcore.hookimpl
+    def ftcore_trainer_callbacks(self, ctx):
+        from transformers import TrainerCallback
+
+        class Record(TrainerCallback):
+            def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+                folder = os.environ.get("FTCORE_TEST_PROBE_DIR")
+                if folder and state.global_step == 1:
+                    chain, inner = [], optimizer
+                    while inner is not None and len(chain) < 6:
+                        chain.append(type(inner).__name__)
+                        inner = getattr(inner, "optimizer", None)
+                    with open(os.path.join(folder, f"optimizer-rank{os.environ.get('RANK')}.json"), "w") as fh:
+                        json.dump(chain, fh)
+
+        return [Record()]
+
+
 fail = FailingRank()
 probe_export = ProbeExport()
 sgd = Sgd()
 four_bit = FourBit()
+probe_optimizer = ProbeOptimizer()
