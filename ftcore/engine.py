@@ -177,10 +177,11 @@ def _execute(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], Non
     resume_from = checkpoints.resolve_resume(config.resume, out, config.overwrite, log) if config.resume else None
     for change in checkpoints.config_changes(resume_from, config) if resume_from else []:
         log(f"warning: resuming with a changed configuration: {change}")
+    precision = pick_precision(config.training.precision)
     if main:
         out = prepare_output_dir(out, config.overwrite, resuming=config.resume is not None, guard=guard)
     ctx = RunContext(config=config, plugins=plugins, output_dir=out, log=log)
-    ctx.precision = pick_precision(config.training.precision)
+    ctx.precision = precision
     ctx.state["base_model_license"] = licence
     result = RunResult(output_dir=out, plugins=plugins.versions(), base_model_license=licence)
     result.config_path = write_run_files(ctx) if main else out / "config.yaml"
@@ -348,13 +349,20 @@ def _default_log(message: str) -> None:
 
 
 def pick_precision(precision: str) -> str:
-    if precision != "auto":
-        return precision
+    """The run's precision: auto picks bf16 on a GPU that has it, else fp32; an explicit choice this machine
+    cannot run is a ConfigError (bf16 on a CPU runs, through the CPU's bf16 autocast)."""
     import torch
 
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and not cuda:
+        raise ConfigError('training.precision "fp16" needs a CUDA GPU and this machine has none: set "bf16" '
+                          '(the CPU\'s bf16 autocast; slow on CPUs without bf16 instructions), "fp32", or "auto".')
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f'training.precision "bf16" needs an Ampere or newer GPU and this one '
+                          f'({torch.cuda.get_device_name()}) has no bf16: set "fp16", "fp32", or "auto".')
+    return precision
 
 
 def prepare_output_dir(out: Path, overwrite: bool, resuming: bool = False, guard: OutputGuard | None = None
@@ -487,6 +495,11 @@ def build_trainer(model: Any, prepared: data_mod.PreparedData, ctx: RunContext) 
     args = training_arguments(ctx, prepared.eval is not None)
     adjust_arguments(args, ctx, prepared.eval is not None)
     hook.ftcore_training_arguments(args=args, config=ctx.config, ctx=ctx)
+    if args.get("bf16") and not args.get("deepspeed"):
+        from transformers.utils import is_torch_bf16_gpu_available
+
+        if not is_torch_bf16_gpu_available():
+            args["use_cpu"] = True     # bf16 on a CPU: transformers asks for it to be said
     training_args = TrainingArguments(**args)
     optimizer = hook.ftcore_build_optimizer(model=model, training_args=training_args, config=ctx.config)
     collator = data_mod.make_collator(ctx.config.data.packing, ctx.tokenizer, model, ctx.log)

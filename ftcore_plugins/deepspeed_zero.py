@@ -247,6 +247,18 @@ def check_combination(config: Any, plugins: Any, ds: dict[str, Any]) -> None:
                               f"set deepspeed-zero.offload_param=none.")
 
 
+def check_precision(precision: str) -> None:
+    """In a rank (the launching host may have no GPU while the ranks' machines do): DeepSpeed's CPU accelerator
+    trains in fp32 only, as transformers hands bf16/fp16 DeepSpeed runs to GPUs."""
+    if precision == "fp32":
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        raise ConfigError(f'training.precision "{precision}" with deepspeed-zero needs GPUs: DeepSpeed on CPU '
+                          f'ranks trains in fp32. Set training.precision to "fp32" or "auto".')
+
+
 def is_quantized(model: Any) -> bool:
     return any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters())
 
@@ -259,6 +271,7 @@ def ftcore_run_started(config: Any, ctx: Any) -> None:
 
     ds = deepspeed_config(config.section(NAME))
     check_combination(config, ctx.plugins, ds)
+    check_precision(ctx.precision)
     ctx.state["deepspeed_config"] = ds
     if ds["zero_optimization"]["stage"] == 3:
         ctx.state["zero3_model_construction"] = zero3_model_construction(ds, config, ctx)

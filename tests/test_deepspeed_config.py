@@ -236,3 +236,12 @@ def test_qlora_with_zero2_is_allowed(tmp_path):
         config, plugins = resolved(tmp_path, {"stage": stage}, plugins=("deepspeed-zero", "qlora", "alpaca"))
         ds = deepspeed_zero.deepspeed_config(config.section("deepspeed-zero"))
         deepspeed_zero.check_combination(config, plugins, ds)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="about machines without a GPU")
+def test_bf16_or_fp16_on_cpu_ranks_is_a_user_error():
+    """DeepSpeed's CPU accelerator trains in fp32: a GPU config's precision is refused in the rank, by name."""
+    deepspeed_zero.check_precision("fp32")
+    for precision in ("bf16", "fp16"):
+        with pytest.raises(ftcore.ConfigError, match=f'training.precision "{precision}" with deepspeed-zero needs GPUs'):
+            deepspeed_zero.check_precision(precision)

@@ -169,3 +169,30 @@ def test_output_dir_with_a_previous_run_is_not_overwritten(tiny_model_dir, alpac
         ftcore.run(cfg, **QUIET)
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").read_bytes() == before
     ftcore.run(cfg, overwrite=True, **QUIET)
+
+
+class ArgsProbe:
+    name = "args-probe"
+
+    @ftcore.hookimpl
+    def ftcore_trainer_created(self, trainer, ctx):
+        self.args = trainer.args
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="about machines without a GPU")
+def test_bf16_on_a_cpu_trains_and_fp16_is_refused_before_anything_is_written(tiny_model_dir, alpaca_file, tmp_path):
+    """A GPU config (precision: bf16) copied to a CPU machine runs with the CPU's bf16 autocast instead of
+    failing inside transformers; fp16, which needs CUDA, is a user error naming the key."""
+    import math
+
+    probe = ArgsProbe()
+    cfg = tiny_config(tiny_model_dir, alpaca_file, tmp_path / "bf16", precision="bf16")
+    result = ftcore.run(cfg, plugins=[probe], **QUIET)
+    assert probe.args.bf16 and probe.args.use_cpu
+    assert json.loads((result.output_dir / "ftcore-run.json").read_text())["precision"] == "bf16"
+    assert math.isfinite(result.metrics["eval_loss"]) and result.metrics["steps"] == 5
+
+    cfg = tiny_config(tiny_model_dir, alpaca_file, tmp_path / "fp16", precision="fp16")
+    with pytest.raises(ftcore.ConfigError, match='training.precision "fp16" needs a CUDA GPU'):
+        ftcore.run(cfg, **QUIET)
+    assert not (tmp_path / "fp16").exists()
