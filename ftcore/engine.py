@@ -548,6 +548,9 @@ def save_final(trainer: Any, ctx: RunContext) -> Path:
     try:
         trainer.save_model(str(tmp))
         ctx.tokenizer.save_pretrained(str(tmp))
+        # The trainer pickles its arguments next to the weights; a published adapter or model should hold no
+        # pickle (config.yaml records the run's settings), so the final outputs leave it out.
+        (tmp / "training_args.bin").unlink(missing_ok=True)
     except BaseException as exc:
         error = checkpoints.save_failure(exc, tmp, ctx.output_dir) if isinstance(exc, Exception) else None
         shutil.rmtree(tmp, ignore_errors=True)   # never leave a partial model behind

@@ -19,7 +19,7 @@ def test_full_trains_all_weights_and_saves_a_safetensors_model(tiny_model_dir, a
     result = ftcore.run(cfg, plugins=[cap], log=lambda m: None)
     assert all(p.requires_grad for p in cap.model.parameters())
     assert result.model_dir == tmp_path / "out" / "model"
-    assert list(result.model_dir.glob("*.safetensors")) and not list(result.model_dir.glob("pytorch_model*.bin"))
+    assert list(result.model_dir.glob("*.safetensors")) and not list(result.model_dir.glob("*.bin"))   # no pickle
     assert (result.model_dir / "tokenizer.json").exists()
     base = load_file(str(tiny_model_dir / "model.safetensors"))
     trained = load_file(str(result.model_dir / "model.safetensors"))

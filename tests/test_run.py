@@ -31,6 +31,7 @@ def test_cli_end_to_end_writes_the_documented_layout(tiny_model_dir, alpaca_file
     adapter = out / "adapter"
     assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()
     assert (adapter / "tokenizer.json").exists()
+    assert not [f.name for f in adapter.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".pkl")]   # no pickle
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["plugins"] == ["lora", "alpaca"] and resolved["training"]["epochs"] == 1
     versions = json.loads((out / "plugins.json").read_text())
