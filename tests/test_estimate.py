@@ -47,9 +47,12 @@ def test_options_move_the_figures_the_right_way():
     assert list(eight) == ["full", "lora", "qlora"]                         # all three, always
     assert [m for m, r in eight.items() if r["selected"]] == ["full"]       # the one named is marked
     assert eight["full"]["optimizer"] < base["full"]["optimizer"] / 3.9
-    wide = {r["method"]: r for r in estimate(LLAMA2_7B, plugins=["lora"], lora_targets="all-linear",
-                                              lora_r=8)["methods"]}
+    wide = {r["method"]: r for r in estimate(LLAMA2_7B, plugins=["lora"],
+                                              settings={"lora": {"r": 8, "target_modules": "all-linear"}})["methods"]}
     assert wide["lora"]["trainable_params"] == 32 * 8 * (4 * 8192 + 3 * (4096 + 11008))
+    assert wide["qlora"]["trainable_params"] == wide["lora"]["trainable_params"]   # qlora reads the lora section
+    assert (wide["lora"]["adapter_rank"], wide["lora"]["adapter_targets"]) == (8, "all-linear")
+    assert wide["full"]["adapter_rank"] is None
 
 
 def test_cli_reads_a_folder_without_weights_a_config_path_or_a_builtin(tmp_path):
@@ -84,7 +87,11 @@ def test_cli_reads_a_folder_without_weights_a_config_path_or_a_builtin(tmp_path)
 @pytest.mark.parametrize("args, expect", [
     (["--model", "/no/such/model"], "no such model folder"),
     (["--model", "ftcore:tiny-llama", "--plugins", "qlorra"], 'Did you mean "qlora"'),
-    (["--model", "ftcore:tiny-llama", "--lora-targets", "nothing_proj"], "LoRA targets"),
+    (["--model", "ftcore:tiny-llama", "--set", "lora.target_modules=[nothing_proj]"],
+     'plugin "lora": no linear layer of the model matches its adapter targets'),
+    (["--model", "ftcore:tiny-llama", "--set", "lora.rr=8"], 'Did you mean "r"'),
+    (["--model", "ftcore:tiny-llama", "--set", "training.precision=auto"], "training precision"),
+    (["--model", "ftcore:tiny-llama", "--batch", "0"], "must be positive"),
 ])
 def test_bad_input_is_a_clear_error(args, expect):
     result = CliRunner().invoke(main, ["estimate", *args])
