@@ -96,7 +96,7 @@ def resolve(source: Any = None, flags: dict[str, Any] | None = None,
         raise ConfigError(f'config key "plugins": expected a list of plugin names, got {names!r}.')
     raw["plugins"] = names
     plugins = select(names, plugin_objects, _dataset_formats(raw))
-    schemas = _schemas(plugins)
+    schemas = plugin_schemas(plugins)
     config = cfg.validate(raw, schemas, list(installed_entry_points()))
     config.plugins = plugins.names()
     check_config(config)   # early stopping and trackers
@@ -117,7 +117,8 @@ def _dataset_formats(raw: dict[str, Any]) -> list[str]:
     return found
 
 
-def _schemas(plugins: PluginSet) -> dict[str, type]:
+def plugin_schemas(plugins: PluginSet) -> dict[str, type]:
+    """Each config section the plugins own, with the pydantic schema that validates it."""
     schemas: dict[str, type] = {}
     for name in plugins.names():
         found = plugins.call_one(name, "ftcore_config_schema")

@@ -1,9 +1,14 @@
 """How much memory a fine-tune needs, from the model's config alone (no weights are loaded).
 
-For each method (full fine-tuning, LoRA, QLoRA) the estimate is split into weights,
-gradients, optimizer state and activations. The methods are a table of assumptions
-(``METHODS``) about what each keeps in memory, not code of the plugins that implement
-them; ``ASSUMPTIONS`` lists what every figure rests on, and docs/estimate.md derives them.
+The core knows generic rules only: how much memory weights, gradients, optimizer state and
+activations take given a *profile* of what a method keeps in memory. Each plugin states its
+own profile through the ``ftcore_memory_profile`` hook: an adapter method answers with a
+``MemoryProfile`` (all weights trained or adapters only, how the base weights are stored,
+the adapters' rank and targets read from its own config section), an optimizer with an
+``OptimizerProfile`` (bytes of state per trained parameter). Every installed plugin that
+answers with a ``MemoryProfile`` gets a row, side by side; the ones the run names with
+``--plugins`` are marked. ``ASSUMPTIONS`` lists what every figure rests on, each profile
+adds its own line, and docs/estimate.md derives them.
 
 The model is built on PyTorch's meta device to count its parameters and find its linear
 layers exactly; the activation terms assume a Llama-style decoder (Llama, Mistral, Qwen).
@@ -16,53 +21,91 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 
-from ftcore.errors import ConfigError
+from ftcore.errors import ConfigError, PluginError
 
 GB = 10**9
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+BLOCK_4BIT = 64              # 4-bit quantization block (one absmax per block)
+DOUBLE_QUANT_BLOCK = 256     # absmax quantized to 8 bits in blocks of 256 (one fp32 constant each)
 
 
 @dataclass(frozen=True)
-class Method:
-    """What one adapter method keeps in memory (bytes per parameter, or rules)."""
+class MemoryProfile:
+    """What an adapter method keeps in memory: a plugin's answer to ``ftcore_memory_profile``.
 
-    name: str
-    trains: str                 # "all" weights, or "lora" adapters only
-    base_bits: str              # "master": fp32 trained weights; "compute": precision dtype; "nf4": 4-bit
+    ``trains``: ``"all"`` weights, or ``"adapters"`` only (low-rank adapters of rank
+    ``adapter_rank`` on the linear layers named by ``adapter_targets``: module names, the last
+    part of the layer's name, or ``"all-linear"``). ``base_storage``: how the model's own
+    weights are held: ``"master"`` fp32 trained weights (plus the 16-bit copy autocast keeps
+    with bf16/fp16), ``"compute"`` the training precision's dtype, ``"4bit"`` every linear
+    layer but the output head in 4 bits (NF4/FP4: an absmax per 64 weights, itself 8-bit with
+    ``double_quant``) and the rest fp32. ``always_checkpointing``: the method turns gradient
+    checkpointing on itself. ``assumptions``: one line saying what the profile rests on.
+    """
+
+    trains: Literal["all", "adapters"] = "all"
+    base_storage: Literal["master", "compute", "4bit"] = "master"
     always_checkpointing: bool = False
+    adapter_rank: int = 0
+    adapter_targets: tuple[str, ...] | str = ()
+    double_quant: bool = True
+    assumptions: str = ""
+
+    def __post_init__(self) -> None:
+        if self.trains not in ("all", "adapters"):
+            raise ValueError(f"MemoryProfile.trains: {self.trains!r}; expected 'all' or 'adapters'")
+        if self.base_storage not in ("master", "compute", "4bit"):
+            raise ValueError(f"MemoryProfile.base_storage: {self.base_storage!r}; expected master, compute or 4bit")
+        if self.trains == "adapters" and self.adapter_rank < 1:
+            raise ValueError("MemoryProfile: a method that trains adapters needs adapter_rank >= 1")
+        if not isinstance(self.adapter_targets, str):
+            object.__setattr__(self, "adapter_targets", tuple(self.adapter_targets))
 
 
-# Keyed by the adapter plugin that implements each method (a table, not plugin code).
-METHODS = {
-    "full": Method("full", trains="all", base_bits="master"),
-    "lora": Method("lora", trains="lora", base_bits="compute"),
-    "qlora": Method("qlora", trains="lora", base_bits="nf4", always_checkpointing=True),
-}
-# Optimizer plugins whose state is 8-bit (blockwise, as bitsandbytes keeps it).
-EIGHT_BIT_OPTIMIZERS = ("paged-adamw-8bit",)
-BNB_MIN_8BIT_SIZE = 4096     # bitsandbytes keeps 32-bit state for smaller tensors
-NF4_BLOCK = 64               # 4-bit quantization block (one absmax per block)
-DOUBLE_QUANT_BLOCK = 256     # absmax quantized to 8 bits in blocks of 256 (one fp32 constant each)
+@dataclass(frozen=True)
+class OptimizerProfile:
+    """The optimizer state an optimizer plugin keeps: its answer to ``ftcore_memory_profile``.
+
+    ``state_bytes`` per trained parameter (the trainer's AdamW: two fp32 states, 8 bytes).
+    Blockwise-quantized state adds ``block_bytes`` per ``block_size`` parameters of a tensor;
+    tensors of fewer than ``min_size`` elements keep ``small_state_bytes`` per parameter.
+    ``label`` names it in the table's title; ``assumptions`` is one line on what it rests on.
+    """
+
+    label: str = "AdamW"
+    state_bytes: float = 8
+    block_size: int = 0
+    block_bytes: int = 0
+    min_size: int = 0
+    small_state_bytes: float = 8
+    assumptions: str = ""
+
+    def bytes_for(self, tensors: list[int]) -> int:
+        """Optimizer state for trained tensors of these element counts."""
+        total = 0
+        for n in tensors:
+            if n < self.min_size:
+                total += self.small_state_bytes * n
+            else:
+                total += self.state_bytes * n + (self.block_bytes * math.ceil(n / self.block_size)
+                                                 if self.block_size else 0)
+        return int(total)
+
+
+# Without an optimizer plugin that says otherwise, the trainer builds torch's AdamW.
+DEFAULT_OPTIMIZER = OptimizerProfile(label="AdamW", state_bytes=8)
 
 ASSUMPTIONS = [
     "GB = 10^9 bytes; every sequence is seq_len tokens long (the worst case), batch sequences per step.",
-    "full: trained weights fp32 (master weights); with bf16/fp16 precision autocast keeps a 16-bit copy of them "
-    "for the step (counted under weights); gradients fp32.",
-    "lora: frozen base in the precision's dtype; adapters, their gradients and optimizer state fp32 "
-    "(PEFT keeps adapters in fp32).",
-    "qlora: every linear layer but lm_head in 4-bit NF4 (0.5 byte/param + absmax per 64 weights; 8-bit absmax "
-    "with double quantization); embeddings, lm_head and norms fp32 (prepare_model_for_kbit_training); "
-    "gradient checkpointing always on.",
-    "optimizer: AdamW keeps 2 fp32 states per trained param (8 bytes); an 8-bit optimizer 2 bytes "
-    "(+ blockwise constants), fp32 for tensors under 4096 elements.",
-    "activations: per decoder layer and token, full keeps ~9H+2K+4I values, LoRA/QLoRA ~8H+2K+3I plus the "
-    "dropout input and rank-r output of each adapted layer (H hidden, K key/value width, I MLP width), in the "
-    "precision's dtype; memory-efficient attention (no seq x seq matrix).",
+    "trained parameters (all weights, or the adapters) and their gradients are fp32; without an optimizer "
+    "plugin that says otherwise, AdamW keeps 2 fp32 states per trained param (8 bytes).",
+    "activations: per decoder layer and token, a method training all weights keeps ~9H+2K+4I values, one "
+    "training adapters only ~8H+2K+3I plus the dropout input and rank-r output of each adapted layer (H hidden, "
+    "K key/value width, I MLP width), in the precision's dtype; memory-efficient attention (no seq x seq matrix).",
     "gradient checkpointing keeps each layer's input (H per token) and recomputes one layer at a time.",
     "the loss keeps fp32 log-probabilities over the vocabulary and, in backward, two more such tensors "
     "(3 x tokens x vocab x 4 bytes).",
@@ -100,6 +143,8 @@ class Estimate:
     gradient_checkpointing: bool
     notes: list[str] = field(default_factory=list)
     selected: bool = True        # named with --plugins (every method is, when none is named)
+    adapter_rank: int | None = None                  # for a method that trains adapters only
+    adapter_targets: list[str] | str | None = None
 
     @property
     def total(self) -> int:
@@ -121,7 +166,9 @@ def load_config(model: str | Path | dict[str, Any]) -> Any:
         data = dict(model)
     else:
         text = str(model)
-        path = resolve_model_path(text) if text.startswith(BUILTIN_PREFIX) else Path(text).expanduser()
+        # building the builtin model (once) is logged to stderr: stdout may be --json
+        path = (resolve_model_path(text, log=lambda m: click.echo(m, err=True)) if text.startswith(BUILTIN_PREFIX)
+                else Path(text).expanduser())
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
@@ -170,97 +217,188 @@ def model_shape(config: Any, name: str = "model") -> ModelShape:
 
 # -- the estimate --------------------------------------------------------------------
 
-def lora_layers(shape: ModelShape, targets: list[str] | str) -> dict[str, tuple[int, int]]:
+def adapted_layers(shape: ModelShape, targets: tuple[str, ...] | list[str] | str) -> dict[str, tuple[int, int]]:
+    """The linear layers (name -> (in, out)) whose last name part is a target, or all of them for all-linear."""
     if targets == "all-linear":
         return dict(shape.linear)
     names = [targets] if isinstance(targets, str) else list(targets)
     return {n: io for n, io in shape.linear.items() if n.rsplit(".", 1)[-1] in names}
 
 
-def optimizer_bytes(tensors: list[int], eight_bit: bool) -> int:
-    if not eight_bit:
-        return 8 * sum(tensors)
-    total = 0
-    for n in tensors:
-        total += 2 * n + 2 * 4 * math.ceil(n / 256) if n >= BNB_MIN_8BIT_SIZE else 8 * n
-    return total
-
-
-def nf4_bytes(n: int, double_quant: bool = True) -> int:
-    blocks = math.ceil(n / NF4_BLOCK)
+def quantized_4bit_bytes(n: int, double_quant: bool = True) -> int:
+    """A 4-bit weight tensor of n elements with its blockwise absmax constants."""
+    blocks = math.ceil(n / BLOCK_4BIT)
     constants = blocks + 4 * math.ceil(blocks / DOUBLE_QUANT_BLOCK) if double_quant else 4 * blocks
     return math.ceil(n / 2) + constants
 
 
-def estimate_method(shape: ModelShape, method: str, seq_len: int = 2048, batch: int = 4,
-                    gradient_checkpointing: bool = False, precision: str = "bf16", eight_bit_optimizer: bool = False,
-                    lora_r: int = 16, lora_targets: list[str] | str = ATTENTION) -> Estimate:
-    """Memory for one method; see ASSUMPTIONS."""
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; the estimate knows {', '.join(METHODS)}.")
+def base_weight_bytes(shape: ModelShape, profile: MemoryProfile, precision: str) -> int:
+    """The model's own weights, as the profile stores them."""
+    if profile.base_storage == "master":        # fp32, plus the 16-bit copy autocast keeps for the step
+        return 4 * shape.params + (BYTES[precision] * shape.params if precision != "fp32" else 0)
+    if profile.base_storage == "4bit":          # every linear layer but the head in 4 bits, the rest fp32
+        other = shape.params - shape.linear_params()
+        return sum(quantized_4bit_bytes(i * o, profile.double_quant) for i, o in shape.linear.values()) + 4 * other
+    return BYTES[precision] * shape.params
+
+
+def estimate_method(shape: ModelShape, profile: MemoryProfile, name: str = "method", seq_len: int = 2048,
+                    batch: int = 4, gradient_checkpointing: bool = False, precision: str = "bf16",
+                    optimizer: OptimizerProfile = DEFAULT_OPTIMIZER) -> Estimate:
+    """Memory for one method, from its profile alone; see ASSUMPTIONS."""
     if precision not in BYTES:
         raise ConfigError(f"precision {precision!r}: choose one of {', '.join(BYTES)}.")
-    m = METHODS[method]
     b = BYTES[precision]
     tokens = seq_len * batch
     H, K, I, L = shape.hidden, shape.kv_width, shape.intermediate, shape.layers
-    checkpointing = gradient_checkpointing or m.always_checkpointing
+    checkpointing = gradient_checkpointing or profile.always_checkpointing
     notes = []
+    weights = base_weight_bytes(shape, profile, precision)
 
-    if m.trains == "all":
+    if profile.trains == "all":
         trained = [shape.params]
-        weights = 4 * shape.params + (2 * shape.params if precision != "fp32" else 0)
         per_layer = 9 * H + 2 * K + 4 * I
     else:
-        adapted = lora_layers(shape, lora_targets)
+        r = profile.adapter_rank
+        adapted = adapted_layers(shape, profile.adapter_targets)
         if not adapted:
-            raise ConfigError(f"no linear layer of the model matches the LoRA targets {lora_targets!r}.")
-        trained = [t for i, o in adapted.values() for t in (lora_r * i, lora_r * o)]
-        per_layer = 8 * H + 2 * K + 3 * I + sum(i + lora_r for i, _ in adapted.values()) // L
-        if m.base_bits == "nf4":
-            other = shape.params - shape.linear_params()
-            weights = sum(nf4_bytes(i * o) for i, o in shape.linear.values()) + 4 * other
-        else:
-            weights = b * shape.params
-        weights += 4 * sum(trained)
+            known = sorted({n.rsplit(".", 1)[-1] for n in shape.linear})
+            raise ConfigError(f'plugin "{name}": no linear layer of the model matches its adapter targets '
+                              f"{_targets(profile.adapter_targets)!r}. The model's linear layers: "
+                              f"{', '.join(known)} (or all-linear).")
+        trained = [t for i, o in adapted.values() for t in (r * i, r * o)]
+        per_layer = 8 * H + 2 * K + 3 * I + sum(i + r for i, _ in adapted.values()) // L
+        weights += 4 * sum(trained)               # the adapters themselves, fp32
     n_trained = sum(trained)
     gradients = 4 * n_trained
-    optimizer = optimizer_bytes(trained, eight_bit_optimizer)
     layers = (L * H + per_layer) if checkpointing else L * per_layer
     activations = tokens * b * layers + 3 * tokens * shape.vocab * 4
     if checkpointing and not gradient_checkpointing:
         notes.append("gradient checkpointing is always on for this method")
-    return Estimate(method=method, weights=weights, gradients=gradients, optimizer=optimizer,
+    adapters = profile.trains == "adapters"
+    return Estimate(method=name, weights=weights, gradients=gradients, optimizer=optimizer.bytes_for(trained),
                     activations=activations, trainable_params=n_trained, gradient_checkpointing=checkpointing,
-                    notes=notes)
+                    notes=notes, adapter_rank=profile.adapter_rank if adapters else None,
+                    adapter_targets=_targets(profile.adapter_targets) if adapters else None)
 
 
-def estimate(model: str | Path | dict[str, Any], plugins: list[str] = (), seq_len: int = 2048, batch: int = 4,
-             gradient_checkpointing: bool = False, precision: str = "bf16", lora_r: int = 16,
-             lora_targets: list[str] | str = ATTENTION) -> dict[str, Any]:
-    """Estimate every method (full, LoRA, QLoRA): the library behind `ftcore estimate`.
+def _targets(targets: tuple[str, ...] | str) -> list[str] | str:
+    return targets if isinstance(targets, str) else list(targets)
 
-    All three are always estimated, side by side as in the reference recipe's table; the
-    ones named in ``plugins`` (all, when none is) are marked ``selected``.
+
+def estimate_profiles(shape: ModelShape, profiles: dict[str, MemoryProfile], seq_len: int = 2048, batch: int = 4,
+                      gradient_checkpointing: bool = False, precision: str = "bf16",
+                      optimizer: OptimizerProfile = DEFAULT_OPTIMIZER) -> list[Estimate]:
+    """One row per method, in the order given, from the profiles alone (no plugin is called)."""
+    return [estimate_method(shape, profile, name, seq_len, batch, gradient_checkpointing, precision, optimizer)
+            for name, profile in profiles.items()]
+
+
+@dataclass
+class Profiles:
+    """What the plugins said about their memory, for one estimate."""
+
+    methods: dict[str, MemoryProfile]                   # plugin name -> profile, in table order
+    optimizer: OptimizerProfile = DEFAULT_OPTIMIZER
+    optimizer_plugin: str | None = None
+    config: Any = None                                  # the validated RunConfig the plugins were asked with
+    run_plugins: list[str] = field(default_factory=list)   # named, and objects passed: the run's plugins
+    notes: list[str] = field(default_factory=list)
+
+
+def gather_profiles(model_name: str, plugins: list[str] | tuple = (), settings: dict[str, Any] | None = None,
+                    training: dict[str, Any] | None = None, plugin_objects: list[Any] | tuple = ()) -> Profiles:
+    """Ask every installed plugin (and each object passed) for its memory profile.
+
+    Plugins are found by the core's discovery; one that fails to import is left out with a
+    note, unless the run names it. The config the plugins read is built and validated as for
+    ``ftcore run``: ``training`` and then ``settings`` (e.g. ``{"lora": {"r": 8}}``, what
+    ``--set`` gives) over the defaults, each plugin's section checked by its own schema.
     """
-    if seq_len < 1 or batch < 1 or lora_r < 1:
-        raise ConfigError("--seq-len, --batch and --lora-r must be positive.")
+    from ftcore import config as cfg
+    from ftcore import plugins as plugins_mod
+    from ftcore.engine import plugin_schemas
+
+    names = list(dict.fromkeys(plugins))
+    installed = plugins_mod.installed_entry_points()
+    plugins_mod.check_installed(names, installed)
+    chosen, broken = plugins_mod.load_all(plugin_objects)
+    settings = settings or {}
+    for name in [*names, *settings]:
+        if name in broken:
+            raise PluginError(broken[name])
+    raw = cfg.merge({"plugins": names, "model": {"path": model_name}, "training": training or {}}, settings)
+    config = cfg.validate(raw, plugin_schemas(chosen), [n for n in installed if n not in broken])
+    objects = [plugins_mod.plugin_name_of(o) for o in plugin_objects]
+    run_plugins = [*names, *(n for n in objects if n not in names)]
+    order = [n for n in installed if n in chosen.objects and n not in objects] + objects
+
+    found = Profiles(methods={}, config=config, run_plugins=run_plugins)
+    for name in order:
+        for answer in chosen.call_one(name, "ftcore_memory_profile", config=config):
+            if isinstance(answer, MemoryProfile):
+                found.methods.setdefault(name, answer)
+            elif isinstance(answer, OptimizerProfile):
+                if name in run_plugins and found.optimizer_plugin is None:
+                    found.optimizer, found.optimizer_plugin = answer, name
+            elif answer is not None:
+                raise PluginError(f'plugin "{name}" ({chosen.origin(name)}) returned {type(answer).__name__} '
+                                  f"from ftcore_memory_profile; expected an ftcore.MemoryProfile, an "
+                                  f"ftcore.OptimizerProfile or None.")
+    for name in run_plugins:
+        kind = chosen.kinds.get(name)
+        if kind == "adapter" and name not in found.methods:
+            found.notes.append(f'adapter plugin "{name}" does not describe its memory (ftcore_memory_profile), '
+                               f"so it has no row.")
+        if kind == "optimizer" and name != found.optimizer_plugin:
+            found.notes.append(f'optimizer plugin "{name}" does not describe its memory (ftcore_memory_profile): '
+                               f"{found.optimizer.label} assumed.")
+    for name, error in broken.items():
+        found.notes.append(f"left out: {error.split(' Fix or uninstall')[0]}")
+    if not found.methods:
+        raise PluginError("no installed plugin describes an adapter method's memory (ftcore_memory_profile), "
+                          "so there is nothing to estimate. `ftcore plugins` lists what is installed.")
+    return found
+
+
+def estimate(model: str | Path | dict[str, Any], plugins: list[str] | tuple = (), seq_len: int = 2048,
+             batch: int = 4, gradient_checkpointing: bool = False, precision: str = "bf16",
+             settings: dict[str, Any] | None = None, plugin_objects: list[Any] | tuple = ()) -> dict[str, Any]:
+    """Estimate every installed adapter method: the library behind `ftcore estimate`.
+
+    Every method whose plugin describes its memory is estimated, side by side; the ones named
+    in ``plugins`` (all, when none is) are marked ``selected``. ``settings`` overrides config
+    keys as ``--set`` does (a plugin's own section, e.g. its rank; ``training.batch_size``,
+    ``training.gradient_checkpointing`` and ``training.precision`` override the arguments).
+    ``plugin_objects`` are plugin objects used in addition to the installed ones, as in
+    ``ftcore.run(plugins=...)``.
+    """
+    if seq_len < 1 or batch < 1:
+        raise ConfigError("--seq-len and --batch must be positive.")
+    name = str(model) if not isinstance(model, dict) else "config"
+    training = {"batch_size": batch, "gradient_checkpointing": gradient_checkpointing, "precision": precision}
+    found = gather_profiles(name, plugins, settings, training, plugin_objects)
+    train = found.config.training
+    batch, gradient_checkpointing, precision = train.batch_size, train.gradient_checkpointing, train.precision
+    if precision not in BYTES:
+        raise ConfigError(f"precision {precision!r}: the estimate needs the target machine's training precision, "
+                          f"one of {', '.join(BYTES)}.")
     config = load_config(model)
-    shape = model_shape(config, name=str(model) if not isinstance(model, dict) else "config")
-    selected = [p for p in plugins if p in METHODS] or list(METHODS)
-    eight_bit = any(p in EIGHT_BIT_OPTIMIZERS for p in plugins)
-    rows = [estimate_method(shape, m, seq_len, batch, gradient_checkpointing, precision, eight_bit, lora_r,
-                            lora_targets) for m in METHODS]
+    shape = model_shape(config, name=name)
+    rows = estimate_profiles(shape, found.methods, seq_len, batch, gradient_checkpointing, precision,
+                             found.optimizer)
+    selected = [r.method for r in rows if r.method in found.run_plugins] or [r.method for r in rows]
     for row in rows:
         row.selected = row.method in selected
+    optimizer_line = found.optimizer.assumptions and f"{found.optimizer_plugin}: {found.optimizer.assumptions}"
     return {
         "model": shape.name, "params": shape.params, "layers": shape.layers, "hidden": shape.hidden,
         "vocab": shape.vocab, "seq_len": seq_len, "batch": batch, "precision": precision,
-        "gradient_checkpointing": gradient_checkpointing,
-        "optimizer": "8-bit AdamW" if eight_bit else "AdamW", "lora_r": lora_r,
-        "lora_targets": lora_targets if isinstance(lora_targets, str) else list(lora_targets),
-        "selected": [m for m in METHODS if m in selected],
-        "methods": [r.as_dict() for r in rows], "assumptions": ASSUMPTIONS,
+        "gradient_checkpointing": gradient_checkpointing, "optimizer": found.optimizer.label,
+        "selected": selected, "methods": [r.as_dict() for r in rows],
+        "assumptions": [*ASSUMPTIONS[:2], *(f"{n}: {p.assumptions}" for n, p in found.methods.items() if p.assumptions),
+                        *([optimizer_line] if optimizer_line else []), *ASSUMPTIONS[2:]],
+        "notes": found.notes,
     }
 
 
@@ -301,6 +439,8 @@ def print_table(result: dict[str, Any]) -> None:
                       f"[bold]{_gb(r['total'])}[/bold]", f"{r['trainable_params']:,d}")
     console = Console(width=max(110, Console().width))
     console.print(table)
+    for note in result.get("notes", []):
+        console.print(f"note: {note}", highlight=False)
     console.print("Assumptions:")
     for line in result["assumptions"]:
         console.print(f"  - {line}", highlight=False)
@@ -308,37 +448,29 @@ def print_table(result: dict[str, Any]) -> None:
 
 @click.command("estimate")
 @click.option("--model", "-m", required=True, help="Model folder, its config.json, or ftcore:tiny-llama (no weights are read).")
-@click.option("--plugins", "-p", default="", help="The run's plugins: the adapter method among them (full, lora, "
-              "qlora) is marked in the table of all three; paged-adamw-8bit switches to 8-bit optimizer state; "
+@click.option("--plugins", "-p", default="", help="The run's plugins: every installed adapter method is shown side "
+              "by side and the one named here is marked; an optimizer plugin named here sets the optimizer state; "
               "other plugins do not change the estimate.")
 @click.option("--seq-len", default=2048, show_default=True, help="Tokens per sequence.")
-@click.option("--batch", default=4, show_default=True, help="Sequences per device per step.")
+@click.option("--batch", default=4, show_default=True, help="Sequences per device per step (training.batch_size).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False, show_default=True,
-              help="As training.gradient_checkpointing (qlora always checkpoints).")
+              help="As training.gradient_checkpointing (a method may always checkpoint).")
 @click.option("--precision", type=click.Choice(sorted(BYTES)), default="bf16", show_default=True,
               help="Training precision of the target machine (fp32 on a CPU).")
-@click.option("--lora-r", default=16, show_default=True, help="LoRA rank.")
-@click.option("--lora-targets", default=",".join(ATTENTION), show_default=True,
-              help="LoRA target modules, comma-separated, or all-linear.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key as for ftcore run, dotted for sections (repeatable): a plugin's own "
+                   "settings, e.g. --set lora.r=8")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (bytes) instead of a table.")
 @_cli_errors
 def estimate_command(model: str, plugins: str, seq_len: int, batch: int, gradient_checkpointing: bool,
-                     precision: str, lora_r: int, lora_targets: str, as_json: bool) -> None:
-    """Estimate the memory a fine-tune needs (full, LoRA, QLoRA) from the model's config alone."""
+                     precision: str, sets: tuple[str, ...], as_json: bool) -> None:
+    """Estimate the memory a fine-tune needs, for every installed adapter method, from the model's config alone."""
     from ftcore._quiet import quiet_libraries
-    from ftcore.errors import PluginError, suggest
-    from ftcore.plugins import installed_entry_points
+    from ftcore.config import parse_set
 
     quiet_libraries()
     names = [p.strip() for p in plugins.split(",") if p.strip()]
-    installed = installed_entry_points()
-    for name in names:
-        if name not in installed:
-            raise PluginError(f'unknown plugin "{name}".{suggest(name, installed)} Installed plugins: '
-                              f"{', '.join(installed)}.")
-    targets: list[str] | str = "all-linear" if lora_targets.strip() == "all-linear" else \
-        [t.strip() for t in lora_targets.split(",") if t.strip()]
-    result = estimate(model, names, seq_len, batch, gradient_checkpointing, precision, lora_r, targets)
+    result = estimate(model, names, seq_len, batch, gradient_checkpointing, precision, settings=parse_set(sets))
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:

@@ -84,6 +84,13 @@ def ftcore_export(run_dir, model_dir, config, ctx):
     """Turn the finished run into an artifact; return the list of paths written (in rank 0 only when multi-process)."""
 
 
+# -- memory estimate ---------------------------------------------------------
+
+@hookspec
+def ftcore_memory_profile(config):
+    """Describe what this plugin keeps in memory for ``ftcore estimate``: an ``ftcore.MemoryProfile`` (an adapter method), an ``ftcore.OptimizerProfile`` (an optimizer), or None."""
+
+
 # -- lifecycle ---------------------------------------------------------------
 
 @hookspec

@@ -250,13 +250,7 @@ def select(names: list[str], objects: list[Any] | tuple = (), formats: list[str]
     wanted = list(dict.fromkeys([*names, *[f for f in formats if f]]))
     wanted = [n for n in wanted if n not in chosen.objects]
     installed = installed_entry_points()
-    for name in wanted:
-        if name not in installed:
-            listing = ", ".join(installed) or "(none)"
-            raise PluginError(
-                f'unknown plugin "{name}".{suggest(name, installed)} Installed plugins: {listing}. '
-                f"`ftcore plugins` lists them with their kinds."
-            )
+    check_installed(wanted, installed)
     for name in wanted:
         _add_entry_point(chosen, name, installed[name])
     _check_single_kinds(chosen)
@@ -265,6 +259,39 @@ def select(names: list[str], objects: list[Any] | tuple = (), formats: list[str]
         if kind not in present and name in installed:
             _add_entry_point(chosen, name, installed[name])
     return chosen
+
+
+def check_installed(names: list[str], installed: dict[str, md.EntryPoint]) -> None:
+    """An unknown plugin name is an error that lists the installed ones and suggests the closest."""
+    for name in names:
+        if name not in installed:
+            listing = ", ".join(installed) or "(none)"
+            raise PluginError(
+                f'unknown plugin "{name}".{suggest(name, installed)} Installed plugins: {listing}. '
+                f"`ftcore plugins` lists them with their kinds."
+            )
+
+
+def load_all(objects: list[Any] | tuple = ()) -> tuple[PluginSet, dict[str, str]]:
+    """Every installed plugin, plus plugin objects passed directly, in one PluginSet.
+
+    For a command that compares plugins side by side (``ftcore estimate``), not for a run:
+    no defaults, no one-per-kind rule. An installed plugin that fails to import or register
+    is left out and its error returned, by name, so one broken package never breaks the
+    command; an object passed directly must register.
+    """
+    chosen = PluginSet()
+    for obj in objects:
+        chosen.add(plugin_name_of(obj), obj)
+    broken: dict[str, str] = {}
+    for name, ep in installed_entry_points().items():
+        if name in chosen.objects:
+            continue
+        try:
+            _add_entry_point(chosen, name, ep)
+        except PluginError as exc:
+            broken[name] = str(exc)
+    return chosen, broken
 
 
 def _add_entry_point(chosen: PluginSet, name: str, ep: md.EntryPoint) -> None:

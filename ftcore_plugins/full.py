@@ -40,3 +40,12 @@ def ftcore_load_model(model_path: str, tokenizer: Any, config: Any, ctx: Any) ->
         frozen = any(p.search(name) for p in patterns) or (layer is not None and int(layer.group(1)) < cfg.freeze_layers)
         param.requires_grad_(not frozen)
     return model
+
+
+@ftcore.hookimpl
+def ftcore_memory_profile(config: Any) -> ftcore.MemoryProfile:
+    # What ftcore_load_model keeps: fp32 master weights, all trained (freeze_* settings are not modelled).
+    return ftcore.MemoryProfile(
+        trains="all", base_storage="master",
+        assumptions="trained weights fp32 (master weights); with bf16/fp16 precision autocast keeps a 16-bit "
+                    "copy of them for the step (counted under weights); gradients fp32.")

@@ -81,3 +81,12 @@ def ftcore_merge_adapter(adapter_dir: str, base_path: str | None, dtype: str, ct
     from ftcore_plugins._merge import merge_peft_adapter
 
     return merge_peft_adapter(adapter_dir, base_path, dtype)
+
+
+@ftcore.hookimpl
+def ftcore_memory_profile(config: Any) -> ftcore.MemoryProfile:
+    settings: LoraSettings = config.section(NAME)
+    return ftcore.MemoryProfile(
+        trains="adapters", base_storage="compute", adapter_rank=settings.r, adapter_targets=settings.target_modules,
+        assumptions="frozen base in the precision's dtype; adapters, their gradients and optimizer state fp32 "
+                    "(PEFT keeps adapters in fp32).")

@@ -44,3 +44,12 @@ def ftcore_build_optimizer(model: Any, training_args: Any, config: Any) -> Any:
     log.warning("paged-adamw-8bit: no CUDA device, so no paging; using bitsandbytes' non-paged AdamW8bit "
                 "(8-bit optimizer states all the same).")
     return bnb.optim.AdamW8bit(groups, **kwargs)
+
+
+@ftcore.hookimpl
+def ftcore_memory_profile(config: Any) -> ftcore.OptimizerProfile:
+    # bitsandbytes' blockwise 8-bit Adam: 2 one-byte states per param plus an fp32 absmax per 256 values of each.
+    return ftcore.OptimizerProfile(
+        label="8-bit AdamW", state_bytes=2, block_size=256, block_bytes=2 * 4, min_size=4096, small_state_bytes=8,
+        assumptions="2 states of 1 byte per trained param (+ one fp32 constant per 256 values of each), fp32 "
+                    "states (8 bytes) for tensors under 4096 elements, as bitsandbytes keeps them.")

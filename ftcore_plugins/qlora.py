@@ -102,3 +102,19 @@ def ftcore_merge_adapter(adapter_dir: str, base_path: str | None, dtype: str, ct
     from ftcore_plugins._merge import merge_peft_adapter
 
     return merge_peft_adapter(adapter_dir, base_path, dtype)
+
+
+@ftcore.hookimpl
+def ftcore_memory_profile(config: Any) -> ftcore.MemoryProfile:
+    settings: QLoraConfig = config.section(NAME)
+    adapters: LoraSettings = config.section("lora")
+    constants = "8-bit absmax with double quantization" if settings.double_quant else "fp32 absmax"
+    checkpointing = ("gradient checkpointing always on" if settings.gradient_checkpointing
+                     else "gradient checkpointing as training.gradient_checkpointing")
+    return ftcore.MemoryProfile(
+        trains="adapters", base_storage="4bit", double_quant=settings.double_quant,
+        always_checkpointing=settings.gradient_checkpointing, adapter_rank=adapters.r,
+        adapter_targets=adapters.target_modules,
+        assumptions=f"every linear layer but lm_head in 4-bit {settings.quant_type.upper()} (0.5 byte/param + "
+                    f"absmax per 64 weights; {constants}); embeddings, lm_head and norms fp32 "
+                    f"(prepare_model_for_kbit_training); adapters as for LoRA; {checkpointing}.")
