@@ -106,16 +106,24 @@ def large_buffers_unmapped(active: bool = True) -> Iterator[None]:
     happens to the per-layer dequantized weights. A fixed 4 MiB threshold makes each large
     buffer its own mapping, unmapped when freed. It stays set for the rest of the process (glibc
     cannot go back to its dynamic threshold); large buffers then cost a page fault per 4 KiB
-    page on first use, which was not measurable against a training step on a CPU.
+    page on first use, which was not measurable against a training step on a CPU. A threshold
+    fixed by the environment (MALLOC_MMAP_THRESHOLD_, GLIBC_TUNABLES) is left as it is.
     """
     libc = _glibc() if active else None
-    if libc is not None:
+    if libc is not None and not threshold_set_by_user():
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     try:
         yield
     finally:
         if libc is not None:
             libc.malloc_trim(0)
+
+
+def threshold_set_by_user() -> bool:
+    """True where the environment already fixes glibc's mmap threshold: that choice is kept."""
+    import os
+
+    return "MALLOC_MMAP_THRESHOLD_" in os.environ or "glibc.malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", "")
 
 
 def _glibc() -> Any:
