@@ -28,8 +28,10 @@ def peak_memory() -> dict[str, int | None]:
     """Peak resident memory of this process (bytes) and, on a GPU, torch's CUDA peak allocation."""
     import resource
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss = rss if sys.platform == "darwin" else rss * 1024   # Linux reports KiB, macOS bytes
+    rss = own_peak_rss()
+    if rss is None:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss = rss if sys.platform == "darwin" else rss * 1024   # Linux reports KiB, macOS bytes
     cuda = None
     try:
         import torch
@@ -39,6 +41,22 @@ def peak_memory() -> dict[str, int | None]:
     except Exception:  # pragma: no cover - a broken CUDA setup must not fail the end of a run
         cuda = None
     return {"peak_rss_bytes": int(rss), "peak_cuda_bytes": cuda}
+
+
+def own_peak_rss() -> int | None:
+    """This process's own peak RSS in bytes (Linux VmHWM), or None where /proc is not there.
+
+    Not getrusage()'s ru_maxrss: Linux keeps ru_maxrss across exec(), so a run started by a
+    larger process (a launcher, a notebook, a benchmark driver) would report that process's peak.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def run_metrics(trainer: Any, ctx: Any) -> dict[str, Any]:

@@ -71,8 +71,9 @@ def ftcore_load_model(model_path: str, tokenizer: Any, config: Any, ctx: Any) ->
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     settings: QLoraConfig = config.section(NAME)
-    model = load_base_model(model_path, tokenizer, config, ctx, dtype=compute_dtype(settings, ctx),
-                            quantization_config=quantization_config(settings, ctx), device_map=device_map())
+    model = load_base_model(model_path, tokenizer, config, ctx, quantized_on_load=True,
+                            dtype=compute_dtype(settings, ctx), quantization_config=quantization_config(settings, ctx),
+                            device_map=device_map())
     keep_cpu_layout_trainable(model)
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=settings.gradient_checkpointing,

@@ -46,6 +46,24 @@ def test_peak_memory_is_measured(tmp_path_factory, tiny_model_dir):
     assert result.metrics["peak_cuda_bytes"] is None      # no GPU here; on a GPU, torch's CUDA peak
 
 
+PARENT = """
+import subprocess, sys
+held = b"x" * (600 << 20)   # the parent's peak: 600 MiB, resident
+child = "import resource; from ftcore.report import peak_memory; " \\
+        "print(peak_memory()['peak_rss_bytes'], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+sys.stdout.write(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux keeps ru_maxrss across exec")
+def test_peak_memory_is_the_process_own_not_its_parents():
+    """A run started by a larger process reports its own peak, not the parent's carried over exec()."""
+    out = subprocess.run([sys.executable, "-c", PARENT], capture_output=True, text=True, check=True).stdout.split()
+    own, inherited = int(out[0]), int(out[1])
+    assert inherited >= 600 << 20              # ru_maxrss: the parent's peak (what the summary used to show)
+    assert 5 << 20 < own < 300 << 20, own     # VmHWM: the child's own
+
+
 def test_modes_from_flags():
     assert choose_mode() == "auto" and choose_mode(no_progress=True) == "plain"
     assert choose_mode(quiet=True) == "quiet" and choose_mode(quiet=True, log_format="json") == "json"

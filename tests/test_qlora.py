@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import ftcore
@@ -139,3 +140,80 @@ def test_cli_qlora_chatml_alone_and_the_adapter_loads_on_the_unquantized_base(ti
     torch.testing.assert_close(loaded[name], saved[lora_b])
     assert saved[lora_b].abs().sum() > 0 and torch.isfinite(after).all()
     assert not torch.allclose(before, after, atol=1e-5)       # the adapter is applied on full-precision weights
+
+
+def _views_of_mapped_checkpoints(model) -> list[str]:
+    """Names of the model's tensors whose storage lies in a safetensors file mapped into this process."""
+    ranges = []
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5].endswith(".safetensors"):
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                ranges.append((start, end))
+    return [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+            if any(a <= t.untyped_storage().data_ptr() < b for a, b in ranges)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_4bit_model_is_read_not_mapped_and_equals_the_mapped_load(tiny_model_dir, tmp_path):
+    """The qlora plugin reads the checkpoint instead of mapping it; the weights are the same bits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from ftcore_plugins._loading import load_base_model
+    from ftcore_plugins.qlora import QLoraConfig, quantization_config
+
+    model = _load(tiny_model_dir, tmp_path, {"lora": {"r": 4}})
+    assert _views_of_mapped_checkpoints(model) == []
+
+    class Ctx:
+        precision = "fp32"
+
+    config, _ = ftcore.resolve({"model": str(tiny_model_dir), "output_dir": str(tmp_path / "o")}, log=lambda m: None)
+    kwargs = dict(dtype=torch.float32, device_map={"": "cpu"}, quantization_config=quantization_config(QLoraConfig(), Ctx()))
+    ours = load_base_model(str(tiny_model_dir), AutoTokenizer.from_pretrained(str(tiny_model_dir)), config, Ctx(),
+                           quantized_on_load=True, **kwargs)
+    assert _views_of_mapped_checkpoints(ours) == []
+    assert ours.name_or_path == ours.config.name_or_path == str(tiny_model_dir)   # PEFT records it in the adapter
+    assert ours.generation_config.to_dict() == GenerationConfig.from_pretrained(str(tiny_model_dir)).to_dict()
+    # transformers' own (mapped) load: the fp32 tensors it does not quantize stay views of the file
+    mapped = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), **kwargs)
+    assert "model.embed_tokens.weight" in _views_of_mapped_checkpoints(mapped)
+    theirs, ours = mapped.state_dict(), ours.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert torch.equal(ours[key], value), key            # 4-bit or not, every tensor is bit-equal
+
+
+HEAP_CHURN = """
+import sys, torch
+from ftcore_plugins._loading import large_buffers_unmapped
+def anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+first = torch.empty(30 << 20, dtype=torch.uint8).fill_(1); del first   # glibc raises its threshold to 30 MiB
+before = anon()
+kept = []
+with large_buffers_unmapped(sys.argv[1] == "on"):
+    for mib in range(5, 21):            # as when quantizing on load: a large buffer freed, a small tensor kept
+        big = torch.empty(mib << 20, dtype=torch.uint8).fill_(1)
+        kept.append(torch.ones(16 << 10, dtype=torch.uint8))
+        del big
+print((anon() - before) >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_large_buffers_freed_while_loading_leave_the_process():
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's allocator")
+
+    def retained(mode: str) -> int:
+        return int(subprocess.run([sys.executable, "-c", HEAP_CHURN, mode], capture_output=True, text=True,
+                                  check=True).stdout.split()[-1])
+
+    assert retained("off") > 100         # 5+6+...+20 MiB freed, held in the heap between the kept tensors
+    assert retained("on") < 10
