@@ -198,3 +198,15 @@ def test_a_run_with_speedups_has_the_same_losses_as_without(tiny_model_dir, tmp_
     assert fast[1].evaluations == plain[1].evaluations == 2
     last_logged = [r["eval_loss"] for r in metrics_rows(fast[0].output_dir) if "eval_loss" in r][-1]
     assert fast[0].metrics["eval_loss"] == last_logged
+
+
+def test_example_lengths_read_from_arrow_follow_selection_and_shuffling():
+    """The run summary's padding figures take lengths from the Arrow column; they must be the rows' own lengths
+    in the dataset's current order (a split or shuffle keeps an index mapping over the same table)."""
+    import datasets
+
+    from ftcore.data import example_lengths
+
+    ds = datasets.Dataset.from_dict({"input_ids": [[1] * n for n in (5, 1, 3, 8, 2)], "labels": [[0]] * 5})
+    for view in (ds, ds.select([3, 0, 4]), ds.shuffle(seed=3), ds.train_test_split(test_size=2, seed=1)["train"]):
+        assert example_lengths(view) == [len(row["input_ids"]) for row in view]
