@@ -15,6 +15,16 @@ def quiet_loggers() -> None:
     warnings.filterwarnings("ignore", message=".*kernels.*")
     for name in ("bitsandbytes", "DeepSpeed", "deepspeed", "accelerate", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # DeepSpeed sets its logger back to INFO when it is imported (transformers imports it for every run where it
+    # is installed) and then says it found no GPU; a filter survives that reset.
+    ds = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _NoCpuAcceleratorNotice) for f in ds.filters):
+        ds.addFilter(_NoCpuAcceleratorNotice())
+
+
+class _NoCpuAcceleratorNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
 
 
 def quiet_libraries() -> None:
