@@ -215,11 +215,10 @@ def _check_zero(zero: dict[str, Any], origin: str) -> None:
 def quantized_adapters(plugins: Any) -> list[str]:
     """Selected adapter plugins that load quantized (4/8-bit) base weights.
 
-    A plugin says so with a module attribute ``QUANTIZED_WEIGHTS = True``; the bundled
-    qlora plugin is known by name as well.
+    A plugin says so with a module (or object) attribute ``QUANTIZED_WEIGHTS = True``, as the
+    bundled qlora plugin does.
     """
-    return [name for name in plugins.names("adapter")
-            if name == "qlora" or getattr(plugins.objects[name], "QUANTIZED_WEIGHTS", False)]
+    return [name for name in plugins.names("adapter") if getattr(plugins.objects[name], "QUANTIZED_WEIGHTS", False)]
 
 
 def check_combination(config: Any, plugins: Any, ds: dict[str, Any]) -> None:

@@ -16,6 +16,9 @@ from ftcore_plugins._loading import load_base_model
 from ftcore_plugins.lora import LoraSettings, lora_config
 
 NAME = "qlora"
+# Read by strategies that must know the base weights are quantized (deepspeed-zero refuses ZeRO-3 and
+# parameter offload for them).
+QUANTIZED_WEIGHTS = True
 COMPUTE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
