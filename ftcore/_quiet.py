@@ -13,6 +13,8 @@ def quiet_loggers() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*kernels.*")
+    # Expected when a format adds tokens: the resized embeddings are saved with the adapter on purpose.
+    warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
     for name in ("bitsandbytes", "DeepSpeed", "deepspeed", "accelerate", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
     # DeepSpeed sets its logger back to INFO when it is imported (transformers imports it for every run where it
