@@ -7,8 +7,8 @@ one-time caches) and ``runs`` (configs measured one after the other).
 
 CPU: the peak of anonymous resident memory while training, over the anonymous memory just
 before the run, plus the frozen tensors of the model that are views into its mapped
-safetensors file (never written, they never become anonymous memory). The rest of a mapped model file is page cache, not counted: after
-quantizing, bitsandbytes leaves the fp32 checkpoint mapped but never reads it again. The
+safetensors file (never written, they never become anonymous memory). The rest of a mapped model file is page cache, not counted
+(the qlora plugin reads its checkpoint instead of mapping it, so there none is mapped). The
 kernel's peak is reset when training starts (Linux clear_refs) and a thread samples as well.
 Run with MALLOC_MMAP_THRESHOLD_ set so freed tensors go back to the system at once.
 CUDA: the allocator's peak, reset when training starts.

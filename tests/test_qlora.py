@@ -144,13 +144,9 @@ def test_cli_qlora_chatml_alone_and_the_adapter_loads_on_the_unquantized_base(ti
 
 def _views_of_mapped_checkpoints(model) -> list[str]:
     """Names of the model's tensors whose storage lies in a safetensors file mapped into this process."""
-    ranges = []
-    with open("/proc/self/maps") as fh:
-        for line in fh:
-            parts = line.split()
-            if len(parts) >= 6 and parts[5].endswith(".safetensors"):
-                start, end = (int(x, 16) for x in parts[0].split("-"))
-                ranges.append((start, end))
+    from memory_probe import mapped_file_ranges
+
+    ranges = mapped_file_ranges()
     return [name for name, t in [*model.named_parameters(), *model.named_buffers()]
             if any(a <= t.untyped_storage().data_ptr() < b for a, b in ranges)]
 

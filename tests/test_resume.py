@@ -62,6 +62,26 @@ def test_resume_from_the_epochs_last_checkpoint_reproduces_the_next_epoch(resuma
     assert_same_training(out, reference)
 
 
+def kill_while_saving(script_text: str, config, tmp_path):
+    """Run ``script_text`` (a run that writes the path in argv[3] once it stalls inside a save), SIGKILL it
+    there, and return its output dir."""
+    import subprocess
+
+    from procs import env
+
+    out, flag = tmp_path / "out", tmp_path / "saving-now"
+    script = tmp_path / "stalled_save.py"
+    script.write_text(script_text)
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(script), str(config), str(out), str(flag)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env())
+    proc.log_path = tmp_path / "killed.log"
+    wait_for_file(proc, flag)
+    proc.kill()
+    proc.wait(timeout=60)
+    return out
+
+
 SLOW_SAVE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
@@ -91,21 +111,8 @@ SLOW_SAVE = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_a_checkpoint_cut_off_while_saving_is_never_resumed_from(resumable, tmp_path):
-    import subprocess
-
-    from procs import env
-
     config, reference = resumable
-    out, flag = tmp_path / "out", tmp_path / "saving-now"
-    script = tmp_path / "slow_save.py"
-    script.write_text(SLOW_SAVE)
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, str(script), str(config), str(out), str(flag)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env())
-    proc.log_path = tmp_path / "killed.log"
-    wait_for_file(proc, flag)
-    proc.kill()
-    proc.wait(timeout=60)
+    out = kill_while_saving(SLOW_SAVE, config, tmp_path)
     second = f"checkpoint-{2 * SAVE_STEPS}"
     staged = out / "checkpoints" / checkpoints.STAGING / second
     assert staged.is_dir() and (staged / "adapter_model.safetensors").exists()   # killed halfway through
@@ -155,21 +162,8 @@ def test_a_kill_while_saving_the_final_adapter_publishes_nothing_and_resume_fini
     """Training is over and the adapter is half-written when the run is killed: no `adapter/` appears,
     and `--resume auto` takes the last checkpoint, writes the same adapter as the uninterrupted run and
     removes the leftovers."""
-    import subprocess
-
-    from procs import env
-
     config, reference = resumable
-    out, flag = tmp_path / "out", tmp_path / "saving-now"
-    script = tmp_path / "slow_final_save.py"
-    script.write_text(SLOW_FINAL_SAVE)
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, str(script), str(config), str(out), str(flag)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env())
-    proc.log_path = tmp_path / "killed.log"
-    wait_for_file(proc, flag)
-    proc.kill()
-    proc.wait(timeout=60)
+    out = kill_while_saving(SLOW_FINAL_SAVE, config, tmp_path)
     assert (out / ".adapter.tmp" / "adapter_model.safetensors").exists()    # killed halfway through
     assert not (out / "adapter").exists() and not (out / "summary.json").exists()
     last = checkpoints.newest_complete(out)
