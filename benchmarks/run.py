@@ -132,13 +132,10 @@ def current_rss_mb() -> float:
 
 def proc_status_mb() -> dict[str, float]:
     """VmHWM (this process's own peak RSS), VmRSS, RssAnon and RssFile from /proc/self/status, in MiB."""
-    out = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-                out[key] = round(int(value.split()[0]) / 1024, 1)
-    return out
+    from ftcore.report import proc_status
+
+    found = proc_status()
+    return {key: round(found[key] / 2**20, 1) for key in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}
 
 
 class AnonSampler:
@@ -156,12 +153,9 @@ class AnonSampler:
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
-        import threading
-
-        stop = threading.Event()
         while True:
             self.peak = max(self.peak, proc_status_mb()["RssAnon"])
-            stop.wait(0.01)
+            time.sleep(0.01)
 
 
 ANON = None   # the worker's AnonSampler

@@ -322,7 +322,7 @@ def gather_profiles(model_name: str, plugins: list[str] | tuple = (), settings: 
     names = list(dict.fromkeys(plugins))
     installed = plugins_mod.installed_entry_points()
     plugins_mod.check_installed(names, installed)
-    chosen, broken = plugins_mod.load_all(plugin_objects)
+    chosen, broken = plugins_mod.load_all(plugin_objects, installed)
     settings = settings or {}
     for name in [*names, *settings]:
         if name in broken:

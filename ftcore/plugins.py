@@ -272,19 +272,21 @@ def check_installed(names: list[str], installed: dict[str, md.EntryPoint]) -> No
             )
 
 
-def load_all(objects: list[Any] | tuple = ()) -> tuple[PluginSet, dict[str, str]]:
+def load_all(objects: list[Any] | tuple = (), installed: dict[str, md.EntryPoint] | None = None
+             ) -> tuple[PluginSet, dict[str, str]]:
     """Every installed plugin, plus plugin objects passed directly, in one PluginSet.
 
     For a command that compares plugins side by side (``ftcore estimate``), not for a run:
     no defaults, no one-per-kind rule. An installed plugin that fails to import or register
     is left out and its error returned, by name, so one broken package never breaks the
-    command; an object passed directly must register.
+    command; an object passed directly must register. ``installed``: the entry points when the
+    caller has already read them.
     """
     chosen = PluginSet()
     for obj in objects:
         chosen.add(plugin_name_of(obj), obj)
     broken: dict[str, str] = {}
-    for name, ep in installed_entry_points().items():
+    for name, ep in (installed if installed is not None else installed_entry_points()).items():
         if name in chosen.objects:
             continue
         try:

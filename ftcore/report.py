@@ -43,20 +43,28 @@ def peak_memory() -> dict[str, int | None]:
     return {"peak_rss_bytes": int(rss), "peak_cuda_bytes": cuda}
 
 
+def proc_status() -> dict[str, int]:
+    """The memory figures of /proc/self/status (VmHWM, VmRSS, RssAnon, RssFile, ...) in bytes; {} without /proc."""
+    found: dict[str, int] = {}
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                parts = value.split()
+                if len(parts) == 2 and parts[1] == "kB":
+                    found[key] = int(parts[0]) * 1024
+    except OSError:
+        pass
+    return found
+
+
 def own_peak_rss() -> int | None:
     """This process's own peak RSS in bytes (Linux VmHWM), or None where /proc is not there.
 
     Not getrusage()'s ru_maxrss: Linux keeps ru_maxrss across exec(), so a run started by a
     larger process (a launcher, a notebook, a benchmark driver) would report that process's peak.
     """
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return proc_status().get("VmHWM")
 
 
 def run_metrics(trainer: Any, ctx: Any) -> dict[str, Any]:

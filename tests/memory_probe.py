@@ -26,13 +26,10 @@ import ftcore
 
 def status() -> dict[str, int]:
     """VmHWM, VmRSS, RssAnon, RssFile, RssShmem of this process, in bytes."""
-    found = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
-                found[key] = int(value.split()[0]) * 1024
-    return found
+    from ftcore.report import proc_status
+
+    found = proc_status()
+    return {key: found[key] for key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem")}
 
 
 def reset_peak() -> bool:
