@@ -94,6 +94,14 @@ def assert_adapter_loads_with_peft(adapter: Path, base: Path) -> None:
     assert logits.shape[:2] == (1, 4) and torch.isfinite(logits).all()
 
 
+def one_process_run(model: Path, data: Path, out: Path, adapter: str = "lora") -> ftcore.RunResult:
+    """The two-rank runs' settings in one process without DeepSpeed, on the same global batch (4)."""
+    cfg = tiny_config(model, data, out, epochs=2, batch_size=4, learning_rate=1e-3)
+    cfg["plugins"] = [adapter, "alpaca"]
+    cfg["lora"] = {"dropout": 0}
+    return ftcore.run(cfg, log=lambda m: None)
+
+
 def assert_only_rank0_wrote(out: Path) -> None:
     rows = metrics(out)
     keys = [(r["step"], tuple(sorted(k for k in r if k in ("loss", "eval_loss")))) for r in rows]
@@ -116,10 +124,7 @@ def test_zero2_lora_two_ranks_match_one_rank(tiny_model_dir, alpaca_file, tmp_pa
     assert_adapter_loads_with_peft(out / "adapter", tiny_model_dir)
 
     # The same global batch (4) in one process without DeepSpeed: the same losses.
-    cfg = tiny_config(tiny_model_dir, alpaca_file, tmp_path / "one", epochs=2, batch_size=4,
-                      learning_rate=1e-3)
-    cfg["lora"] = {"dropout": 0}
-    one = ftcore.run(cfg, log=lambda m: None)
+    one = one_process_run(tiny_model_dir, alpaca_file, tmp_path / "one")
     assert train_losses(out) == pytest.approx(train_losses(one.output_dir), rel=2e-3)
     assert one.metrics["eval_loss"] == pytest.approx(
         json.loads((out / "summary.json").read_text())["metrics"]["eval_loss"], rel=2e-3)
@@ -141,13 +146,9 @@ def test_qlora_zero_two_ranks_match_one_rank(stage, tiny_model_dir, alpaca_file,
     assert_only_rank0_wrote(out)
     assert_adapter_loads_with_peft(out / "adapter", tiny_model_dir)     # onto the unquantized base
 
-    one_rank = {}
-    for adapter in ("qlora", "lora"):
-        cfg = tiny_config(tiny_model_dir, alpaca_file, tmp_path / f"one-{adapter}", epochs=2, batch_size=4,
-                          learning_rate=1e-3)
-        cfg["plugins"] = [adapter, "alpaca"]
-        cfg["lora"] = {"dropout": 0}
-        one_rank[adapter] = train_losses(ftcore.run(cfg, log=lambda m: None).output_dir)
+    one_rank = {adapter: train_losses(one_process_run(tiny_model_dir, alpaca_file, tmp_path / f"one-{adapter}",
+                                                      adapter).output_dir)
+                for adapter in ("qlora", "lora")}
     losses = train_losses(out)
     assert losses == pytest.approx(one_rank["qlora"], rel=1e-4)     # measured here: 2e-7 apart
     # The ranks really ran 4-bit: quantization moves the tiny model's losses ~1.5e-3 away from plain lora's.
@@ -208,9 +209,8 @@ def test_zero2_lora_offloaded_to_deepspeeds_cpu_adam(tiny_model_dir, alpaca_file
     assert_learned(out)
     assert_only_rank0_wrote(out)
     assert_adapter_loads_with_peft(out / "adapter", tiny_model_dir)
-    cfg = tiny_config(tiny_model_dir, alpaca_file, tmp_path / "one", epochs=2, batch_size=4, learning_rate=1e-3)
-    cfg["lora"] = {"dropout": 0}
-    assert train_losses(out) == pytest.approx(train_losses(ftcore.run(cfg, log=lambda m: None).output_dir), rel=2e-3)
+    one = one_process_run(tiny_model_dir, alpaca_file, tmp_path / "one")
+    assert train_losses(out) == pytest.approx(train_losses(one.output_dir), rel=2e-3)
 
 
 
