@@ -152,10 +152,13 @@ def run(source: Any = None, *, flags: dict[str, Any] | None = None, plugins: lis
 def execute(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], None] = print) -> RunResult:
     guard = OutputGuard(Path(config.output_dir))
     try:
-        return _execute(config, plugins, log, guard)
+        result = _execute(config, plugins, log, guard)
     except BaseException:
         guard.undo()   # a run that fails before training leaves the output directory as it found it
         raise
+    if in_launched_rank():
+        leave_process_group()
+    return result
 
 
 def _execute(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], None], guard: OutputGuard
@@ -254,6 +257,19 @@ def world_size() -> int:
 def is_main_process() -> bool:
     """Rank 0 of a multi-process run (or the only process): the one that writes the run's outputs."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def leave_process_group() -> None:
+    """End this rank's membership of the run's process group once its work is done.
+
+    Left to the interpreter's teardown, the group's communication threads can be destroyed
+    while still joinable, and the process aborts ("terminate called without an active
+    exception") after a successful run, which its launcher then reports as a failed rank.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _rank_prefixed(log: Callable[[str], None]) -> Callable[[str], None]:

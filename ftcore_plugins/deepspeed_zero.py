@@ -366,8 +366,9 @@ def ftcore_launch(argv: list[str], config: Any, ctx: Any) -> int:
 
 @contextmanager
 def _child_env(per_machine: int) -> Iterator[None]:
-    """Environment the ranks inherit: unbuffered output (logs stream), one OpenMP thread per rank like torchrun."""
-    wanted = {"PYTHONUNBUFFERED": "1"}
+    """Environment the ranks inherit: unbuffered output (logs stream), Python's stacks on a fatal signal
+    (a rank that aborts or segfaults shows where), one OpenMP thread per rank like torchrun."""
+    wanted = {"PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": os.environ.get("PYTHONFAULTHANDLER") or "1"}
     if "OMP_NUM_THREADS" not in os.environ and per_machine > 1:
         wanted["OMP_NUM_THREADS"] = "1"
     saved = {k: os.environ.get(k) for k in wanted}

@@ -7,6 +7,7 @@ process and in every launched rank alike.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 
@@ -31,13 +32,15 @@ class FailingRank:
 
 
 class ProbeExport:
-    """Record each rank's share of the loaded weights (to FTCORE_TEST_PROBE_DIR); as an exporter, load the
-    saved model with plain transformers and record which rank did it and the shapes."""
+    """Record each rank's share of the loaded weights and, as the rank exits, whether it still belongs to a
+    process group and shows its stacks on a fatal signal (to FTCORE_TEST_PROBE_DIR); as an exporter, load
+    the saved model with plain transformers and record which rank did it and the shapes."""
 
     @ftcore.hookimpl
     def ftcore_model_loaded(self, model):
         folder = os.environ.get("FTCORE_TEST_PROBE_DIR")
         if folder:
+            atexit.register(record_exit, os.path.join(folder, f"exit-rank{os.environ.get('RANK')}.json"))
             local = sum(p.numel() for p in model.parameters())
             full = sum(getattr(p, "ds_numel", None) or p.numel() for p in model.parameters())
             path = os.path.join(folder, f"loaded-rank{os.environ.get('RANK')}.json")
@@ -56,6 +59,15 @@ class ProbeExport:
             "shapes": {n: list(p.shape) for n, p in model.named_parameters()},
         }))
         return [target]
+
+
+def record_exit(path):
+    import faulthandler
+
+    import torch.distributed as dist
+
+    with open(path, "w") as fh:
+        json.dump({"in_process_group": dist.is_initialized(), "faulthandler": faulthandler.is_enabled()}, fh)
 
 
 class Sgd:
