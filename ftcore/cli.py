@@ -123,6 +123,7 @@ def run(config_file: str | None, plugins: str | None, model: str | None, data: t
             click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
             return
         result = engine.execute(config, chosen, reporter)
+    engine.leave_process_group()
     if result.exit_code:
         sys.exit(result.exit_code)
 

@@ -152,13 +152,10 @@ def run(source: Any = None, *, flags: dict[str, Any] | None = None, plugins: lis
 def execute(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], None] = print) -> RunResult:
     guard = OutputGuard(Path(config.output_dir))
     try:
-        result = _execute(config, plugins, log, guard)
+        return _execute(config, plugins, log, guard)
     except BaseException:
         guard.undo()   # a run that fails before training leaves the output directory as it found it
         raise
-    if in_launched_rank():
-        leave_process_group()
-    return result
 
 
 def _execute(config: cfg.RunConfig, plugins: PluginSet, log: Callable[[str], None], guard: OutputGuard
@@ -260,11 +257,13 @@ def is_main_process() -> bool:
 
 
 def leave_process_group() -> None:
-    """End this rank's membership of the run's process group once its work is done.
+    """End this process's membership of its process group, just before the process exits.
 
     Left to the interpreter's teardown, the group's communication threads can be destroyed
     while still joinable, and the process aborts ("terminate called without an active
     exception") after a successful run, which its launcher then reports as a failed rank.
+    Called by ``ftcore run`` (the command each launched rank runs), not by the library: an
+    application that calls ``ftcore.run`` in its own ranks keeps its process group.
     """
     import torch.distributed as dist
 
