@@ -318,14 +318,20 @@ def _prepare_cpu_state() -> bool:
     CPU it leaves none and then counts one process with rank 0 in every rank. Creating the
     state first with DeepSpeed's own CPU backend (gloo or ccl), and telling the trainer to
     use it, gives every rank its true rank and world size.
+
+    A configured state is kept by the trainer as it is, so the accelerator state of an earlier
+    run in this process (an application calling ``ftcore.run`` more than once in its ranks) is
+    cleared first, as the trainer does itself when it sets up the state; the process group
+    (``PartialState``) stays.
     """
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         return False
-    from accelerate.state import PartialState
+    from accelerate.state import AcceleratorState, PartialState
 
+    AcceleratorState._reset_state(reset_partial_state=False)
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     try:
         PartialState(backend=accelerator.communication_backend_name())

@@ -18,6 +18,7 @@ import pytest
 
 import ftcore
 from conftest import tiny_config
+from ftcore_plugins.deepspeed_zero import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -218,11 +219,7 @@ def test_zero3_lora_offloaded_on_two_machines(tiny_model_dir, alpaca_file, tmp_p
     """Two `ftcore run` commands, one per machine (here both on localhost), as the multi-node recipe says;
     optimizer state and weights offloaded to CPU memory, with the trainer's AdamW allowed by the user's own
     DeepSpeed JSON (the default, DeepSpeedCPUAdam, is a C++ op DeepSpeed compiles on first use)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "zero3"
     own = tmp_path / "ds.json"        # the user's own DeepSpeed JSON: torch's AdamW on the offloaded state
     own.write_text(json.dumps({"zero_force_ds_cpu_optimizer": False}))
@@ -313,3 +310,42 @@ def test_a_failing_rank_stops_the_whole_run(tiny_model_dir, alpaca_file, tmp_pat
     assert failed_at is not None and ended - failed_at < 60, "rank 0 was left waiting in a collective"
     assert ranks and not [p for p in ranks if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
     assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+
+
+APP = '''
+import json, sys
+import torch.distributed as dist
+import ftcore
+
+model, data, folder = sys.argv[1:]
+for name in ("first", "second"):
+    cfg = {"plugins": ["deepspeed-zero", "lora", "alpaca"], "model": model, "output_dir": f"{folder}/{name}",
+           "data": {"datasets": [data], "max_length": 128, "val_size": 4}, "lora": {"dropout": 0},
+           "training": {"epochs": 2, "batch_size": 2, "gradient_accumulation": 1, "logging_steps": 1,
+                        "learning_rate": 1e-3, "save_strategy": "no"}}
+    result = ftcore.run(cfg, log=lambda message: None)
+    print(json.dumps({"run": name, "rank": dist.get_rank(), "exit_code": result.exit_code,
+                      "in_process_group": dist.is_initialized()}), flush=True)
+'''
+
+
+def test_an_application_under_torchrun_runs_twice_in_its_own_process_group(tiny_model_dir, alpaca_file, tmp_path):
+    """Embedding ftcore in an application that launches its own ranks: ftcore.run in each rank uses the ranks
+    it is in (no launch of its own), leaves the application's process group up, and a second run in the same
+    processes trains exactly like the first (no state of the first run leaks into it)."""
+    script = tmp_path / "app.py"
+    script.write_text(APP)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--master-port", str(free_port()), str(script), str(tiny_model_dir), str(alpaca_file),
+                             str(tmp_path)], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = finish([proc])[0]
+    assert proc.returncode == 0, output
+    rows = [json.loads(line) for line in output.splitlines() if line.startswith('{"run"')]
+    assert sorted((r["run"], r["rank"]) for r in rows) == [("first", 0), ("first", 1), ("second", 0), ("second", 1)]
+    assert all(r["exit_code"] == 0 and r["in_process_group"] for r in rows), rows
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert_learned(first)
+    assert train_losses(second) == pytest.approx(train_losses(first), rel=1e-5)
+    assert json.loads((second / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 2
+    assert_adapter_loads_with_peft(second / "adapter", tiny_model_dir)
