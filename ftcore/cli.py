@@ -124,6 +124,7 @@ def run(config_file: str | None, plugins: str | None, model: str | None, data: t
             return
         result = engine.execute(config, chosen, reporter)
     engine.leave_process_group()
+    engine.end_worker_rank(result.exit_code)
     if result.exit_code:
         sys.exit(result.exit_code)
 

@@ -271,6 +271,21 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def end_worker_rank(status: int) -> None:
+    """Exit a launched rank other than rank 0 as soon as its part of the run is done.
+
+    Such a rank writes nothing and reports nothing, so nothing of the run waits on the
+    interpreter's teardown, where C++ libraries' static destructors once aborted a rank that
+    had finished (SIGABRT, reported by the launcher as a failed run). Its output is flushed
+    first. Rank 0 and single-process runs exit normally (trackers finish in atexit handlers).
+    """
+    if not in_launched_rank() or is_main_process():
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def _rank_prefixed(log: Callable[[str], None]) -> Callable[[str], None]:
     prefix = f"[rank {os.environ.get('RANK', '?')}] "
     return lambda message: log(prefix + message)
