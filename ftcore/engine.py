@@ -259,10 +259,10 @@ def is_main_process() -> bool:
 def leave_process_group() -> None:
     """End this process's membership of its process group, just before the process exits.
 
-    Left to the interpreter's teardown, the group's communication threads can be destroyed
-    while still joinable, and the process aborts ("terminate called without an active
-    exception") after a successful run, which its launcher then reports as a failed rank.
-    Called by ``ftcore run`` (the command each launched rank runs), not by the library: an
+    Left to the interpreter's teardown, the group's communication threads are torn down with
+    the C++ libraries' static objects, the likeliest cause of a finished rank that once aborted
+    there ("terminate called without an active exception"; its launcher then reports a failed
+    run). Called by ``ftcore run`` (the command each launched rank runs), not by the library: an
     application that calls ``ftcore.run`` in its own ranks keeps its process group.
     """
     import torch.distributed as dist

@@ -319,12 +319,10 @@ import json, sys
 import torch.distributed as dist
 import ftcore
 
-model, data, folder = sys.argv[1:]
+config, folder = sys.argv[1:]
+cfg = json.load(open(config))
 for name in ("first", "second"):
-    cfg = {"plugins": ["deepspeed-zero", "lora", "alpaca"], "model": model, "output_dir": f"{folder}/{name}",
-           "data": {"datasets": [data], "max_length": 128, "val_size": 4}, "lora": {"dropout": 0},
-           "training": {"epochs": 2, "batch_size": 2, "gradient_accumulation": 1, "logging_steps": 1,
-                        "learning_rate": 1e-3, "save_strategy": "no"}}
+    cfg["output_dir"] = f"{folder}/{name}"
     result = ftcore.run(cfg, log=lambda message: None)
     print(json.dumps({"run": name, "rank": dist.get_rank(), "exit_code": result.exit_code,
                       "in_process_group": dist.is_initialized()}), flush=True)
@@ -335,12 +333,16 @@ def test_an_application_under_torchrun_runs_twice_in_its_own_process_group(tiny_
     """Embedding ftcore in an application that launches its own ranks: ftcore.run in each rank uses the ranks
     it is in (no launch of its own), leaves the application's process group up, and a second run in the same
     processes trains exactly like the first (no state of the first run leaks into it)."""
-    script = tmp_path / "app.py"
+    from procs import env
+
+    script, config = tmp_path / "app.py", tmp_path / "run.json"
     script.write_text(APP)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cfg = tiny_config(tiny_model_dir, alpaca_file, tmp_path / "first", epochs=2, batch_size=2, learning_rate=1e-3)
+    cfg.update(plugins=["deepspeed-zero", "lora", "alpaca"], lora={"dropout": 0})
+    config.write_text(json.dumps(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                             "--master-port", str(free_port()), str(script), str(tiny_model_dir), str(alpaca_file),
-                             str(tmp_path)], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "--master-port", str(free_port()), str(script), str(config), str(tmp_path)],
+                            env=env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output = finish([proc])[0]
     assert proc.returncode == 0, output
     rows = [json.loads(line) for line in output.splitlines() if line.startswith('{"run"')]
