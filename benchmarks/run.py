@@ -103,7 +103,8 @@ def heldout_loss(model: Any, tokenizer: Any, heldout: Path, device: str, max_len
     import torch
     import torch.nn.functional as F
 
-    from ftcore.data import Example, tokenize
+    from ftcore.data.labels import tokenize
+    from ftcore.types import Example
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if base.config._attn_implementation not in ("sdpa", "eager"):
@@ -132,7 +133,7 @@ def current_rss_mb() -> float:
 
 def proc_status_mb() -> dict[str, float]:
     """VmHWM (this process's own peak RSS), VmRSS, RssAnon and RssFile from /proc/self/status, in MiB."""
-    from ftcore.report import proc_status
+    from ftcore.reporting.memory import proc_status
 
     found = proc_status()
     return {key: round(found[key] / 2**20, 1) for key in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}
@@ -368,7 +369,7 @@ def worker_ftcore(name: str, spec: dict[str, Any], started: float) -> dict[str, 
     plugins: list[Any] = [plugin]
     names: list[str] = []
     if name == "ftcore_qlora":
-        from ftcore.plugins import installed_entry_points
+        from ftcore.registry.discovery import installed_entry_points
 
         if "qlora" in installed_entry_points():
             names = ["qlora"]

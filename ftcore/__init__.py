@@ -1,15 +1,42 @@
-"""ftcore: a plugin-based engine for fine-tuning open LLMs (LoRA, QLoRA, full)."""
+"""ftcore: a plugin-based engine for fine-tuning open LLMs (LoRA, QLoRA, full).
 
-from ftcore.config import PluginConfig, RunConfig
-from ftcore.data import Example
-from ftcore.engine import RunContext, RunResult, resolve, run
-from ftcore.errors import ConfigError, DataError, FtcoreError, PluginError
-from ftcore.estimate import MemoryProfile, OptimizerProfile
+This module is the public API: everything a plugin or an application needs is importable
+from ``ftcore`` itself, and the bundled plugins use nothing else (a test checks it). The
+submodules are grouped by layer (docs/architecture.md) and may change between versions.
+"""
+
+from ftcore.config.layering import deep_merge
+from ftcore.config.schema import PluginConfig, RunConfig
+from ftcore.errors import ConfigError, DataError, FtcoreError, OutputError, PluginError
+from ftcore.files import atomic_folder, write_json_atomic, write_text_atomic
 from ftcore.hookspecs import hookimpl, hookspec
-
-__version__ = "0.1.0"
+from ftcore.models.generation import ChatSession, complete, generate_ids
+from ftcore.models.loading import load_base_model
+from ftcore.models.paths import resolve_model_path
+from ftcore.models.peft_merge import merge_peft_adapter
+from ftcore.registry.pluginset import PluginSet
+from ftcore.registry.resolution import resolve
+from ftcore.reporting.progress import Reporter, make_reporter
+from ftcore.tools.adapter_merge import merge_adapter
+from ftcore.tools.estimate import estimate
+from ftcore.tools.export import export
+from ftcore.tools.generate import load as load_for_generation
+from ftcore.tools.prepare import prepare_data
+from ftcore.training.engine import run
+from ftcore.types import Example, MemoryProfile, OptimizerProfile, RunContext, RunResult
+from ftcore.version import __version__
 
 __all__ = [
-    "ConfigError", "DataError", "Example", "FtcoreError", "MemoryProfile", "OptimizerProfile", "PluginConfig",
-    "PluginError", "RunConfig", "RunContext", "RunResult", "__version__", "hookimpl", "hookspec", "resolve", "run",
+    # writing a plugin
+    "hookimpl", "hookspec", "PluginConfig", "RunConfig", "RunContext", "RunResult", "Example", "PluginSet",
+    "MemoryProfile", "OptimizerProfile",
+    # errors a plugin raises for the user (exit status 2, no traceback)
+    "FtcoreError", "ConfigError", "DataError", "PluginError", "OutputError",
+    # helpers plugins use
+    "write_text_atomic", "write_json_atomic", "atomic_folder", "deep_merge", "resolve_model_path", "load_base_model",
+    "merge_peft_adapter", "merge_adapter",
+    # the library behind each command
+    "run", "resolve", "prepare_data", "export", "estimate", "load_for_generation", "generate_ids", "complete",
+    "ChatSession", "Reporter", "make_reporter",
+    "__version__",
 ]

@@ -1,123 +1,172 @@
-"""The hooks a plugin can implement. Each has one docstring; docs/hooks.md mirrors them.
+"""The hooks a plugin can implement: everything needed to write one is on this page.
 
-A plugin is any module or object with functions marked ``@ftcore.hookimpl`` whose
-names are below. Its *kind* follows from what it implements:
+A plugin is a module or object with functions marked ``@ftcore.hookimpl`` named as below.
+ftcore calls every hook with keyword arguments, and an implementation may accept any subset
+of them, so adding an argument later breaks no plugin. *first result* hooks stop at the first
+plugin that returns something other than None; the others call every selected plugin and
+collect their non-None answers in a list.
 
-- format     implements ``ftcore_format_record``
-- adapter    implements ``ftcore_load_model``
-- optimizer  implements ``ftcore_build_optimizer``
-- strategy   implements ``ftcore_training_arguments`` or ``ftcore_launch``
-- exporter   implements ``ftcore_export``
-- extension  anything else (lifecycle hooks only)
+A plugin's kind is set by the one kind hook it implements (``KIND_HOOKS``); the other hooks
+(configuration, lifecycle, adjustments, merging, memory) never decide a kind, so a plugin that
+only adjusts the training arguments or adds callbacks is an ``extension`` and runs beside any
+strategy. A run uses at most one adapter, optimizer and strategy.
 
-Hooks are always called with keyword arguments; an implementation may accept any
-subset of them, so adding an argument later breaks no plugin.
+Ranks: in a multi-process run every process ("rank") runs the whole pipeline, so each hook
+below runs in every rank unless it says otherwise; ``ctx.is_main_process`` tells rank 0, the
+one that writes files. ``ftcore_launch`` runs once, in the process that starts the ranks.
+
+docs/hooks.md documents each hook under a heading with its real signature (a test checks it).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 import pluggy
+
+if TYPE_CHECKING:   # annotations only
+    from ftcore.config.schema import PluginConfig, RunConfig
+    from ftcore.types import Example, MemoryProfile, OptimizerProfile, RunContext, RunResult
 
 hookspec = pluggy.HookspecMarker("ftcore")
 hookimpl = pluggy.HookimplMarker("ftcore")
 
-
-# -- configuration -----------------------------------------------------------
-
-@hookspec
-def ftcore_config_schema():
-    """Return a pydantic model class for this plugin's config section (named after the plugin), or None."""
-
-
-# -- dataset format ----------------------------------------------------------
-
-@hookspec(firstresult=True)
-def ftcore_validate_record(record, config):
-    """Return a list of problems with one raw record as ``(field, message)`` pairs; empty when it is good."""
+# The hook that makes a plugin each kind. A plugin implements at most one of them.
+KIND_HOOKS: dict[str, str] = {
+    "format": "ftcore_format_record",
+    "adapter": "ftcore_load_model",
+    "optimizer": "ftcore_build_optimizer",
+    "strategy": "ftcore_launch",
+    "exporter": "ftcore_export",
+}
+EXTENSION = "extension"   # the kind of a plugin that implements none of them
+SINGLE_KINDS = ("adapter", "optimizer", "strategy")   # a run uses at most one plugin of each
 
 
-@hookspec(firstresult=True)
-def ftcore_format_record(record, tokenizer, config):
-    """Render one valid raw record as an ``ftcore.Example``: its text and the character spans to supervise."""
-
+# -- configuration ----------------------------------------------------------------
 
 @hookspec
-def ftcore_prepare_tokenizer(tokenizer, config):
-    """Adjust the tokenizer before data is tokenized (add special tokens, a chat template); return the added tokens or None."""
+def ftcore_config_schema() -> type[PluginConfig] | dict[str, type[PluginConfig]] | None:
+    """Declare this plugin's config section: a ``ftcore.PluginConfig`` subclass for the section named after
+    the plugin, or ``{"section": Schema, ...}`` to name the sections it owns, or None.
+
+    The one hook without ``ctx``: it is a declaration, read while the configuration is validated,
+    before any run (and so any context) exists. Runs in every rank.
+    """
 
 
-# -- adapter method ----------------------------------------------------------
-
-@hookspec(firstresult=True)
-def ftcore_load_model(model_path, tokenizer, config, ctx):
-    """Load the base model, wrap it for training (LoRA, QLoRA, nothing) and return it."""
-
-
-@hookspec(firstresult=True)
-def ftcore_merge_adapter(adapter_dir, base_path, dtype, ctx):
-    """Return a plain transformers model with the trained adapter in ``adapter_dir`` merged into its base, or None if not an adapter of this plugin."""
-
-
-# -- optimizer ---------------------------------------------------------------
+# -- dataset format ---------------------------------------------------------------
 
 @hookspec(firstresult=True)
-def ftcore_build_optimizer(model, training_args, config):
-    """Return a ``torch.optim.Optimizer`` for the model's trainable parameters (None: the trainer's default AdamW)."""
-
-
-# -- strategy ----------------------------------------------------------------
-
-@hookspec
-def ftcore_training_arguments(args, config, ctx):
-    """Adjust the dict of ``transformers.TrainingArguments`` keyword arguments in place (DeepSpeed config, ...)."""
+def ftcore_validate_record(record: dict[str, Any], config: RunConfig, ctx: RunContext
+                           ) -> list[tuple[str | None, str]] | None:
+    """Say what is wrong with one raw record: ``(field, message)`` pairs (field None: the whole record);
+    an empty list when it is good. Called on the dataset's format plugin only."""
 
 
 @hookspec(firstresult=True)
-def ftcore_launch(argv, config, ctx):
-    """Start the run's processes (each runs ``python *argv``), wait, and return the exit status; None: run here."""
-
-
-# -- exporter ----------------------------------------------------------------
-
-@hookspec
-def ftcore_export(run_dir, model_dir, config, ctx):
-    """Turn the finished run into an artifact; return the list of paths written (in rank 0 only when multi-process)."""
-
-
-# -- memory estimate ---------------------------------------------------------
-
-@hookspec
-def ftcore_memory_profile(config):
-    """Describe what this plugin keeps in memory for ``ftcore estimate``: an ``ftcore.MemoryProfile`` (an adapter method), an ``ftcore.OptimizerProfile`` (an optimizer), or None."""
-
-
-# -- lifecycle ---------------------------------------------------------------
-
-@hookspec
-def ftcore_run_started(config, ctx):
-    """Called once the configuration is validated and the output directory exists."""
+def ftcore_format_record(record: dict[str, Any], tokenizer: Any, config: RunConfig, ctx: RunContext
+                         ) -> Example | None:
+    """Render one valid record as an ``ftcore.Example``: its text and the character spans to supervise.
+    Kind hook: *format*. Called on the dataset's format plugin only."""
 
 
 @hookspec
-def ftcore_data_prepared(train_dataset, eval_dataset, stats, ctx):
-    """Called after the data is validated, tokenized and split; ``stats`` is a dict of counts."""
+def ftcore_prepare_tokenizer(tokenizer: Any, config: RunConfig, ctx: RunContext) -> list[str] | None:
+    """Adjust the tokenizer in place before data is tokenized (special tokens, a chat template);
+    return the tokens added (the adapter then trains their embedding rows), or None."""
+
+
+# -- adapter method -----------------------------------------------------------------
+
+@hookspec(firstresult=True)
+def ftcore_load_model(model_path: str, tokenizer: Any, config: RunConfig, ctx: RunContext) -> Any:
+    """Load the base model from the local folder ``model_path``, wrap it for training (LoRA, QLoRA,
+    nothing for full fine-tuning) and return it (a ``torch.nn.Module``). Kind hook: *adapter*."""
+
+
+@hookspec(firstresult=True)
+def ftcore_merge_adapter(adapter_dir: str, base_path: str | None, dtype: str, ctx: RunContext | None) -> Any:
+    """Return a plain transformers model: the adapter saved in ``adapter_dir`` merged into its base
+    (``base_path``, else the base the adapter names), in ``dtype`` (``"auto"``, ``"float32"``,
+    ``"bfloat16"``, ``"float16"``); None when ``adapter_dir`` is not an adapter this plugin made.
+    ``ctx`` is None when no run is in progress (``ftcore merge``, ``ftcore generate``)."""
+
+
+# -- optimizer ------------------------------------------------------------------------
+
+@hookspec(firstresult=True)
+def ftcore_build_optimizer(model: Any, training_args: Any, config: RunConfig, ctx: RunContext) -> Any:
+    """Return a ``torch.optim.Optimizer`` over the model's trainable parameters, using
+    ``training_args`` (``transformers.TrainingArguments``) for the learning rate and betas.
+    Kind hook: *optimizer*. None: the trainer's default AdamW."""
+
+
+# -- strategy ---------------------------------------------------------------------------
+
+@hookspec(firstresult=True)
+def ftcore_launch(argv: list[str], config: RunConfig, ctx: RunContext) -> int | None:
+    """Start the run's processes (each runs ``python *argv``; they know they are ranks and do not
+    launch again), wait for them and return the exit status; None to run in this process.
+    Kind hook: *strategy*. Runs once, in the launching process, before any rank exists."""
 
 
 @hookspec
-def ftcore_model_loaded(model, ctx):
-    """Called with the model ready to train (adapter attached)."""
+def ftcore_training_arguments(args: dict[str, Any], config: RunConfig, ctx: RunContext) -> None:
+    """Adjust the dict of ``transformers.TrainingArguments`` keyword arguments in place
+    (a DeepSpeed config, a tracker's settings, ...). An adjustment: it makes no plugin a strategy."""
+
+
+# -- exporter ---------------------------------------------------------------------------
+
+@hookspec
+def ftcore_export(run_dir: Path, model_dir: Path, config: RunConfig, ctx: RunContext) -> list[Path] | None:
+    """Turn a finished run into an artifact and return the paths written. ``model_dir`` is the run's
+    adapter or model folder; ``ctx.result`` has the final metrics and data statistics; write to
+    ``ctx.export_output`` when it is set (``ftcore export --output``). Kind hook: *exporter*.
+    Runs in the main process only, after summary.json is written."""
+
+
+# -- memory estimate ----------------------------------------------------------------------
+
+@hookspec
+def ftcore_memory_profile(config: RunConfig, ctx: RunContext) -> MemoryProfile | OptimizerProfile | None:
+    """Describe what this plugin keeps in memory, for ``ftcore estimate`` and for strategies that must
+    know how the base weights are stored: an adapter method returns a ``ftcore.MemoryProfile``, an
+    optimizer a ``ftcore.OptimizerProfile``."""
+
+
+# -- lifecycle ----------------------------------------------------------------------------
+
+@hookspec
+def ftcore_run_started(config: RunConfig, ctx: RunContext) -> None:
+    """The configuration is validated and the output folder exists; nothing is loaded yet. Raise
+    ``ftcore.ConfigError`` here to refuse a combination before any work is done."""
 
 
 @hookspec
-def ftcore_trainer_callbacks(ctx):
-    """Return a list of ``transformers.TrainerCallback`` objects to add to the trainer."""
+def ftcore_data_prepared(train_dataset: Any, eval_dataset: Any, stats: dict[str, Any], ctx: RunContext) -> None:
+    """The data is validated, tokenized and split: ``datasets.Dataset`` objects of ``input_ids`` and
+    ``labels`` (``eval_dataset`` None without a held-out set) and a dict of counts."""
 
 
 @hookspec
-def ftcore_trainer_created(trainer, ctx):
-    """Called with the trainer just before training starts."""
+def ftcore_model_loaded(model: Any, ctx: RunContext) -> None:
+    """The model is ready to train (adapter attached)."""
 
 
 @hookspec
-def ftcore_run_finished(result, ctx):
-    """Called at the end of a successful run with the ``ftcore.RunResult`` (in rank 0 only when multi-process)."""
+def ftcore_trainer_callbacks(ctx: RunContext) -> list[Any] | None:
+    """Return ``transformers.TrainerCallback`` objects to add to the trainer."""
+
+
+@hookspec
+def ftcore_trainer_created(trainer: Any, ctx: RunContext) -> None:
+    """The ``transformers.Trainer`` is built; training starts next."""
+
+
+@hookspec
+def ftcore_run_finished(result: RunResult, ctx: RunContext) -> None:
+    """The run succeeded and every file is written: ``result`` is what ``ftcore.run`` returns.
+    Runs in the main process only."""

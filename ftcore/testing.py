@@ -1,89 +1,26 @@
-"""Helpers for testing ftcore and its plugins: tiny models, tokenizers and format checks.
+"""Helpers for testing ftcore plugins: tiny models, format checks, and a finished run to export.
 
 Everything is built locally (no hub): a byte-level BPE tokenizer trained in-process
 and a Llama-architecture model with random weights, saved to a folder and loaded
 back through the same ``from_pretrained`` path a user's model takes.
+
+This module is for tests: nothing in ftcore imports it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ftcore.data import IGNORE_INDEX, Example, tokenize
+from ftcore.data.labels import IGNORE_INDEX, tokenize
+from ftcore.data.show import render_marked
+from ftcore.models.tiny import CHATML_TEMPLATE, SPECIAL_TOKENS, build_model, build_tokenizer, tiny_model
+from ftcore.registry.resolution import resolve
+from ftcore.registry.selection import select
+from ftcore.types import Example, RunContext
 
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
-    "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-_DEFAULT_CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Fine-tuning adapts a pretrained language model to a task with a small dataset.",
-    "### Instruction:\nSay hello.\n\n### Response:\nHello!",
-    "Paris is the capital of France. Berlin is the capital of Germany.",
-    "One, two, three, four, five, six, seven, eight, nine, ten.",
-    "Café, naïve, résumé, emoji 🙂 and unicode ✓ are text too.",
-]
-
-
-def build_tokenizer(texts: Iterable[str] = (), vocab_size: int = 512, chat_template: str | None = None,
-                    extra_special_tokens: list[str] | None = None) -> Any:
-    """Train a small byte-level BPE tokenizer (Llama-style BOS/EOS, a pad token) in-process."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    corpus = list(texts) or []
-    corpus += _DEFAULT_CORPUS
-    specials = SPECIAL_TOKENS + list(extra_special_tokens or [])
-    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer=trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", bos)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<pad>",
-                                   additional_special_tokens=list(extra_special_tokens or []) or None)
-    if chat_template:
-        fast.chat_template = chat_template
-    return fast
-
-
-def build_model(folder: str | Path, tokenizer: Any, hidden_size: int = 64, layers: int = 2, heads: int = 4,
-                kv_heads: int = 2, intermediate_size: int | None = None, max_positions: int = 2048,
-                seed: int = 0, tie_word_embeddings: bool = False) -> Path:
-    """Save a random Llama-architecture model and the tokenizer to ``folder``; return the folder."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads,
-        intermediate_size=intermediate_size or hidden_size * 3, max_position_embeddings=max_positions,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tie_word_embeddings,
-    )
-    model = LlamaForCausalLM(config)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def tiny_model(folder: str | Path, texts: Iterable[str] = (), chat_template: str | None = None,
-               **model_kwargs: Any) -> Path:
-    """A tokenizer and model in one call: what most plugin tests need."""
-    tok = build_tokenizer(texts, chat_template=chat_template)
-    return build_model(folder, tok, **model_kwargs)
-
+__all__ = ["CHATML_TEMPLATE", "SPECIAL_TOKENS", "build_model", "build_tokenizer", "tiny_model", "check_example",
+           "supervised_text", "render_supervision", "format_config", "check_format", "finished_run", "run_exporter"]
 
 def check_example(example: Example, tokenizer: Any, strict_boundaries: bool = False) -> list[int]:
     """Check that a format plugin's Example is well formed; return its labels.
@@ -125,8 +62,6 @@ def supervised_text(example: Example, tokenizer: Any) -> str:
 
 def render_supervision(example: Example, tokenizer: Any) -> str:
     """The example as text with its supervised tokens in ``[[...]]`` (what ``ftcore prepare --show`` prints)."""
-    from ftcore.prepare import render_marked
-
     return render_marked(*tokenize(example, tokenizer), tokenizer)
 
 
@@ -136,8 +71,6 @@ def format_config(plugins: list[Any] | tuple = (), names: list[str] | tuple = ()
     ``plugins`` are plugin objects (your module), ``names`` installed plugins by entry-point
     name, ``sections`` config sections, e.g. ``format_config([my_plugin], my_plugin={"x": 1})``.
     """
-    from ftcore.engine import resolve
-
     config, _ = resolve({"model": "unused", "plugins": list(names), **sections}, plugin_objects=plugins,
                         log=lambda m: None)
     return config
@@ -150,13 +83,101 @@ def check_format(plugin: Any, record: dict[str, Any], tokenizer: Any, config: An
     Returns ``(example, labels)``. Fails when the plugin reports problems with the record
     or renders a malformed example (see :func:`check_example`).
     """
-    from ftcore.plugins import select
-
     config = config if config is not None else format_config([plugin])
     chosen = select([], [plugin])
     name = chosen.names("format")[0] if chosen.names("format") else None
     assert name, f"{plugin!r} implements no ftcore_format_record hook: it is not a format plugin"
-    problems = chosen.call_one(name, "ftcore_validate_record", record=record, config=config) or []
+    ctx = RunContext(config=config, plugins=chosen, output_dir=Path(config.output_dir), log=lambda m: None,
+                     tokenizer=tokenizer)
+    problems = chosen.call_one(name, "ftcore_validate_record", record=record, config=config, ctx=ctx) or []
     assert not problems, f"the plugin rejected a record expected to be good: {problems}"
-    example = chosen.call_one(name, "ftcore_format_record", record=record, tokenizer=tokenizer, config=config)
+    example = chosen.call_one(name, "ftcore_format_record", record=record, tokenizer=tokenizer, config=config,
+                              ctx=ctx)
     return example, check_example(example, tokenizer, strict_boundaries)
+
+
+# -- exporters ------------------------------------------------------------------------------
+
+def finished_run(folder: str | Path, method: str = "lora", plugins: list[str] | tuple = ("alpaca",),
+                 model: str | Path | None = None, settings: dict[str, Any] | None = None,
+                 metrics: dict[str, Any] | None = None, seed: int = 0) -> Path:
+    """A finished run's output folder, made without training, to test an exporter against.
+
+    It holds what a run leaves: ftcore-run.json, config.yaml, plugins.json, metrics.jsonl,
+    summary.json and ``adapter/`` (``method="lora"``: a PEFT LoRA adapter whose weights are random
+    and non-zero, so merging it changes the model) or ``model/`` (``method="full"``: the base with
+    perturbed weights). The base is a tiny model built in ``folder/base`` unless ``model`` is given.
+    ``settings``: config keys the run had (e.g. ``{"training": {"learning_rate": 1e-4}}``); ``metrics``:
+    final metrics in its summary.json, over made-up ones (``eval_loss`` 2.1, ``steps`` 3).
+    """
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftcore import runfolder
+    from ftcore.files import write_json_atomic, write_text_atomic
+    from ftcore.version import __version__
+
+    root = Path(folder)
+    base = Path(model) if model is not None else tiny_model(root / "base")
+    run = root / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    raw = {**(settings or {}), "model": str(base), "plugins": [method, *plugins], "output_dir": str(run)}
+    config, chosen = resolve(raw, log=lambda m: None)
+    import yaml
+
+    write_text_atomic(run / runfolder.CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_json_atomic(run / runfolder.PLUGINS, chosen.versions())
+    write_json_atomic(run / runfolder.MARKER, {"ftcore_version": __version__, "precision": "fp32"})
+    torch.manual_seed(seed)
+    net = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    if method == "full":
+        saved = run / runfolder.MODEL
+        with torch.no_grad():
+            for param in net.parameters():
+                param.add_(torch.randn_like(param) * 0.01)
+        net.save_pretrained(str(saved))
+    else:
+        saved = run / runfolder.ADAPTER
+        lora = config.section("lora")
+        peft_model = get_peft_model(net, LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=lora.target_modules,
+                                                    task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn_like(param) * 0.05)
+        peft_model.save_pretrained(str(saved))
+    tokenizer.save_pretrained(str(saved))
+    rows = [{"step": s, "epoch": s / 3, "loss": 3.0 - 0.5 * s, "learning_rate": 2e-4} for s in (1, 2, 3)]
+    rows.append({"step": 3, "epoch": 1.0, "eval_loss": 2.1})
+    (run / runfolder.METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    summary = {"output_dir": str(run), "model_dir": str(saved), "config_path": str(run / runfolder.CONFIG),
+               "metrics_path": str(run / runfolder.METRICS), "report_path": None, "exports": [],
+               "metrics": {"steps": 3, "epochs": 1.0, "train_loss": 1.5, "eval_loss": 2.1, "eval_loss_start": 3.2,
+                           **(metrics or {})},
+               "data_stats": {"records": 12, "train_examples": 10, "eval_examples": 2, "tokens": 480,
+                              "supervised_tokens": 120},
+               "plugins": chosen.versions(), "base_model_license": None, "export_errors": []}
+    write_json_atomic(run / runfolder.SUMMARY, summary)
+    return run
+
+
+def run_exporter(exporter: Any, run_dir: str | Path, output: str | Path | None = None,
+                 settings: dict[str, Any] | None = None, overwrite: bool = False,
+                 log: Any = lambda message: None) -> list[Path]:
+    """Run one exporter on a finished run exactly as ``ftcore export`` does; return the paths it wrote.
+
+    ``exporter``: an installed exporter's name, or the plugin object (your module). ``settings``:
+    config sections, e.g. ``{"my-exporter": {"quality": 3}}`` (what ``--set`` gives).
+    """
+    from ftcore.tools.export import export
+
+    if isinstance(exporter, str):
+        return export(str(run_dir), str(output) if output else None, [exporter], sets=settings,
+                      overwrite=overwrite, log=log)
+    return export(str(run_dir), str(output) if output else None, [], sets=settings, overwrite=overwrite,
+                  plugin_objects=[exporter], log=log)
+

@@ -26,7 +26,7 @@ import ftcore
 
 def status() -> dict[str, int]:
     """VmHWM, VmRSS, RssAnon, RssFile, RssShmem of this process, in bytes."""
-    from ftcore.report import proc_status
+    from ftcore.reporting.memory import proc_status
 
     found = proc_status()
     return {key: found[key] for key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem")}

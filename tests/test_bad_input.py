@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import write_jsonl
+
 from ftcore.cli import main
 
 GOOD = [{"instruction": f"Add {a} and {a + 1}.", "input": "", "output": str(2 * a + 1)} for a in range(8)]
@@ -225,12 +225,12 @@ def test_a_plugins_own_user_error_passes_through_unchanged(installed_boom, tiny_
 
 
 def test_an_internal_error_exits_1_with_a_traceback(tiny_model_dir, tmp_path, monkeypatch):
-    import ftcore.engine
+    import ftcore.training.engine
 
     def broken(*a, **k):
         raise ZeroDivisionError("a bug of ours")
 
-    monkeypatch.setattr(ftcore.engine, "load_tokenizer", broken)   # stands in for a bug in the core
+    monkeypatch.setattr(ftcore.training.engine, "load_tokenizer", broken)   # stands in for a bug in the core
     data = write_jsonl(tmp_path / "train.jsonl", GOOD)
     result = CliRunner().invoke(main, ["run", "--model", str(tiny_model_dir), "--data", str(data),
                                        "--output", str(tmp_path / "out")])

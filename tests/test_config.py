@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 import ftcore
 from ftcore.cli import main
-from ftcore.config import parse_set
+from ftcore.config.layering import parse_set
 
 QUIET = {"log": lambda m: None}
 

@@ -9,13 +9,13 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from conftest import write_jsonl
 
 import ftcore
-from conftest import write_jsonl
 from ftcore.cli import main
 from ftcore.errors import DataError
-from ftcore.prepare import prepare_data
-from ftcore_plugins import alpaca
+from ftcore.tools.prepare import prepare_data
+from ftcore_plugins.formats import alpaca
 
 ALPACA = [{"instruction": f"Add {a} and {a + 1}.", "input": "" if a % 2 else f"{a}", "output": str(2 * a + 1)}
           for a in range(12)]
@@ -344,7 +344,7 @@ def test_cache_is_invalidated_by_content_format_settings_and_tokenizer(tiny_mode
     # the tokenizer: its vocabulary, added tokens and chat template
     from transformers import AutoTokenizer
 
-    from ftcore.data import tokenizer_fingerprint
+    from ftcore.data.cache import tokenizer_fingerprint
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     before = tokenizer_fingerprint(tok)
     assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(str(tiny_model_dir))) == before
@@ -359,7 +359,7 @@ def test_cache_is_invalidated_by_content_format_settings_and_tokenizer(tiny_mode
 def test_labels_supervise_exactly_the_tokens_overlapping_a_span():
     import random
 
-    from ftcore.data import IGNORE_INDEX, labels_from_offsets
+    from ftcore.data.labels import IGNORE_INDEX, labels_from_offsets
 
     def by_definition(ids, offsets, spans):
         return [t if e > s and any(s < se and e > ss for ss, se in spans) else IGNORE_INDEX
@@ -378,7 +378,7 @@ def test_labels_supervise_exactly_the_tokens_overlapping_a_span():
 
 
 def test_batched_tokenization_equals_one_by_one(tiny_tokenizer):
-    from ftcore.data import tokenize_many
+    from ftcore.data.labels import tokenize_many
 
     examples = [ftcore.Example.from_segments([(f"Q{i}: add {i} and {i}\n", False), (f"A: {2 * i}</s>", True)],
                                              add_special_tokens=bool(i % 2)) for i in range(7)]

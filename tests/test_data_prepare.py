@@ -8,8 +8,8 @@ import shutil
 import pytest
 import yaml
 from click.testing import CliRunner
-
 from conftest import write_jsonl
+
 from ftcore.cli import main
 
 CHATS = [{"messages": [{"role": "user", "content": f"Name number {i}."},

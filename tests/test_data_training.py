@@ -7,10 +7,11 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config, write_jsonl
 
 import ftcore
-from conftest import tiny_config, write_jsonl
-from ftcore.data import IGNORE_INDEX, PackedCollator, PaddedCollator
+from ftcore.data.batching import PackedCollator, PaddedCollator
+from ftcore.data.labels import IGNORE_INDEX
 
 QUIET = {"log": lambda m: None}
 
@@ -181,7 +182,7 @@ def test_a_model_that_cannot_take_packed_positions_gets_padded_batches(tiny_mode
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
 
-    from ftcore.data import make_collator
+    from ftcore.data.batching import make_collator
 
     tok = tiny[1]
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))

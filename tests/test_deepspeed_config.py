@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import tiny_config
 
 import ftcore
-from conftest import tiny_config
 from ftcore.cli import main
-from ftcore_plugins import deepspeed_zero
+from ftcore_plugins.strategies import deepspeed_zero
 
 FIXTURE = Path(__file__).parent / "deepspeed_fixture"
 
@@ -192,7 +192,8 @@ def test_quantized_adapter_is_refused_with_stage3_only(test_plugins, tiny_model_
     cfg["deepspeed-zero"] = {"stage": 2}
     config, plugins = ftcore.resolve(cfg, log=lambda m: None)
     ds = deepspeed_zero.deepspeed_config(config.section("deepspeed-zero"))
-    deepspeed_zero.check_combination(config, plugins, ds)     # stage 2 keeps 4-bit weights whole: allowed
+    ctx = ftcore.RunContext(config=config, plugins=plugins, output_dir=tmp_path / "out")
+    deepspeed_zero.check_combination(config, ctx, ds)     # stage 2 keeps 4-bit weights whole: allowed
 
 
 def test_hostfile_command_reaches_every_machine(tmp_path):
@@ -235,7 +236,8 @@ def test_qlora_with_zero2_is_allowed(tmp_path):
     for stage in (1, 2):
         config, plugins = resolved(tmp_path, {"stage": stage}, plugins=("deepspeed-zero", "qlora", "alpaca"))
         ds = deepspeed_zero.deepspeed_config(config.section("deepspeed-zero"))
-        deepspeed_zero.check_combination(config, plugins, ds)
+        ctx = ftcore.RunContext(config=config, plugins=plugins, output_dir=tmp_path / "out")
+        deepspeed_zero.check_combination(config, ctx, ds)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="about machines without a GPU")

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import tiny_config
 
 import ftcore
-from conftest import tiny_config
-from ftcore_plugins.deepspeed_zero import free_port
+from ftcore_plugins.strategies.deepspeed_zero import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from ftcore.cli import main
-from ftcore.config import RunConfig, TrainingConfig
-from ftcore.docs import REPO_DOC, config_reference, config_reference_text
+from ftcore.config.schema import RunConfig, TrainingConfig
+from ftcore.tools.reference import REPO_DOC, config_reference, config_reference_text
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_configuration_reference_is_up_to_date():
     assert REPO_DOC == REPO / "docs" / "reference" / "configuration.md"
     assert REPO_DOC.read_text(encoding="utf-8") == config_reference_text(), (
-        "docs/reference/configuration.md is out of date: run `python -m ftcore.docs` and commit the result.")
+        "docs/reference/configuration.md is out of date: run `python -m ftcore.tools.reference` and commit the result.")
 
 
 def test_reference_lists_every_key_with_its_default(tmp_path):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from conftest import tiny_config, write_jsonl
 from safetensors.torch import load_file
 
 import ftcore
-from conftest import tiny_config, write_jsonl
-from ftcore.callbacks import overfitting_message
-from ftcore.progress import QuietReporter
+from ftcore.reporting.progress import QuietReporter
+from ftcore.training.callbacks import overfitting_message
 
 
 def _history(train: list[float], evals: dict[int, float]) -> tuple[list, list]:

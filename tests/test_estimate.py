@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import write_jsonl
+from distributions import install
 
 import ftcore
-from conftest import write_jsonl
-from ftcore import plugins as plugins_mod
 from ftcore.cli import main
 from ftcore.errors import PluginError
-from ftcore.estimate import MemoryProfile, OptimizerProfile, estimate, estimate_profiles, load_config, model_shape
+from ftcore.tools.estimate import MemoryProfile, OptimizerProfile, estimate, estimate_profiles, load_config, model_shape
 
 # Llama-2-7B's architecture, as in its config.json.
 LLAMA2_7B = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -212,20 +210,35 @@ class MlpAdapter:
                                     assumptions="adapters on the MLP only.")
 
 
-def _installed_as(monkeypatch, name: str, module: types.ModuleType | None) -> None:
-    """An entry point as a third-party package declares one; module None: one that fails to import."""
-    real = plugins_mod.installed_entry_points
-    value = module.__name__ if module is not None else "ftcore_no_such_module_xyz"
-    if module is not None:
-        monkeypatch.setitem(sys.modules, module.__name__, module)
-
-    def fake():
-        return dict(sorted({**real(), name: md.EntryPoint(name=name, value=value, group="ftcore.plugins")}.items()))
-
-    monkeypatch.setattr(plugins_mod, "installed_entry_points", fake)
+MLP_ADAPTER_MODULE = '''
+    """A third party's adapter method, installed as a package: rank-r adapters on the MLP."""
+    import ftcore
 
 
-def test_a_third_party_adapter_that_describes_its_memory_gets_its_own_row(monkeypatch, tiny):
+    class Settings(ftcore.PluginConfig):
+        rank: int = 4
+
+
+    @ftcore.hookimpl
+    def ftcore_config_schema():
+        return {"mlp-adapter": Settings}
+
+
+    @ftcore.hookimpl
+    def ftcore_load_model(model_path, tokenizer, config, ctx):
+        raise NotImplementedError("never called by the estimate")
+
+
+    @ftcore.hookimpl
+    def ftcore_memory_profile(config):
+        return ftcore.MemoryProfile(trains="adapters", base_storage="compute",
+                                    adapter_rank=config.section("mlp-adapter").rank,
+                                    adapter_targets=("gate_proj", "up_proj", "down_proj"),
+                                    assumptions="adapters on the MLP only.")
+'''
+
+
+def test_a_third_party_adapter_that_describes_its_memory_gets_its_own_row(monkeypatch, tiny, tmp_path):
     mlp = 4 * 2 * 3 * (128 + 384)                       # rank 2 on gate, up and down in 4 layers
     passed = estimate(TINY, plugin_objects=[MlpAdapter()], settings={"mlp-adapter": {"rank": 2}})
     rows = {r["method"]: r for r in passed["methods"]}
@@ -233,10 +246,8 @@ def test_a_third_party_adapter_that_describes_its_memory_gets_its_own_row(monkey
     assert rows["mlp-adapter"]["trainable_params"] == mlp
     assert "mlp-adapter: adapters on the MLP only." in passed["assumptions"]
 
-    module = types.ModuleType("ftcore_test_mlp_adapter")
-    for hook in ("ftcore_config_schema", "ftcore_load_model", "ftcore_memory_profile"):
-        setattr(module, hook, getattr(MlpAdapter(), hook))
-    _installed_as(monkeypatch, "mlp-adapter", module)
+    install(tmp_path / "site", monkeypatch, "ftcore-mlp-adapter", "0.2", {"mlp-adapter": "ftcore_test_mlp_adapter"},
+            {"ftcore_test_mlp_adapter.py": MLP_ADAPTER_MODULE})
     out = CliRunner().invoke(main, ["estimate", "-m", tiny, "--plugins", "mlp-adapter", "--json",
                                     "--set", "mlp-adapter.rank=2"])
     assert out.exit_code == 0, out.output
@@ -246,8 +257,8 @@ def test_a_third_party_adapter_that_describes_its_memory_gets_its_own_row(monkey
     assert next(r for r in installed["methods"] if r["method"] == "mlp-adapter")["trainable_params"] == mlp
 
 
-def test_a_plugin_that_fails_to_import_does_not_break_the_estimate_unless_named(monkeypatch, tiny):
-    _installed_as(monkeypatch, "broken", None)
+def test_a_plugin_that_fails_to_import_does_not_break_the_estimate_unless_named(monkeypatch, tiny, tmp_path):
+    install(tmp_path / "site", monkeypatch, "ftcore-broken", "0.1", {"broken": "ftcore_no_such_module_xyz"})
     runner = CliRunner()
     out = runner.invoke(main, ["estimate", "-m", tiny])
     assert out.exit_code == 0, out.output

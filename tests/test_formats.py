@@ -11,7 +11,7 @@ import ftcore
 from ftcore import testing
 from ftcore.errors import ConfigError
 from ftcore.testing import build_tokenizer, check_example, check_format, format_config, supervised_text
-from ftcore_plugins import alpaca, chatml
+from ftcore_plugins.formats import alpaca, chatml
 
 # A Llama-3-like template (its own header and end-of-turn tokens, BOS written by the template,
 # contents trimmed) and a Zephyr-like one (role tags, EOS as the end of each turn).

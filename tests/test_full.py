@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+from capture_plugin import Capture
+from conftest import tiny_config
 from safetensors.torch import load_file
 
 import ftcore
-from capture_plugin import Capture
-from conftest import tiny_config
 
 
 def test_full_trains_all_weights_and_saves_a_safetensors_model(tiny_model_dir, alpaca_file, tmp_path):

@@ -7,12 +7,13 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-
-from ftcore.cli import main
-from ftcore.generate import ChatSession, complete, load
-from ftcore.testing import CHATML_TEMPLATE, tiny_model
 from conftest import corpus
 from ux_runs import shared_run
+
+from ftcore.cli import main
+from ftcore.models.generation import ChatSession, complete
+from ftcore.testing import CHATML_TEMPLATE, tiny_model
+from ftcore.tools.generate import load
 
 PROMPT = "### Instruction:\nAdd 2 and 3.\n\n### Response:\n"
 

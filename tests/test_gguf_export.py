@@ -8,13 +8,13 @@ import gguf
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from gguf_models import CHATML, SAMPLES, build, chat_tokenizer, spm_tokenizer
 
 import ftcore
 from ftcore.cli import main
-from ftcore_plugins.gguf_export import arch as arch_mod
-from ftcore_plugins.gguf_export import export_gguf, modelfile
-from ftcore_plugins.gguf_export import writer as writer_mod
-from gguf_models import CHATML, SAMPLES, build, chat_tokenizer, spm_tokenizer
+from ftcore_plugins.exporters.gguf import arch as arch_mod
+from ftcore_plugins.exporters.gguf import export_gguf, modelfile
+from ftcore_plugins.exporters.gguf import writer as writer_mod
 
 QUIET = {"log": lambda m: None}
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGUFReader
+from gguf_models import LLAMA3_SPLIT, QWEN2_SPLIT, SAMPLES, build, chat_tokenizer, split_tokenizer, spm_tokenizer
+from llama_cpp_probe import probe
 
 import ftcore
-import ftcore.export
-from ftcore_plugins.gguf_export import export_gguf
-from gguf_models import LLAMA3_SPLIT, QWEN2_SPLIT, SAMPLES, build, chat_tokenizer, spm_tokenizer, split_tokenizer
-from llama_cpp_probe import probe
+import ftcore.tools.export
+from ftcore_plugins.exporters.gguf import export_gguf
 
 # llama.cpp (llama-cpp-python, in the test extra) runs only in child processes: see llama_cpp_probe.py.
 QUIET = {"log": lambda m: None}
@@ -189,9 +189,9 @@ def lora_run(tmp_path_factory, tiny_models):
 
 
 def merged_reference(result, texts):
-    from ftcore_plugins._merge import merge_peft_adapter
-
     from transformers import AutoTokenizer
+
+    from ftcore.models.peft_merge import merge_peft_adapter
 
     merged = merge_peft_adapter(str(result.model_dir), None, "float32")   # the hook's contract: the model
     tok = AutoTokenizer.from_pretrained(str(result.model_dir))
@@ -257,12 +257,12 @@ def test_qlora_adapter_is_merged_into_the_unquantized_base(tiny_models, tmp_path
     AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(adapter)
 
     out = tmp_path / "qlora.gguf"
-    written = ftcore.export.export(str(adapter), str(out), ["lora", "gguf-export"], base=str(base_dir),
+    written = ftcore.tools.export.export(str(adapter), str(out), ["lora", "gguf-export"], base=str(base_dir),
                                    sets={"gguf-export": {"quant": "f32"}}, **QUIET)
     assert written[0] == out
-    from ftcore_plugins._merge import merge_peft_adapter
-
     from transformers import AutoTokenizer
+
+    from ftcore.models.peft_merge import merge_peft_adapter
 
     merged = merge_peft_adapter(str(adapter), str(base_dir), "float32")   # float32 base + adapter
     tok = AutoTokenizer.from_pretrained(str(adapter))

@@ -10,12 +10,12 @@ import sys
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import write_jsonl
 
 from ftcore.cli import main
-from ftcore.config import CORE_KEYS, RunConfig
-from ftcore.init_cli import DATA_PLACEHOLDER, MODEL_PLACEHOLDER, TEMPLATES
-from ftcore.plugins import installed_entry_points
-from conftest import write_jsonl
+from ftcore.config.schema import CORE_KEYS, RunConfig
+from ftcore.registry.discovery import installed_entry_points
+from ftcore.tools.templates import DATA_PLACEHOLDER, MODEL_PLACEHOLDER, TEMPLATES
 
 
 def _init(tmp_path, *args):

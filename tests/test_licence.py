@@ -6,10 +6,10 @@ import json
 import shutil
 
 from click.testing import CliRunner
-
 from conftest import write_jsonl
+
 from ftcore.cli import main
-from ftcore.licence import base_model_licence, describe
+from ftcore.models.licence import base_model_licence, describe
 
 CARD = """---
 license: other
@@ -63,7 +63,7 @@ def test_the_licence_is_printed_first_and_recorded_in_the_output(tiny_model_dir,
 
 
 def test_the_builtin_model_card_states_its_licence(tmp_path, monkeypatch):
-    from ftcore import models
+    from ftcore.models import builtin as models
 
     monkeypatch.setenv("FTCORE_CACHE", str(tmp_path))
     folder = models.builtin_model("tiny-llama", log=lambda m: None)

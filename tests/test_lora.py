@@ -6,17 +6,18 @@ import re
 
 import pytest
 import torch
-
-import ftcore
 from capture_plugin import Capture, probe_ids
 from conftest import tiny_config
-from ftcore.engine import RunContext
+
+import ftcore
+from ftcore.types import RunContext
 
 
 def _load(tiny_model_dir, tmp_path, lora: dict, added: list[str] = ()):
     """Resolve a config with this lora section and load the model through the plugin's hook (no training)."""
-    from ftcore_plugins import lora as lora_plugin
     from transformers import AutoTokenizer
+
+    from ftcore_plugins.adapters import lora as lora_plugin
 
     config, plugins = ftcore.resolve({"model": str(tiny_model_dir), "plugins": ["lora"], "lora": lora,
                                       "output_dir": str(tmp_path / "o")}, log=lambda m: None)

@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 import torch
+from capture_plugin import probe_ids
 from click.testing import CliRunner
+from conftest import tiny_config, write_jsonl
 
 import ftcore
-from capture_plugin import probe_ids
-from conftest import tiny_config, write_jsonl
 from ftcore.cli import main
 
 QUIET = {"log": lambda m: None}

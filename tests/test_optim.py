@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 
 import torch
-
-import ftcore
 from capture_plugin import Capture
 from conftest import tiny_config
+
+import ftcore
 
 SETTINGS = dict(learning_rate=3e-4, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-7, weight_decay=0.01,
                 max_steps=2)
@@ -62,7 +62,7 @@ def test_with_cuda_the_optimizer_is_paged(tiny_model_dir, monkeypatch, caplog):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from ftcore_plugins import paged_adamw_8bit
+    from ftcore_plugins.optimizers import paged_adamw_8bit
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     args = TrainingArguments(output_dir="unused", learning_rate=5e-5, weight_decay=0.1, use_cpu=True)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import ftcore
-from ftcore import data as data_mod
-from ftcore import speedups
+from ftcore.data import labels
+from ftcore.data import pipeline as data_mod
+from ftcore.training import speedups
 from tests.conftest import tiny_config, write_jsonl
 
 
@@ -115,14 +116,14 @@ def test_packed_attention_splits_the_row_per_example():
 
 
 def test_batched_tokenization_gives_identical_ids_and_labels(tiny_tokenizer):
-    examples = [data_mod.Example.from_segments([(f"### Instruction:\nSay {w}.\n\n### Response:\n", False),
+    examples = [ftcore.Example.from_segments([(f"### Instruction:\nSay {w}.\n\n### Response:\n", False),
                                                 (f"{w} {w}! 🙂" + tiny_tokenizer.eos_token, True)],
                                                add_special_tokens=i % 3 != 0)
                 for i, w in enumerate(["hello", "Paris", "naïve", "one two three", "x"] * 3)]
-    examples.append(data_mod.Example("a b c d", [(0, 1), (4, 7)]))   # several spans
-    examples.append(data_mod.Example("no spans", []))
-    one_by_one = [data_mod.tokenize(ex, tiny_tokenizer) for ex in examples]
-    assert data_mod.tokenize_many(examples, tiny_tokenizer) == one_by_one
+    examples.append(ftcore.Example("a b c d", [(0, 1), (4, 7)]))   # several spans
+    examples.append(ftcore.Example("no spans", []))
+    one_by_one = [labels.tokenize(ex, tiny_tokenizer) for ex in examples]
+    assert labels.tokenize_many(examples, tiny_tokenizer) == one_by_one
     assert any(-100 in labels and set(labels) != {-100} for _, labels in one_by_one)
 
 
@@ -205,7 +206,7 @@ def test_example_lengths_read_from_arrow_follow_selection_and_shuffling():
     in the dataset's current order (a split or shuffle keeps an index mapping over the same table)."""
     import datasets
 
-    from ftcore.data import example_lengths
+    from ftcore.data.pipeline import example_lengths
 
     ds = datasets.Dataset.from_dict({"input_ids": [[1] * n for n in (5, 1, 3, 8, 2)], "labels": [[0]] * 5})
     for view in (ds, ds.select([3, 0, 4]), ds.shuffle(seed=3), ds.train_test_split(test_size=2, seed=1)["train"]):

@@ -1,4 +1,4 @@
-"""Discovery through real entry points, selection errors, listing, tracing."""
+"""Discovery through real entry points, selection errors, kinds, plugin identity, listing, tracing."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import types
 
 import pytest
 from click.testing import CliRunner
+from distributions import install
 
 import ftcore
-from ftcore import plugins as plugins_mod
 from ftcore.cli import main
 from ftcore.errors import PluginError
+from ftcore.registry import discovery
+from ftcore.registry.selection import select
 
 BUNDLED = {"alpaca": "format", "chatml": "format", "lora": "adapter", "full": "adapter", "qlora": "adapter",
            "paged-adamw-8bit": "optimizer", "deepspeed-zero": "strategy", "gguf-export": "exporter",
@@ -48,36 +50,25 @@ def test_plugins_command_prints_a_table():
     assert "adapter" in result.output and "format" in result.output
 
 
-def _fake_entry_point(monkeypatch, name: str, value: str):
-    """Add an entry point (as an installed package would) for the duration of a test."""
-    real = plugins_mod.installed_entry_points
-
-    def fake():
-        found = dict(real())
-        found[name] = md.EntryPoint(name=name, value=value, group="ftcore.plugins")
-        return dict(sorted(found.items()))
-
-    monkeypatch.setattr(plugins_mod, "installed_entry_points", fake)
-
-
-def test_broken_plugin_is_listed_with_its_error_and_other_commands_still_work(monkeypatch):
-    _fake_entry_point(monkeypatch, "broken", "ftcore_no_such_module_xyz")
-    rows = {r.name: r for r in plugins_mod.describe_installed()}
+def test_broken_plugin_is_listed_with_its_error_and_other_commands_still_work(tmp_path, monkeypatch):
+    install(tmp_path, monkeypatch, "ftcore-broken", "0.1", {"broken": "ftcore_no_such_module_xyz"})
+    rows = {r.name: r for r in discovery.describe_installed()}
     assert "No module named" in rows["broken"].error
+    assert rows["broken"].distribution == "ftcore-broken" and rows["broken"].version == "0.1"
     assert rows["lora"].error is None
     config, chosen = ftcore.resolve({"model": "m", "data": {"datasets": ["x.jsonl"]}}, log=lambda m: None)
     assert "broken" not in chosen.names()
 
 
-def test_selecting_a_broken_plugin_names_it_and_its_package(monkeypatch):
-    _fake_entry_point(monkeypatch, "broken", "ftcore_no_such_module_xyz")
-    with pytest.raises(PluginError, match='plugin "broken".*failed to import.*No module named'):
-        plugins_mod.select(["broken"])
+def test_selecting_a_broken_plugin_names_it_and_its_package(tmp_path, monkeypatch):
+    install(tmp_path, monkeypatch, "ftcore-broken", "0.1", {"broken": "ftcore_no_such_module_xyz"})
+    with pytest.raises(PluginError, match='plugin "broken" \\(package ftcore-broken 0.1.*failed to import.*No module named'):
+        select(["broken"])
 
 
 def test_unknown_plugin_lists_installed_and_suggests_closest():
     with pytest.raises(PluginError) as err:
-        plugins_mod.select(["lorra"])
+        select(["lorra"])
     msg = str(err.value)
     assert 'unknown plugin "lorra"' in msg and 'Did you mean "lora"' in msg
     for name in BUNDLED:
@@ -86,69 +77,172 @@ def test_unknown_plugin_lists_installed_and_suggests_closest():
 
 def test_two_adapters_is_an_error_naming_both():
     with pytest.raises(PluginError, match="'lora' and 'full'.*adapter"):
-        plugins_mod.select(["lora", "full"])
+        select(["lora", "full"])
 
 
 def test_two_formats_for_one_dataset_is_an_error_naming_both(tmp_path):
-    from ftcore import data as data_mod
-    from ftcore.config import DatasetSpec
+    from ftcore.config.schema import DatasetSpec
+    from ftcore.data.pipeline import resolve_format
 
     with pytest.raises(ftcore.DataError, match="alpaca and chatml"):
-        data_mod.resolve_format(DatasetSpec(path="x.jsonl"), ["alpaca", "chatml"])
+        resolve_format(DatasetSpec(path="x.jsonl"), ["alpaca", "chatml"])
 
 
 def test_only_selected_plugins_and_defaults_are_imported():
     code = (
-        "import sys, ftcore.plugins as p\n"
-        "s = p.select(['chatml'])\n"
+        "import sys\nfrom ftcore.registry.selection import select\n"
+        "s = select(['chatml'])\n"
         "print(sorted(s.names()))\n"
         "print(sorted(m for m in sys.modules if m.startswith('ftcore_plugins.')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[0] == "['chatml', 'lora']"          # chatml named; lora is the default adapter
     imported = eval(out[1])
-    assert "ftcore_plugins.alpaca" not in imported and "ftcore_plugins.full" not in imported
+    assert "ftcore_plugins.formats.chatml" in imported and "ftcore_plugins.adapters.lora" in imported
+    assert "ftcore_plugins.formats.alpaca" not in imported and "ftcore_plugins.adapters.full" not in imported
 
 
 def test_defaults_fill_missing_kinds_but_never_a_named_kind():
-    chosen = plugins_mod.select(["full"])
+    chosen = select(["full"])
     assert chosen.names("adapter") == ["full"]
     assert chosen.names("format") == ["alpaca"]
 
 
-def test_kind_follows_the_hooks_a_plugin_implements():
-    mod = types.ModuleType("myexport")
+# -- kinds ---------------------------------------------------------------------------------
 
-    @ftcore.hookimpl
-    def ftcore_export(run_dir, model_dir):
-        return []
-
-    mod.ftcore_export = ftcore_export
-    assert plugins_mod.kind_of(mod) == "exporter"
-    assert plugins_mod.kind_of(types.ModuleType("empty")) == "extension"
+def _module(name: str, **hooks) -> types.ModuleType:
+    mod = types.ModuleType(name)
+    for hook_name, fn in hooks.items():
+        fn.__name__ = hook_name
+        setattr(mod, hook_name, ftcore.hookimpl(fn))
+    return mod
 
 
-def test_misspelled_hook_argument_is_rejected_at_registration():
+def test_kind_is_set_by_the_one_kind_hook_a_plugin_implements():
+    assert discovery.kind_of(_module("myexport", ftcore_export=lambda run_dir, model_dir: [])) == "exporter"
+    assert discovery.kind_of(_module("mylaunch", ftcore_launch=lambda argv: None)) == "strategy"
+    assert discovery.kind_of(types.ModuleType("empty")) == "extension"
+
+
+def test_adjustment_and_lifecycle_hooks_make_no_kind():
+    tracker = _module("tracker", ftcore_training_arguments=lambda args: None,
+                      ftcore_trainer_callbacks=lambda ctx: [], ftcore_run_finished=lambda result: None)
+    assert discovery.kind_of(tracker) == "extension"
+
+
+def test_two_kind_hooks_in_one_plugin_is_an_error_naming_both():
+    both = _module("both", ftcore_load_model=lambda model_path: None, ftcore_export=lambda run_dir: [])
+    with pytest.raises(PluginError, match='"both" implements ftcore_load_model and ftcore_export.*adapter and exporter'):
+        select([], [both])
+
+
+def test_an_extension_that_adjusts_training_arguments_runs_beside_deepspeed_zero(tmp_path):
+    seen = {}
+
+    class Tracker:
+        name = "my-tracker"
+
+        @ftcore.hookimpl
+        def ftcore_training_arguments(self, args, ctx):
+            args["run_name"] = "tracked"
+            seen["args"] = dict(args)
+
+    config, chosen = ftcore.resolve({"model": "m", "plugins": ["deepspeed-zero", "lora"],
+                                     "output_dir": str(tmp_path / "out")}, plugin_objects=[Tracker()],
+                                    log=lambda m: None)
+    assert chosen.kind("my-tracker") == "extension" and chosen.names("strategy") == ["deepspeed-zero"]
+    ctx = ftcore.RunContext(config=config, plugins=chosen, output_dir=tmp_path / "out")
+    ctx.state["deepspeed_config"] = {"zero_optimization": {"stage": 2}}
+    args = {}
+    chosen.hook.ftcore_training_arguments(args=args, config=config, ctx=ctx)
+    assert seen["args"]["run_name"] == "tracked" and args["deepspeed"]["zero_optimization"]["stage"] == 2
+
+
+# -- registration -----------------------------------------------------------------------------
+
+def test_misspelled_hook_argument_is_rejected_at_registration_with_a_suggestion():
     class Bad:
         @ftcore.hookimpl
         def ftcore_export(self, run_dirr):
             return []
 
-    with pytest.raises(PluginError, match="invalid"):
-        plugins_mod.select([], [Bad()])
+    with pytest.raises(PluginError, match='(?s)invalid.*Did you mean "run_dir"'):
+        select([], [Bad()])
+
+
+def test_misspelled_hook_name_gets_a_suggestion():
+    class Typo:
+        @ftcore.hookimpl
+        def ftcore_formt_record(self, record):
+            return None
+
+    with pytest.raises(PluginError, match='unknown hook .ftcore_formt_record.*Did you mean "ftcore_format_record"'):
+        select([], [Typo()])
+
+
+# -- identity of plugins passed as objects ------------------------------------------------------
+
+PLUGIN_SOURCE = '''
+    """An installed extension plugin."""
+    import ftcore
+
+    @ftcore.hookimpl
+    def ftcore_run_finished(result, ctx):
+        pass
+'''
+
+
+def test_an_installed_plugin_passed_as_an_object_keeps_its_name_distribution_and_version(tmp_path, monkeypatch):
+    install(tmp_path, monkeypatch, "ftcore-notes", "2.3.4", {"notes": "ftcore_notes_mod"},
+            {"ftcore_notes_mod.py": PLUGIN_SOURCE})
+    import ftcore_notes_mod
+
+    chosen = select([], [ftcore_notes_mod])
+    assert chosen.names("extension") == ["notes"]
+    row = next(r for r in chosen.versions() if r["name"] == "notes")
+    assert row == {"name": "notes", "kind": "extension", "distribution": "ftcore-notes", "version": "2.3.4"}
+
+
+def test_a_plugin_object_is_named_by_its_declared_name():
+    class Mine:
+        name = "mine"
+
+        @ftcore.hookimpl
+        def ftcore_run_finished(self, result):
+            pass
+
+    assert select([], [Mine()]).names("extension") == ["mine"]
+
+
+def test_the_same_plugin_named_and_passed_is_a_clear_error(tmp_path, monkeypatch):
+    install(tmp_path, monkeypatch, "ftcore-notes", "2.3.4", {"notes": "ftcore_notes_mod2"},
+            {"ftcore_notes_mod2.py": PLUGIN_SOURCE})
+    import ftcore_notes_mod2
+
+    with pytest.raises(PluginError, match='plugin "notes" is both named .* and passed as an object'):
+        ftcore.resolve({"model": "m", "plugins": ["notes"]}, plugin_objects=[ftcore_notes_mod2], log=lambda m: None)
+
+
+def test_one_module_under_two_entry_point_names_is_a_clear_error_from_the_cli(tmp_path, monkeypatch):
+    install(tmp_path, monkeypatch, "ftcore-twice", "1.0", {"once": "ftcore_twice_mod", "again": "ftcore_twice_mod"},
+            {"ftcore_twice_mod.py": PLUGIN_SOURCE})
+    result = CliRunner().invoke(main, ["run", "--plugins", "once,again", "--model", "m", "--dry-run"])
+    assert result.exit_code == 2, result.output
+    assert 'plugin "again" is the same plugin as "once"' in result.output and "Traceback" not in result.output
 
 
 def test_trace_prints_each_hook_call_with_the_answering_plugin(monkeypatch, capsys):
     monkeypatch.setenv("FTCORE_TRACE_PLUGINS", "1")
-    chosen = plugins_mod.select(["alpaca"])
-    chosen.call_one("alpaca", "ftcore_validate_record", record={"instruction": "x", "output": "y"}, config=None)
+    chosen = select(["alpaca"])
+    chosen.call_one("alpaca", "ftcore_validate_record", record={"instruction": "x", "output": "y"}, config=None,
+                    ctx=None)
     err = capsys.readouterr().err
     assert "[ftcore trace] ftcore_validate_record -> alpaca" in err
     assert "ftcore_validate_record <- alpaca returned []" in err
 
 
 def test_two_selections_do_not_share_a_plugin_manager():
-    a = plugins_mod.select(["chatml"])
-    b = plugins_mod.select(["alpaca"])
+    a = select(["chatml"])
+    b = select(["alpaca"])
     assert a.pm is not b.pm
     assert "chatml" not in b.names()

@@ -12,10 +12,11 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from ux_runs import shared_run
 
 from ftcore.cli import main
-from ftcore.progress import JsonReporter, QuietReporter, Reporter, RichReporter, choose_mode, make_reporter
-from ux_runs import shared_run
+from ftcore.cli.options import choose_mode
+from ftcore.reporting.progress import JsonReporter, QuietReporter, Reporter, RichReporter, make_reporter
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -49,7 +50,7 @@ def test_peak_memory_is_measured(tmp_path_factory, tiny_model_dir):
 PARENT = """
 import subprocess, sys
 held = b"x" * (600 << 20)   # the parent's peak: 600 MiB, resident
-child = "import resource; from ftcore.report import peak_memory; " \\
+child = "import resource; from ftcore.reporting.memory import peak_memory; " \\
         "print(peak_memory()['peak_rss_bytes'], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
 sys.stdout.write(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout)
 """

@@ -9,17 +9,18 @@ import sys
 
 import pytest
 import torch
-
-import ftcore
 from capture_plugin import Capture, probe_ids
 from conftest import tiny_config, write_jsonl
-from ftcore.engine import RunContext
-from ftcore_plugins.qlora import keep_cpu_layout_trainable
+
+import ftcore
+from ftcore.types import RunContext
+from ftcore_plugins.adapters.qlora import keep_cpu_layout_trainable
 
 
 def _load(tiny_model_dir, tmp_path, sections: dict):
-    from ftcore_plugins import qlora
     from transformers import AutoTokenizer
+
+    from ftcore_plugins.adapters import qlora
 
     config, plugins = ftcore.resolve({"model": str(tiny_model_dir), "plugins": ["qlora"], **sections,
                                       "output_dir": str(tmp_path / "o")}, log=lambda m: None)
@@ -69,7 +70,7 @@ def test_fp4_and_single_quantization_are_selectable(tiny_model_dir, tmp_path):
 
 
 def test_compute_dtype_follows_bf16_where_supported(tiny_model_dir, tmp_path):
-    from ftcore_plugins.qlora import QLoraConfig, compute_dtype
+    from ftcore_plugins.adapters.qlora import QLoraConfig, compute_dtype
 
     class Ctx:
         precision = "bf16"
@@ -156,8 +157,8 @@ def test_4bit_model_is_read_not_mapped_and_equals_the_mapped_load(tiny_model_dir
     """The qlora plugin reads the checkpoint instead of mapping it; the weights are the same bits."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from ftcore_plugins._loading import load_base_model
-    from ftcore_plugins.qlora import QLoraConfig, quantization_config
+    from ftcore.models.loading import load_base_model
+    from ftcore_plugins.adapters.qlora import QLoraConfig, quantization_config
 
     model = _load(tiny_model_dir, tmp_path, {"lora": {"r": 4}})
     assert _views_of_mapped_checkpoints(model) == []
@@ -183,7 +184,7 @@ def test_4bit_model_is_read_not_mapped_and_equals_the_mapped_load(tiny_model_dir
 
 HEAP_CHURN = """
 import sys, torch
-from ftcore_plugins._loading import large_buffers_unmapped
+from ftcore.models.loading import large_buffers_unmapped
 def anon():
     for line in open("/proc/self/status"):
         if line.startswith("RssAnon:"):

@@ -8,7 +8,6 @@ from html.parser import HTMLParser
 
 import pytest
 from PIL import Image
-
 from ux_runs import metric_rows, shared_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -135,7 +134,8 @@ def test_report_shows_config_plugins_versions_and_data(run, page):
 
 def test_samples_are_real_generations_before_and_after_training(run, page, tiny_model_dir):
     """The 'after' column is what the saved adapter generates; 'before' what the base model generates."""
-    from ftcore.generate import generate_ids, load
+    from ftcore.models.generation import generate_ids
+    from ftcore.tools.generate import load
 
     assert len(page.sample_rows) == 2
     base, tok = load(str(tiny_model_dir))
@@ -150,7 +150,7 @@ def test_samples_are_real_generations_before_and_after_training(run, page, tiny_
 
 def test_loss_plot_draws_the_train_and_eval_loss_curves(run):
     """The loss PNG is drawn from both series of metrics.jsonl: without the eval points it is another image."""
-    from ftcore.report import make_plots, plot_series
+    from ftcore.reporting.report import make_plots, plot_series
 
     rows = metric_rows(run)
     series = plot_series(rows)["loss"]
@@ -169,8 +169,8 @@ def test_samples_come_from_the_held_out_prompts(run, page):
     from transformers import AutoTokenizer
 
     import ftcore
-    from ftcore import data as data_mod
-    from ftcore.callbacks import sample_prompts
+    from ftcore.data import pipeline as data_mod
+    from ftcore.training.callbacks import sample_prompts
 
     config, plugins = ftcore.resolve(str(run.output_dir / "config.yaml"), log=lambda m: None)
     tok = AutoTokenizer.from_pretrained(str(run.model_dir))

@@ -9,11 +9,22 @@ import sys
 import textwrap
 
 import pytest
+from procs import (  # noqa: F401
+    SAVE_STEPS,
+    assert_same_training,
+    finish,
+    losses,
+    resumable,
+    rows,
+    run,
+    send,
+    start,
+    wait_for_file,
+    wait_for_step,
+)
 
-from ftcore import checkpoints
 from ftcore.errors import ConfigError
-from procs import (SAVE_STEPS, assert_same_training, finish, losses, resumable, rows, run, send, start,  # noqa: F401
-                   wait_for_file, wait_for_step)
+from ftcore.training import checkpoints
 
 
 @pytest.mark.slow

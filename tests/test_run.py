@@ -10,9 +10,9 @@ import types
 
 import pytest
 import yaml
+from conftest import tiny_config
 
 import ftcore
-from conftest import tiny_config
 
 QUIET = {"log": lambda m: None}
 

@@ -8,9 +8,9 @@ import os
 import shutil
 
 import pytest
+from conftest import tiny_config, write_jsonl
 
 import ftcore
-from conftest import tiny_config, write_jsonl
 
 EVIL = """
 from pathlib import Path

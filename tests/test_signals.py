@@ -6,10 +6,10 @@ import signal
 import time
 
 import pytest
-
-from ftcore import checkpoints
-from ftcore.errors import EXIT_INTERRUPTED
 from procs import assert_same_training, finish, losses, resumable, run, send, start, wait_for_step  # noqa: F401
+
+from ftcore.errors import EXIT_INTERRUPTED
+from ftcore.training import checkpoints
 
 GRACE_S = 30   # Kubernetes' default terminationGracePeriodSeconds; Slurm's KillWait is 30 s too
 
@@ -45,8 +45,9 @@ def test_signal_saves_a_checkpoint_exits_3_and_the_run_resumes_exactly(resumable
 
 
 def test_signal_handlers_are_restored_after_training(tiny_model_dir, alpaca_file, tmp_path):
-    import ftcore
     from conftest import tiny_config
+
+    import ftcore
 
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     ftcore.run(tiny_config(tiny_model_dir, alpaca_file, tmp_path / "out", max_steps=1), log=lambda m: None)

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, write_jsonl
 
 DIST = "ftcore-sharegpt"
@@ -98,3 +97,13 @@ def test_the_testing_guide_example_runs(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "5 passed" in proc.stdout
+
+
+def test_the_testing_guide_exporter_example_runs(tmp_path):
+    code = "".join(body for title, body in _titled_blocks("testing-plugins.md") if title == "test_my_exporter.py")
+    (tmp_path / "test_my_exporter.py").write_text(code)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_my_exporter.py"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 passed" in proc.stdout
+

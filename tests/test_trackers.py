@@ -5,10 +5,10 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+from ux_runs import metric_rows, shared_run
 
 import ftcore
-from ftcore.trackers import TRACKERS
-from ux_runs import metric_rows, shared_run
+from ftcore.config.checks import TRACKERS
 
 
 def test_tensorboard_event_files_hold_the_run_metrics(tmp_path_factory, tiny_model_dir):

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import ftcore
 from conftest import tiny_config, write_jsonl
+
+import ftcore
 
 _CACHE: dict[str, Any] = {}
 

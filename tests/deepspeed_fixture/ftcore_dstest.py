@@ -81,13 +81,16 @@ class Sgd:
 
 
 class FourBit:
-    """Declares 4-bit base weights; never loads (it must be refused before launch)."""
-
-    QUANTIZED_WEIGHTS = True
+    """Declares 4-bit base weights (its memory profile); never loads (it must be refused before launch)."""
 
     @ftcore.hookimpl
     def ftcore_load_model(self, model_path, tokenizer, config, ctx):
         raise AssertionError("a quantized adapter with ZeRO-3 must be refused before any model is loaded")
+
+    @ftcore.hookimpl
+    def ftcore_memory_profile(self, config, ctx):
+        return ftcore.MemoryProfile(trains="adapters", base_storage="4bit", adapter_rank=8,
+                                    adapter_targets=("q_proj",), assumptions="a stand-in 4-bit adapter method.")
 
 
 class ProbeOptimizer:

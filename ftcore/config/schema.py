@@ -1,0 +1,181 @@
+"""The run configuration's schema: the core sections, each key with its type, default and description.
+
+Plugins subclass ``PluginConfig`` for their own section. ``ftcore.tools.reference`` generates
+docs/reference/configuration.md from these classes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+
+class Section(BaseModel):
+    """Base class for config sections, the core's and plugins': unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# Plugins subclass this for their own section.
+PluginConfig = Section
+
+
+class ModelConfig(Section):
+    path: str = Field(description="Folder of a transformers model (config + safetensors + tokenizer), "
+                      "or `ftcore:tiny-llama` for the small model ftcore builds locally.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype to load; auto follows training.precision.")
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off: safe loading.")
+
+
+class DatasetSpec(Section):
+    path: str = Field(description="A .jsonl/.json/.parquet/.csv file, a glob, a folder, "
+                      "a saved datasets folder, or a datasets-library dataset name.")
+    format: str | None = Field(None, description="Format plugin for this dataset; default: the run's format plugin.")
+    split: str = Field("train", description="Split to read from a datasets-library dataset.")
+    name: str | None = Field(None, description="Configuration name of a datasets-library dataset.")
+
+
+class DataConfig(Section):
+    datasets: list[DatasetSpec] = Field(default_factory=list, description="Training datasets, mixed and shuffled.")
+    eval_datasets: list[DatasetSpec] = Field(default_factory=list,
+                                             description="Explicit evaluation datasets (replace val_size).")
+    val_size: float = Field(0.1, ge=0, description="Held-out share (<1) or count (>=1) of training records.")
+    max_length: int = Field(2048, ge=8, description="Longest example in tokens.")
+    too_long: Literal["truncate", "drop"] = Field("truncate", description="What to do with longer examples.")
+    packing: bool = Field(True, description="Padding-free packing; false pads each batch.")
+    on_bad_record: Literal["error", "skip"] = Field("error", description="Stop on invalid records, or skip and count them.")
+    max_errors_shown: int = Field(5, ge=1, description="How many bad records an error lists.")
+    cache: bool = Field(True, description="Cache tokenized data keyed by data, tokenizer and format settings.")
+    seed: int | None = Field(None, description="Shuffle seed; default training.seed.")
+
+    @field_validator("datasets", "eval_datasets", mode="before")
+    @classmethod
+    def _paths_as_specs(cls, value: Any) -> Any:
+        if isinstance(value, (str, dict)):
+            value = [value]
+        if isinstance(value, list):
+            return [{"path": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+class TrainingConfig(Section):
+    epochs: float = Field(3, gt=0, description="Passes over the training data.")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
+    batch_size: int = Field(4, ge=1, description="Examples per device per step.")
+    gradient_accumulation: int = Field(4, ge=1, description="Steps accumulated per optimizer update.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate; above 5e-4 warns.")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Share of steps spent warming up.")
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name (cosine, linear, constant, ...).")
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0: off).")
+    logging_steps: int = Field(10, ge=1)
+    save_strategy: Literal["epoch", "steps", "no"] = Field("epoch")
+    save_steps: int = Field(500, ge=1)
+    save_total_limit: int | None = Field(None, ge=1)
+    eval_strategy: Literal["epoch", "steps", "no"] = Field("epoch", description="When to evaluate during training.")
+    eval_steps: int | None = Field(None, ge=1)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 where supported, else fp32.")
+    gradient_checkpointing: bool = Field(False)
+    seed: int = Field(42)
+    report_to: list[str] = Field(default_factory=list,
+                                 description="Experiment trackers: tensorboard, trackio, mlflow, wandb (or none).")
+    sparse_logits: bool = Field(True, description="Compute logits and loss only where the next token is supervised "
+                                "(same loss, less work); false: the model's own full-logits loss.")
+    packed_attention: bool = Field(True, description="With packing, attend within each example instead of over the "
+                                   "whole packed row with a mask (same result, less work); false: the model's attention.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without a better eval loss and keep the best "
+        "checkpoint; needs save_strategy equal to eval_strategy.")
+    early_stopping_threshold: float = Field(0.0, ge=0, description="How much eval loss must improve to count.")
+    overfit_warning_evals: int = Field(
+        3, ge=0, description="Warn when eval loss rose at this many evaluations in a row while train loss fell (0: off).")
+
+    @field_validator("save_strategy", "eval_strategy", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value   # YAML reads a bare `no` as false
+
+    @model_validator(mode="after")
+    def _steps_need_numbers(self) -> "TrainingConfig":
+        if self.eval_strategy == "steps" and self.eval_steps is None:
+            self.__dict__["eval_steps"] = self.logging_steps
+        return self
+
+
+class LaunchConfig(Section):
+    """How many processes a run uses. A strategy plugin that implements ``ftcore_launch`` reads it."""
+
+    num_processes: int = Field(1, ge=1, description="Processes (ranks) in all, over all machines.")
+    num_machines: int = Field(1, ge=1, description="Machines (nodes) taking part.")
+    machine_rank: int = Field(0, ge=0, description="This machine's index, 0 to num_machines-1 (0 writes the outputs).")
+    main_process_ip: str | None = Field(None, description="Address of machine 0, reachable from every machine.")
+    main_process_port: int = Field(29500, ge=1, le=65535, description="Free TCP port on machine 0 for the rendezvous.")
+    hostfile: str | None = Field(None, description="A hostfile (`host slots=N` per line): one command starts every machine.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LaunchConfig":
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"machine_rank {self.machine_rank} must be below num_machines {self.num_machines}")
+        if self.num_processes % self.num_machines:
+            raise ValueError(f"num_processes {self.num_processes} must be a multiple of num_machines "
+                             f"{self.num_machines} (the same number of processes on each machine)")
+        if self.num_machines > 1 and not self.main_process_ip and not self.hostfile:
+            raise ValueError("a run on several machines needs main_process_ip (the address of machine 0) "
+                             "or a hostfile")
+        return self
+
+
+class ReportConfig(Section):
+    enabled: bool = Field(True, description="Write report.html and plots/*.png into the output directory.")
+    samples: int = Field(3, ge=0, description="Held-out prompts generated from before and after training (0: none).")
+    max_new_tokens: int = Field(20, ge=1, description="Tokens generated per sample.")
+
+
+class RunConfig(Section):
+    """The whole run. Plugin sections are validated separately and kept in ``plugin_sections``."""
+
+    plugins: list[str] = Field(default_factory=list, description="Plugins by entry-point name.")
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig, description="The run report.")
+    output_dir: str = Field("runs/ftcore-run", description="Where everything the run writes goes.")
+    overwrite: bool = Field(False, description="Replace an output directory that holds another run.")
+    resume: str | None = Field(None, description="auto: continue from the newest complete checkpoint in "
+                               "output_dir (or start if there is none); or a checkpoint-N or run folder.")
+    _sections: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_path_shorthand(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _plugins_csv(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    def section(self, name: str) -> Any:
+        """A plugin's validated section (a pydantic object)."""
+        return self._sections[name]
+
+    @property
+    def sections(self) -> dict[str, Any]:
+        return dict(self._sections)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        for name, section in self._sections.items():
+            data[name] = section.model_dump(mode="json")
+        return data
+
+
+CORE_KEYS = tuple(RunConfig.model_fields)

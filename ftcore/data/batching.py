@@ -1,0 +1,88 @@
+"""Batches for the trainer: padding-free packing (one row, positions restarting per example) or padded
+batches, each counting the real, supervised and computed positions it builds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftcore.data.labels import IGNORE_INDEX
+
+
+class TokenCounter:
+    """Counts real, supervised and computed (incl. padding) positions of the batches it builds."""
+
+    def __init__(self) -> None:
+        self.real = self.supervised = self.computed = 0
+
+
+class PackedCollator:
+    """Padding-free packing: the batch's examples become one row; position_ids restart per example.
+
+    transformers turns restarting ``position_ids`` into a block-diagonal attention mask
+    for every attention implementation (when no KV cache is used, hence ``use_cache=False``
+    in the batch), so examples never attend to each other; the first label of each
+    example is masked so no loss crosses a boundary.
+    """
+
+    def __init__(self) -> None:
+        from transformers import DataCollatorWithFlattening
+
+        self.inner = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        self.counter = TokenCounter()
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.inner([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+        # transformers derives the block-diagonal mask from position_ids only without a KV cache;
+        # a model loaded with use_cache on (e.g. in eval mode) would otherwise attend across examples.
+        batch["use_cache"] = False
+        n = int(batch["input_ids"].numel())
+        self.counter.real += n
+        self.counter.computed += n
+        self.counter.supervised += int((batch["labels"] != IGNORE_INDEX).sum())
+        return batch
+
+
+class PaddedCollator:
+    """Pads each batch to its longest example (right padding, labels -100, attention mask 0)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad = pad_token_id
+        self.counter = TokenCounter()
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        longest = max(len(f["input_ids"]) for f in features)
+        ids, labels, mask = [], [], []
+        for f in features:
+            n = len(f["input_ids"])
+            ids.append(list(f["input_ids"]) + [self.pad] * (longest - n))
+            labels.append(list(f["labels"]) + [IGNORE_INDEX] * (longest - n))
+            mask.append([1] * n + [0] * (longest - n))
+        batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                 "attention_mask": torch.tensor(mask)}
+        self.counter.real += int(batch["attention_mask"].sum())
+        self.counter.computed += longest * len(features)
+        self.counter.supervised += int((batch["labels"] != IGNORE_INDEX).sum())
+        return batch
+
+
+def supports_packing(model: Any) -> bool:
+    """Whether a model takes ``position_ids`` (transformers then masks packed examples from each other)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "position_ids" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def make_collator(packing: bool, tokenizer: Any, model: Any = None,
+                  log: Any = print) -> PackedCollator | PaddedCollator:
+    """Padding-free packing by default; padded batches when asked, or when the model cannot take packing."""
+    if packing and model is not None and not supports_packing(model):
+        log(f"warning: {type(model).__name__} does not take position_ids, so examples cannot be packed without "
+            f"attending to each other; padding batches instead (data.packing: false).")
+        packing = False
+    return PackedCollator() if packing else PaddedCollator(tokenizer.pad_token_id)

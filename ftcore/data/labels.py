@@ -1,0 +1,61 @@
+"""Tokens and labels: a rendered ``Example`` is tokenized once with character offsets, and every token
+that overlaps a supervised span gets its id as label; all others get -100. That makes masking
+exact at the token level whatever the tokenizer merges.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftcore.types import Example
+
+IGNORE_INDEX = -100
+
+
+def tokenize(example: Example, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """Tokenize an Example; labels copy the ids of tokens overlapping a supervised span."""
+    return tokenize_many([example], tokenizer)[0]
+
+
+def tokenize_many(examples: list[Example], tokenizer: Any) -> list[tuple[list[int], list[int]]]:
+    """Tokenize several Examples in batched tokenizer calls (same result as one by one)."""
+    out: list[Any] = [None] * len(examples)
+    for flag in (False, True):
+        picked = [i for i, ex in enumerate(examples) if bool(ex.add_special_tokens) == flag]
+        if not picked:
+            continue
+        enc = tokenizer([examples[i].text for i in picked], add_special_tokens=flag, return_offsets_mapping=True)
+        for j, i in enumerate(picked):
+            out[i] = labels_from_offsets(enc["input_ids"][j], enc["offset_mapping"][j], examples[i].supervised)
+    return out
+
+
+def labels_from_offsets(ids: list[int], offsets: list[tuple[int, int]],
+                        spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """A token is supervised when its characters overlap a supervised span (empty tokens never are)."""
+    import numpy as np
+
+    merged: list[list[int]] = []
+    for s_start, s_end in sorted(spans):
+        if merged and s_start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], s_end)
+        else:
+            merged.append([s_start, s_end])
+    ids = list(ids)
+    if not merged or not ids:
+        return ids, [IGNORE_INDEX] * len(ids)
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    starts, ends = off[:, 0], off[:, 1]
+    span_starts, span_ends = np.asarray(merged, dtype=np.int64).T
+    k = np.searchsorted(span_ends, starts, side="right")          # first span ending after the token starts
+    hit = (ends > starts) & (k < len(merged)) & (span_starts[np.minimum(k, len(merged) - 1)] < ends)
+    return ids, np.where(hit, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
+
+
+def fit_length(ids: list[int], labels: list[int], max_length: int, too_long: str):
+    """Apply the length policy; returns (ids, labels, action) where action is None/'truncated'/'dropped'."""
+    if len(ids) <= max_length:
+        return ids, labels, None
+    if too_long == "drop":
+        return None, None, "dropped"
+    return ids[:max_length], labels[:max_length], "truncated"

@@ -1,0 +1,214 @@
+"""The data path for a run: load -> validate -> format (plugin) -> tokenize with labels -> split.
+
+A format plugin turns one raw record into an ``Example`` (``ftcore_format_record``); ``labels``
+tokenizes it with exact masks; here records are counted, checked against the length policy,
+shuffled and split into training and held-out sets, and the result is cached (``cache``).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+from ftcore.data.cache import cache_key, load_cached, save_cached
+from ftcore.data.labels import IGNORE_INDEX, fit_length, tokenize_many
+from ftcore.data.prepared import DataStats, PreparedData
+from ftcore.data.records import Problem, iter_records
+from ftcore.errors import DataError, PluginError
+from ftcore.types import Example, RunContext
+
+
+def resolve_format(spec: Any, format_plugins: list[str]) -> str:
+    if spec.format:
+        return spec.format
+    if len(format_plugins) == 1:
+        return format_plugins[0]
+    if not format_plugins:
+        raise DataError("no dataset format plugin is selected: add one to --plugins (e.g. alpaca or chatml).")
+    raise DataError(f"dataset {spec.path} does not say its format and several format plugins are selected "
+                    f"({' and '.join(format_plugins)}): set format: in its data.datasets entry.")
+
+
+def prepare(config: Any, plugins: Any, tokenizer: Any, log: Any = print, ctx: RunContext | None = None
+            ) -> PreparedData:
+    """Run the whole data path for a validated config. Raises DataError on bad data.
+
+    The result is cached (see ``cache.cache_key``); a second call with the same data,
+    tokenizer and format settings loads it instead of formatting and tokenizing again.
+    ``ctx`` is what the format hooks get (a run's context; by default one made for this call).
+    """
+    if ctx is None:
+        ctx = RunContext(config=config, plugins=plugins, output_dir=Path(config.output_dir), log=log,
+                         tokenizer=tokenizer)
+    data_cfg = config.data
+    if not data_cfg.datasets:
+        raise DataError("no training data: pass --data FILE or set data.datasets in the config.")
+    seed = data_cfg.seed if data_cfg.seed is not None else config.training.seed
+    formats = plugins.names("format")
+    for spec in [*data_cfg.datasets, *data_cfg.eval_datasets]:
+        fmt = resolve_format(spec, formats)
+        if fmt not in formats:
+            raise DataError(f"dataset {spec.path} asks for format {fmt!r}, which is not a format plugin of this "
+                            f"run (selected formats: {', '.join(formats) or 'none'}).")
+    key = cache_key(config, plugins, tokenizer) if data_cfg.cache else None
+    result = load_cached(key) if key else None
+    if result is not None:
+        result.stats.cached = True
+        if result.stats.bad_records:
+            log(f"warning: skipped {result.stats.bad_records} invalid records of {result.stats.records} "
+                f"(data.on_bad_record: skip; cached data).")
+    else:
+        result = _prepare_uncached(config, plugins, tokenizer, formats, seed, log, ctx)
+        if key:
+            save_cached(key, result)
+    lengths = example_lengths(result.train)
+    result.stats.padded_efficiency = packing_efficiency(lengths, config.training.batch_size, False, seed)
+    result.stats.packing_efficiency = 1.0 if data_cfg.packing else result.stats.padded_efficiency
+    return result
+
+
+def example_lengths(dataset: Any) -> list[int]:
+    """Token count of each example, read from the Arrow column (no row-by-row decoding of the dataset)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_pylist()
+
+
+def _prepare_uncached(config, plugins, tokenizer, formats, seed, log, ctx) -> PreparedData:
+    data_cfg = config.data
+    stats = DataStats()
+    problems: list[Problem] = []
+    train_rows = _collect(data_cfg.datasets, config, plugins, tokenizer, formats, stats, problems, ctx)
+    eval_rows = (_collect(data_cfg.eval_datasets, config, plugins, tokenizer, formats, stats, problems, ctx)
+                 if data_cfg.eval_datasets else None)
+    _report_problems(problems, stats, data_cfg, log)
+    rng = random.Random(seed)
+    rng.shuffle(train_rows)
+    if eval_rows is None:
+        n_val = _val_count(data_cfg.val_size, len(train_rows))
+        eval_rows, train_rows = train_rows[:n_val], train_rows[n_val:]
+    elif not eval_rows:
+        raise DataError("no evaluation examples are left in data.eval_datasets ("
+                        + ", ".join(s.path for s in data_cfg.eval_datasets)
+                        + ") after validation and length limits.")
+    if not train_rows:
+        raise DataError(f"no training examples are left: of {stats.records} records, {stats.bad_records} are invalid, "
+                        f"{stats.dropped_too_long} were dropped as longer than data.max_length={data_cfg.max_length}, "
+                        f"{stats.dropped_unsupervised} had nothing supervised left (e.g. truncation cut off the "
+                        f"response), and {len(eval_rows or [])} went to validation. "
+                        f"Add data, raise data.max_length or lower data.val_size.")
+    stats.train_examples, stats.eval_examples = len(train_rows), len(eval_rows or [])
+    return PreparedData(_to_dataset(train_rows), _to_dataset(eval_rows) if eval_rows else None, stats, problems)
+
+
+def format_record(fmt: str, record: dict[str, Any], plugins: Any, tokenizer: Any, config: Any,
+                  ctx: RunContext) -> Example:
+    """Ask the format plugin ``fmt`` to render one valid record."""
+    example = plugins.call_one(fmt, "ftcore_format_record", record=record, tokenizer=tokenizer, config=config,
+                               ctx=ctx)
+    if not isinstance(example, Example):
+        raise PluginError(f"format plugin {fmt!r} returned {type(example).__name__} from ftcore_format_record; "
+                          f"it must return an ftcore.Example.")
+    return example
+
+
+def _collect(specs, config, plugins, tokenizer, formats, stats, problems, ctx) -> list[tuple[list[int], list[int]]]:
+    rows: list[tuple[list[int], list[int]]] = []
+    for spec in specs:
+        fmt = resolve_format(spec, formats)
+        before = len(rows)
+        pending: list[Example] = []
+        for where, record in iter_records(spec):
+            stats.records += 1
+            found = _check(where, record, fmt, plugins, config, ctx)
+            if not found:
+                try:
+                    pending.append(format_record(fmt, record, plugins, tokenizer, config, ctx))
+                except DataError as exc:   # a record the format cannot render (e.g. a template refuses it)
+                    found = [Problem(where, None, str(exc))]
+            if found:
+                problems.extend(found)
+                stats.bad_records += 1
+            if len(pending) >= TOKENIZE_BATCH:
+                _add_rows(pending, tokenizer, config.data, stats, rows)
+                pending = []
+        _add_rows(pending, tokenizer, config.data, stats, rows)
+        stats.per_dataset[spec.path] = len(rows) - before
+    return rows
+
+
+TOKENIZE_BATCH = 1024   # examples per tokenizer call in prepare(); 1 tokenizes record by record
+
+
+def _add_rows(examples: list[Example], tokenizer: Any, data_cfg: Any, stats: DataStats,
+              rows: list[tuple[list[int], list[int]]]) -> None:
+    """Tokenize, apply the length policy, count, and keep what teaches something."""
+    for ids, labels in tokenize_many(examples, tokenizer) if examples else []:
+        ids, labels, action = fit_length(ids, labels, data_cfg.max_length, data_cfg.too_long)
+        if action == "dropped":
+            stats.dropped_too_long += 1
+            continue
+        supervised = sum(1 for t in labels if t != IGNORE_INDEX)
+        if supervised == 0:   # e.g. truncation cut off the whole response
+            stats.dropped_unsupervised += 1
+            continue
+        stats.truncated += action == "truncated"
+        stats.examples += 1
+        stats.tokens += len(ids)
+        stats.supervised_tokens += supervised
+        rows.append((ids, labels))
+
+
+def _check(where: str, record: Any, fmt: str, plugins: Any, config: Any, ctx: RunContext) -> list[Problem]:
+    if isinstance(record, Problem):
+        return [record]
+    if not isinstance(record, dict):
+        return [Problem(where, None, f"expected a JSON object, got {type(record).__name__}")]
+    found = plugins.call_one(fmt, "ftcore_validate_record", record=record, config=config, ctx=ctx) or []
+    return [Problem(where, f, m) for f, m in found]
+
+
+def _report_problems(problems: list[Problem], stats: DataStats, data_cfg: Any, log: Any) -> None:
+    if stats.records == 0:
+        raise DataError("the training data is empty: no records were found in "
+                        + ", ".join(s.path for s in data_cfg.datasets) + ".")
+    if not problems:
+        return
+    shown = "\n  ".join(str(p) for p in problems[: data_cfg.max_errors_shown])
+    more = len(problems) - data_cfg.max_errors_shown
+    tail = f"\n  ... and {more} more problems" if more > 0 else ""
+    if stats.bad_records == stats.records:
+        raise DataError(f"every record ({stats.records}) is invalid:\n  {shown}{tail}")
+    if data_cfg.on_bad_record == "error":
+        raise DataError(f"{stats.bad_records} of {stats.records} records are invalid:\n  {shown}{tail}\n"
+                        f"Fix them, or set data.on_bad_record: skip to train without them.")
+    log(f"warning: skipped {stats.bad_records} invalid records of {stats.records} "
+        f"(data.on_bad_record: skip). First: {problems[0]}")
+
+
+def _val_count(val_size: float, n: int) -> int:
+    if val_size <= 0 or n < 2:
+        return 0
+    count = int(val_size) if val_size >= 1 else max(1, round(n * val_size))
+    return min(count, n - 1)
+
+
+def _to_dataset(rows: list[tuple[list[int], list[int]]]) -> Any:
+    import datasets
+
+    return datasets.Dataset.from_dict({"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows]})
+
+
+def packing_efficiency(lengths: list[int], batch_size: int, packing: bool, seed: int = 0) -> float:
+    """Share of computed positions that are real tokens, for one epoch of random batches."""
+    if packing or not lengths:
+        return 1.0
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    real = computed = 0
+    for i in range(0, len(order), batch_size):
+        batch = [lengths[j] for j in order[i:i + batch_size]]
+        real += sum(batch)
+        computed += max(batch) * len(batch)
+    return real / computed

@@ -1,0 +1,37 @@
+"""What the data path produces: the tokenized training and held-out sets, with their counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ftcore.data.records import Problem
+
+
+@dataclass
+class DataStats:
+    records: int = 0
+    bad_records: int = 0
+    examples: int = 0
+    train_examples: int = 0
+    eval_examples: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_unsupervised: int = 0
+    packing_efficiency: float = 1.0    # share of computed positions that are real tokens
+    padded_efficiency: float = 1.0     # the same, were batches padded instead of packed
+    cached: bool = False
+    per_dataset: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class PreparedData:
+    train: Any                 # datasets.Dataset with input_ids, labels
+    eval: Any | None
+    stats: DataStats
+    problems: list[Problem]

@@ -1,0 +1,207 @@
+"""The run report: ``report.html`` (self-contained: CSS inline, plots as base64 PNG) and ``plots/*.png``.
+
+It answers "did it work?" at a glance: the summary, loss and eval-loss curves, learning rate,
+throughput, sample generations from held-out prompts before and after training, the data
+statistics, the plugins and library versions, and the resolved config.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ftcore import runfolder
+from ftcore.files import write_text_atomic
+from ftcore.reporting.summary import summary_rows
+from ftcore.version import __version__
+
+LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "deepspeed")
+
+
+# -- plots --------------------------------------------------------------------------------
+
+def _figure(title: str, ylabel: str) -> tuple[Any, Any]:
+    from matplotlib.figure import Figure  # no pyplot: no global backend, safe inside applications
+
+    fig = Figure(figsize=(6.4, 3.6), dpi=100, layout="tight")
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _png(fig: Any) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buf)
+    return buf.getvalue()
+
+
+def plot_series(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """What each plot draws, by plot name and line label: ``(step, value)`` points from metrics.jsonl rows."""
+    return {
+        "loss": {"train loss": [(r["step"], r["loss"]) for r in rows if "loss" in r],
+                 "eval loss": [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]},
+        "learning_rate": {"learning rate": [(r["step"], r["learning_rate"]) for r in rows if "learning_rate" in r]},
+        "throughput": {"tokens / s": [(r["step"], r["tokens_per_s"]) for r in rows
+                                      if "loss" in r and r.get("tokens_per_s")]},
+    }
+
+
+def make_plots(rows: list[dict[str, Any]]) -> dict[str, bytes]:
+    """PNG bytes by name: loss (train and eval), learning_rate, throughput."""
+    series = plot_series(rows)
+    plots: dict[str, bytes] = {}
+
+    fig, ax = _figure("Loss", "loss")
+    train, evals = series["loss"]["train loss"], series["loss"]["eval loss"]
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="#1f77b4")
+    if evals:
+        ax.plot(*zip(*evals), label="eval loss", color="#d62728", marker="o")
+    if train or evals:
+        ax.legend()
+    plots["loss"] = _png(fig)
+
+    fig, ax = _figure("Learning rate", "learning rate")
+    lrs = series["learning_rate"]["learning rate"]
+    if lrs:
+        ax.plot(*zip(*lrs), color="#2ca02c")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    plots["learning_rate"] = _png(fig)
+
+    fig, ax = _figure("Throughput", "tokens / s")
+    speed = series["throughput"]["tokens / s"]
+    if speed:
+        ax.plot(*zip(*speed), color="#9467bd")
+    plots["throughput"] = _png(fig)
+    return plots
+
+
+# -- the page -------------------------------------------------------------------------------
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222}h1{font-size:1.6em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:.3em .6em;text-align:left;
+vertical-align:top}th{background:#f5f5f5}pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.85em}
+.plots img{max-width:100%;height:auto}.sample{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:.85em}
+.verdict{padding:.6em 1em;border-radius:4px;background:#eef6ee}.verdict.warn{background:#fff4e0}
+"""
+
+
+def _table(rows: list[tuple[str, Any]], header: tuple[str, ...] | None = None) -> str:
+    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" if header else ""
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def verdict(metrics: dict[str, Any], warnings: list[str]) -> tuple[str, bool]:
+    """One sentence: did the loss go down, did the model overfit."""
+    start, end = metrics.get("eval_loss_start"), metrics.get("eval_loss")
+    if start is not None and end is not None:
+        if end < start:
+            text, ok = f"Eval loss fell from {start:.4f} to {end:.4f} ({(start - end) / start:.1%} lower).", True
+        else:
+            text, ok = f"Eval loss did not improve ({start:.4f} -> {end:.4f}).", False
+    elif metrics.get("train_loss") is not None:
+        text, ok = f"Train loss ended at {metrics['train_loss']:.4f} (no evaluation set).", True
+    else:
+        text, ok = "No loss was logged.", False
+    if any("overfitting" in w for w in warnings):
+        text += " The run warned about overfitting (see below)."
+        ok = False
+    return text, ok
+
+
+def versions() -> list[tuple[str, str]]:
+    from importlib import metadata
+
+    rows = [("python", platform.python_version()), ("ftcore", __version__)]
+    for name in LIBRARIES:
+        try:
+            rows.append((name, metadata.version(name)))
+        except metadata.PackageNotFoundError:
+            continue
+    return rows
+
+
+def render_html(result: Any, config: dict[str, Any], plots: dict[str, bytes], samples: dict[str, Any],
+                warnings: list[str]) -> str:
+    esc = html.escape
+    text, ok = verdict(result.metrics, warnings)
+    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>ftcore run report: "
+             f"{esc(result.output_dir.name)}</title><style>{CSS}</style></head><body>",
+             f"<h1>ftcore run report: {esc(result.output_dir.name)}</h1>",
+             f"<p class=\"verdict{'' if ok else ' warn'}\">{esc(text)}</p>",
+             f"<p>Written {esc(time.strftime('%Y-%m-%d %H:%M:%S'))} in <code>{esc(str(result.output_dir))}</code>.</p>",
+             "<h2 id=\"summary\">Summary</h2>", _table(summary_rows(result))]
+    failures = list(getattr(result, "export_errors", None) or [])
+    if failures:
+        parts += ["<h2 id=\"export-errors\">Export failed</h2><p>Training finished and its outputs are saved; "
+                  "these exporters failed (rerun them with <code>ftcore export</code>):</p><ul>"]
+        parts += [f"<li class=\"export-error\">{esc(f)}</li>" for f in failures] + ["</ul>"]
+    if warnings:
+        parts += ["<h2 id=\"warnings\">Warnings</h2><ul>"] + [f"<li>{esc(w)}</li>" for w in warnings] + ["</ul>"]
+    parts.append("<h2 id=\"curves\">Curves</h2><div class=\"plots\">")
+    for name, title in (("loss", "Train and eval loss"), ("learning_rate", "Learning rate"),
+                        ("throughput", "Throughput")):
+        if name in plots:
+            data = base64.b64encode(plots[name]).decode("ascii")
+            parts.append(f"<figure><img id=\"plot-{name}\" alt=\"{esc(title)}\" src=\"data:image/png;base64,{data}\">"
+                         f"<figcaption>{esc(title)} (plots/{name}.png)</figcaption></figure>")
+    parts.append("</div>")
+    prompts = samples.get("prompts") or []
+    if prompts:
+        where = "held-out prompts" if samples.get("held_out") else "training prompts (the run had no held-out set)"
+        parts.append(f"<h2 id=\"samples\">Samples</h2><p>Greedy generations from {esc(where)}, "
+                     f"before and after training.</p><table><tr><th>prompt</th><th>expected</th>"
+                     f"<th>before training</th><th>after training</th></tr>")
+        before, after = samples.get("before") or [], samples.get("after") or []
+        for i, p in enumerate(prompts):
+            cells = [p["prompt"], p["reference"], before[i] if i < len(before) else "-",
+                     after[i] if i < len(after) else "-"]
+            parts.append("<tr class=\"sample-row\">" + "".join(f"<td class=\"sample\">{esc(c)}</td>" for c in cells)
+                         + "</tr>")
+        parts.append("</table>")
+    stats = {k: v for k, v in (result.data_stats or {}).items() if k != "per_dataset"}
+    parts += ["<h2 id=\"data\">Data</h2>", _table(list(stats.items()), ("statistic", "value"))]
+    per = (result.data_stats or {}).get("per_dataset") or {}
+    if per:
+        parts.append(_table(list(per.items()), ("dataset", "examples")))
+    parts += ["<h2 id=\"plugins\">Plugins and versions</h2>",
+              _table([(p["name"], p["kind"], p.get("distribution") or "-", p.get("version") or "-")
+                      for p in result.plugins], ("plugin", "kind", "package", "version")),
+              _table(versions(), ("library", "version")),
+              "<h2 id=\"config\">Resolved configuration</h2>",
+              f"<pre id=\"config-yaml\">{esc(yaml.safe_dump(config, sort_keys=False))}</pre>",
+              "</body></html>\n"]
+    return "\n".join(parts)
+
+
+def write_report(result: Any, config: dict[str, Any], samples: dict[str, Any], warnings: list[str]) -> Path:
+    """Write plots/*.png and report.html into the run's output directory; return the HTML path.
+
+    ``samples``: the before/after generations (``training.callbacks.SamplesCallback``);
+    ``warnings``: the run's warning lines. Export failures (``result.export_errors``) are shown too.
+    """
+    out = result.output_dir
+    plots = make_plots(runfolder.read_metrics(out))
+    folder = out / runfolder.PLOTS
+    folder.mkdir(exist_ok=True)
+    for name, png in plots.items():
+        tmp = folder / f".{name}.png.tmp"
+        tmp.write_bytes(png)
+        tmp.replace(folder / f"{name}.png")
+    page = render_html(result, config, plots, samples, warnings)
+    return write_text_atomic(out / runfolder.REPORT, page)

@@ -1,0 +1,340 @@
+"""How much memory a fine-tune needs, from the model's config alone (no weights are loaded).
+
+The core knows generic rules only: how much memory weights, gradients, optimizer state and
+activations take given a *profile* of what a method keeps in memory. Each plugin states its
+own profile through the ``ftcore_memory_profile`` hook: an adapter method answers with a
+``MemoryProfile`` (all weights trained or adapters only, how the base weights are stored,
+the adapters' rank and targets read from its own config section), an optimizer with an
+``OptimizerProfile`` (bytes of state per trained parameter). Every installed plugin that
+answers with a ``MemoryProfile`` gets a row, side by side; the ones the run names with
+``--plugins`` are marked. ``ASSUMPTIONS`` lists what every figure rests on, each profile
+adds its own line, and docs/estimate.md derives them.
+
+The model is built on PyTorch's meta device to count its parameters and find its linear
+layers exactly; the activation terms assume a Llama-style decoder (Llama, Mistral, Qwen).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftcore.config.layering import deep_merge
+from ftcore.config.validation import validate
+from ftcore.errors import ConfigError, PluginError
+from ftcore.models.builtin import BUILTIN_PREFIX
+from ftcore.models.paths import resolve_model_path
+from ftcore.registry.discovery import identify, installed_entry_points
+from ftcore.registry.resolution import plugin_schemas
+from ftcore.registry.selection import check_installed, load_all
+from ftcore.types import MemoryProfile, OptimizerProfile, RunContext
+
+GB = 10**9
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+BLOCK_4BIT = 64              # 4-bit quantization block (one absmax per block)
+DOUBLE_QUANT_BLOCK = 256     # absmax quantized to 8 bits in blocks of 256 (one fp32 constant each)
+
+
+# Without an optimizer plugin that says otherwise, the trainer builds torch's AdamW.
+DEFAULT_OPTIMIZER = OptimizerProfile(label="AdamW", state_bytes=8)
+
+ASSUMPTIONS = [
+    "GB = 10^9 bytes; every sequence is seq_len tokens long (the worst case), batch sequences per step.",
+    "trained parameters (all weights, or the adapters) and their gradients are fp32; without an optimizer "
+    "plugin that says otherwise, AdamW keeps 2 fp32 states per trained param (8 bytes).",
+    "activations: per decoder layer and token, a method training all weights keeps ~9H+2K+4I values, one "
+    "training adapters only ~8H+2K+3I plus the dropout input and rank-r output of each adapted layer (H hidden, "
+    "K key/value width, I MLP width), in the precision's dtype; memory-efficient attention (no seq x seq matrix).",
+    "gradient checkpointing keeps each layer's input (H per token) and recomputes one layer at a time.",
+    "the loss keeps fp32 log-probabilities over the vocabulary and, in backward, two more such tensors "
+    "(3 x tokens x vocab x 4 bytes).",
+    "total = the sum of the parts (conservative: gradients and activations peak at different moments); "
+    "framework overhead (CUDA context, allocator caching, the data pipeline) is not included.",
+]
+
+
+@dataclass
+class ModelShape:
+    """What the estimate needs to know about a model, read from its config on the meta device."""
+
+    name: str
+    params: int
+    hidden: int
+    kv_width: int
+    intermediate: int
+    layers: int
+    vocab: int
+    linear: dict[str, tuple[int, int]] = field(default_factory=dict)   # name -> (in, out), all but lm_head
+    head_params: int = 0                                                 # lm_head (untied) parameters
+
+    def linear_params(self) -> int:
+        return sum(i * o for i, o in self.linear.values())
+
+
+@dataclass
+class Estimate:
+    method: str
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    trainable_params: int
+    gradient_checkpointing: bool
+    notes: list[str] = field(default_factory=list)
+    selected: bool = True        # named with --plugins (every method is, when none is named)
+    adapter_rank: int | None = None                  # for a method that trains adapters only
+    adapter_targets: list[str] | str | None = None
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total": self.total}
+
+
+# -- reading the model's config ------------------------------------------------------
+
+def load_config(model: str | Path | dict[str, Any], log: Callable[[str], None] = print) -> Any:
+    """A transformers config from a model folder, a config.json path, a builtin name or a dict."""
+    from transformers import AutoConfig
+
+    if isinstance(model, dict):
+        data = dict(model)
+    else:
+        text = str(model)
+        path = (resolve_model_path(text, log=log) if text.startswith(BUILTIN_PREFIX)
+                else Path(text).expanduser())
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"--model {text}: no such model folder or config.json. Pass a model folder, the "
+                              f"path of its config.json, or ftcore:tiny-llama.")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: not a readable JSON model config ({exc}).") from None
+    model_type = data.pop("model_type", None)
+    if not model_type:
+        raise ConfigError(f"--model {model if not isinstance(model, dict) else 'config'}: the config has no "
+                          f"model_type (e.g. \"llama\"), so its architecture is unknown.")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"model_type {model_type!r}: not an architecture this transformers knows ({exc}).") from None
+
+
+def model_shape(config: Any, name: str = "model") -> ModelShape:
+    """Count parameters and linear layers on the meta device: exact, and no memory is used."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    linear = {n: (m.in_features, m.out_features) for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and m is not head}
+    seen, params = set(), 0
+    for p in model.parameters():          # tied weights count once
+        if id(p) not in seen:
+            seen.add(id(p))
+            params += p.numel()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    return ModelShape(name=name, params=params, hidden=hidden, kv_width=kv * head_dim,
+                      intermediate=getattr(config, "intermediate_size", 4 * hidden),
+                      layers=config.num_hidden_layers, vocab=config.vocab_size, linear=linear,
+                      head_params=0 if tied or head is None else head.weight.numel())
+
+
+# -- the estimate --------------------------------------------------------------------
+
+def adapted_layers(shape: ModelShape, targets: tuple[str, ...] | list[str] | str) -> dict[str, tuple[int, int]]:
+    """The linear layers (name -> (in, out)) whose last name part is a target, or all of them for all-linear."""
+    if targets == "all-linear":
+        return dict(shape.linear)
+    names = [targets] if isinstance(targets, str) else list(targets)
+    return {n: io for n, io in shape.linear.items() if n.rsplit(".", 1)[-1] in names}
+
+
+def quantized_4bit_bytes(n: int, double_quant: bool = True) -> int:
+    """A 4-bit weight tensor of n elements with its blockwise absmax constants."""
+    blocks = math.ceil(n / BLOCK_4BIT)
+    constants = blocks + 4 * math.ceil(blocks / DOUBLE_QUANT_BLOCK) if double_quant else 4 * blocks
+    return math.ceil(n / 2) + constants
+
+
+def base_weight_bytes(shape: ModelShape, profile: MemoryProfile, precision: str) -> int:
+    """The model's own weights, as the profile stores them."""
+    if profile.base_storage == "master":        # fp32, plus the 16-bit copy autocast keeps for the step
+        return 4 * shape.params + (BYTES[precision] * shape.params if precision != "fp32" else 0)
+    if profile.base_storage == "4bit":          # every linear layer but the head in 4 bits, the rest fp32
+        other = shape.params - shape.linear_params()
+        return sum(quantized_4bit_bytes(i * o, profile.double_quant) for i, o in shape.linear.values()) + 4 * other
+    return BYTES[precision] * shape.params
+
+
+def estimate_method(shape: ModelShape, profile: MemoryProfile, name: str = "method", seq_len: int = 2048,
+                    batch: int = 4, gradient_checkpointing: bool = False, precision: str = "bf16",
+                    optimizer: OptimizerProfile = DEFAULT_OPTIMIZER) -> Estimate:
+    """Memory for one method, from its profile alone; see ASSUMPTIONS."""
+    if precision not in BYTES:
+        raise ConfigError(f"precision {precision!r}: choose one of {', '.join(BYTES)}.")
+    b = BYTES[precision]
+    tokens = seq_len * batch
+    H, K, I, L = shape.hidden, shape.kv_width, shape.intermediate, shape.layers
+    checkpointing = gradient_checkpointing or profile.always_checkpointing
+    notes = []
+    weights = base_weight_bytes(shape, profile, precision)
+
+    if profile.trains == "all":
+        trained = [shape.params]
+        per_layer = 9 * H + 2 * K + 4 * I
+    else:
+        r = profile.adapter_rank
+        adapted = adapted_layers(shape, profile.adapter_targets)
+        if not adapted:
+            known = sorted({n.rsplit(".", 1)[-1] for n in shape.linear})
+            raise ConfigError(f'plugin "{name}": no linear layer of the model matches its adapter targets '
+                              f"{_targets(profile.adapter_targets)!r}. The model's linear layers: "
+                              f"{', '.join(known)} (or all-linear).")
+        trained = [t for i, o in adapted.values() for t in (r * i, r * o)]
+        per_layer = 8 * H + 2 * K + 3 * I + sum(i + r for i, _ in adapted.values()) // L
+        weights += 4 * sum(trained)               # the adapters themselves, fp32
+    n_trained = sum(trained)
+    gradients = 4 * n_trained
+    layers = (L * H + per_layer) if checkpointing else L * per_layer
+    activations = tokens * b * layers + 3 * tokens * shape.vocab * 4
+    if checkpointing and not gradient_checkpointing:
+        notes.append("gradient checkpointing is always on for this method")
+    adapters = profile.trains == "adapters"
+    return Estimate(method=name, weights=weights, gradients=gradients, optimizer=optimizer.bytes_for(trained),
+                    activations=activations, trainable_params=n_trained, gradient_checkpointing=checkpointing,
+                    notes=notes, adapter_rank=profile.adapter_rank if adapters else None,
+                    adapter_targets=_targets(profile.adapter_targets) if adapters else None)
+
+
+def _targets(targets: tuple[str, ...] | str) -> list[str] | str:
+    return targets if isinstance(targets, str) else list(targets)
+
+
+def estimate_profiles(shape: ModelShape, profiles: dict[str, MemoryProfile], seq_len: int = 2048, batch: int = 4,
+                      gradient_checkpointing: bool = False, precision: str = "bf16",
+                      optimizer: OptimizerProfile = DEFAULT_OPTIMIZER) -> list[Estimate]:
+    """One row per method, in the order given, from the profiles alone (no plugin is called)."""
+    return [estimate_method(shape, profile, name, seq_len, batch, gradient_checkpointing, precision, optimizer)
+            for name, profile in profiles.items()]
+
+
+@dataclass
+class Profiles:
+    """What the plugins said about their memory, for one estimate."""
+
+    methods: dict[str, MemoryProfile]                   # plugin name -> profile, in table order
+    optimizer: OptimizerProfile = DEFAULT_OPTIMIZER
+    optimizer_plugin: str | None = None
+    config: Any = None                                  # the validated RunConfig the plugins were asked with
+    run_plugins: list[str] = field(default_factory=list)   # named, and objects passed: the run's plugins
+    notes: list[str] = field(default_factory=list)
+
+
+def gather_profiles(model_name: str, plugins: list[str] | tuple = (), settings: dict[str, Any] | None = None,
+                    training: dict[str, Any] | None = None, plugin_objects: list[Any] | tuple = ()) -> Profiles:
+    """Ask every installed plugin (and each object passed) for its memory profile.
+
+    Plugins are found by the core's discovery; one that fails to import is left out with a
+    note, unless the run names it. The config the plugins read is built and validated as for
+    ``ftcore run``: ``training`` and then ``settings`` (e.g. ``{"lora": {"r": 8}}``, what
+    ``--set`` gives) over the defaults, each plugin's section checked by its own schema.
+    """
+    names = list(dict.fromkeys(plugins))
+    installed = installed_entry_points()
+    check_installed(names, installed)
+    chosen, broken = load_all(plugin_objects, installed)
+    settings = settings or {}
+    for name in [*names, *settings]:
+        if name in broken:
+            raise PluginError(broken[name])
+    raw = deep_merge({"plugins": names, "model": {"path": model_name}, "training": training or {}}, settings)
+    config = validate(raw, plugin_schemas(chosen), [n for n in installed if n not in broken])
+    objects = [identify(o, installed).name for o in plugin_objects]
+    run_plugins = [*names, *(n for n in objects if n not in names)]
+    order = [n for n in installed if n in chosen.names() and n not in objects] + objects
+    ctx = RunContext(config=config, plugins=chosen, output_dir=Path(config.output_dir))
+
+    found = Profiles(methods={}, config=config, run_plugins=run_plugins)
+    for name in order:
+        for answer in chosen.call_one(name, "ftcore_memory_profile", config=config, ctx=ctx):
+            if isinstance(answer, MemoryProfile):
+                found.methods.setdefault(name, answer)
+            elif isinstance(answer, OptimizerProfile):
+                if name in run_plugins and found.optimizer_plugin is None:
+                    found.optimizer, found.optimizer_plugin = answer, name
+            elif answer is not None:
+                raise PluginError(f'plugin "{name}" ({chosen.origin(name)}) returned {type(answer).__name__} '
+                                  f"from ftcore_memory_profile; expected an ftcore.MemoryProfile, an "
+                                  f"ftcore.OptimizerProfile or None.")
+    for name in run_plugins:
+        kind = chosen.kind(name) if name in chosen.names() else None
+        if kind == "adapter" and name not in found.methods:
+            found.notes.append(f'adapter plugin "{name}" does not describe its memory (ftcore_memory_profile), '
+                               f"so it has no row.")
+        if kind == "optimizer" and name != found.optimizer_plugin:
+            found.notes.append(f'optimizer plugin "{name}" does not describe its memory (ftcore_memory_profile): '
+                               f"{found.optimizer.label} assumed.")
+    for name, error in broken.items():
+        found.notes.append(f"left out: {error.split(' Fix or uninstall')[0]}")
+    if not found.methods:
+        raise PluginError("no installed plugin describes an adapter method's memory (ftcore_memory_profile), "
+                          "so there is nothing to estimate. `ftcore plugins` lists what is installed.")
+    return found
+
+
+def estimate(model: str | Path | dict[str, Any], plugins: list[str] | tuple = (), seq_len: int = 2048,
+             batch: int = 4, gradient_checkpointing: bool = False, precision: str = "bf16",
+             settings: dict[str, Any] | None = None, plugin_objects: list[Any] | tuple = (),
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Estimate every installed adapter method: the library behind `ftcore estimate`.
+
+    Every method whose plugin describes its memory is estimated, side by side; the ones named
+    in ``plugins`` (all, when none is) are marked ``selected``. ``settings`` overrides config
+    keys as ``--set`` does (a plugin's own section, e.g. its rank; ``training.batch_size``,
+    ``training.gradient_checkpointing`` and ``training.precision`` override the arguments).
+    ``plugin_objects`` are plugin objects used in addition to the installed ones, as in
+    ``ftcore.run(plugins=...)``.
+    """
+    if seq_len < 1 or batch < 1:
+        raise ConfigError("--seq-len and --batch must be positive.")
+    name = str(model) if not isinstance(model, dict) else "config"
+    training = {"batch_size": batch, "gradient_checkpointing": gradient_checkpointing, "precision": precision}
+    found = gather_profiles(name, plugins, settings, training, plugin_objects)
+    train = found.config.training
+    batch, gradient_checkpointing, precision = train.batch_size, train.gradient_checkpointing, train.precision
+    if precision not in BYTES:
+        raise ConfigError(f"precision {precision!r}: the estimate needs the target machine's training precision, "
+                          f"one of {', '.join(BYTES)}.")
+    config = load_config(model, log)
+    shape = model_shape(config, name=name)
+    rows = estimate_profiles(shape, found.methods, seq_len, batch, gradient_checkpointing, precision,
+                             found.optimizer)
+    selected = [r.method for r in rows if r.method in found.run_plugins] or [r.method for r in rows]
+    for row in rows:
+        row.selected = row.method in selected
+    optimizer_line = found.optimizer.assumptions and f"{found.optimizer_plugin}: {found.optimizer.assumptions}"
+    return {
+        "model": shape.name, "params": shape.params, "layers": shape.layers, "hidden": shape.hidden,
+        "vocab": shape.vocab, "seq_len": seq_len, "batch": batch, "precision": precision,
+        "gradient_checkpointing": gradient_checkpointing, "optimizer": found.optimizer.label,
+        "selected": selected, "methods": [r.as_dict() for r in rows],
+        "assumptions": [*ASSUMPTIONS[:2], *(f"{n}: {p.assumptions}" for n, p in found.methods.items() if p.assumptions),
+                        *([optimizer_line] if optimizer_line else []), *ASSUMPTIONS[2:]],
+        "notes": found.notes,
+    }

@@ -1,0 +1,80 @@
+"""The data pipeline on its own (``ftcore prepare``): validate, format, tokenize and count, without loading a
+model. Showing an example with its supervised tokens marked is ``ftcore.data.show``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftcore.config.layering import deep_merge
+from ftcore.data.pipeline import prepare
+from ftcore.data.prepared import DataStats, PreparedData
+from ftcore.models.paths import resolve_model_path
+from ftcore.models.tokenizer import load_tokenizer
+from ftcore.quiet import quiet_libraries
+from ftcore.registry.resolution import resolve
+from ftcore.types import RunContext
+
+
+@dataclass
+class DataReport:
+    """What :func:`prepare_data` returns: the validated config, the plugins, the tokenizer and the data."""
+
+    config: Any
+    plugins: Any
+    tokenizer: Any
+    data: PreparedData
+    added_tokens: list[str] = field(default_factory=list)
+
+    @property
+    def stats(self) -> DataStats:
+        return self.data.stats
+
+    def examples(self, n: int) -> list[tuple[list[int], list[int]]]:
+        """The first ``n`` training examples (in training order) as ``(input_ids, labels)``."""
+        rows = self.data.train.select(range(min(n, len(self.data.train))))
+        return [(list(r["input_ids"]), list(r["labels"])) for r in rows]
+
+
+def prepare_data(source: Any = None, *, flags: dict[str, Any] | None = None, plugins: list[Any] | tuple = (),
+                 log: Callable[[str], None] | None = None, **overrides: Any) -> DataReport:
+    """Resolve the config and run the data path (tokenizer only, no model weights)."""
+    log = log or _stderr
+    quiet_libraries()
+    config, chosen = resolve(source, deep_merge(flags or {}, overrides), plugins, log)
+    model_path = resolve_model_path(config.model.path, log)
+    tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
+    ctx = RunContext(config=config, plugins=chosen, output_dir=Path(config.output_dir), log=log,
+                     model_path=model_path, tokenizer=tokenizer)
+    for tokens in chosen.hook.ftcore_prepare_tokenizer(tokenizer=tokenizer, config=config, ctx=ctx):
+        ctx.added_tokens += list(tokens or [])
+    prepared = prepare(config, chosen, tokenizer, log, ctx)
+    return DataReport(config, chosen, tokenizer, prepared, ctx.added_tokens)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+STAT_ROWS = [
+    ("records", "records read"), ("bad_records", "invalid records"), ("train_examples", "train examples"),
+    ("eval_examples", "eval examples"), ("tokens", "tokens"), ("supervised_tokens", "supervised tokens"),
+    ("truncated", "truncated (too long)"), ("dropped_too_long", "dropped (too long)"),
+    ("dropped_unsupervised", "dropped (nothing supervised)"),
+]
+
+
+def summary_lines(report: DataReport) -> list[str]:
+    s = report.stats
+    lines = [f"{label:<30} {getattr(s, key)}" for key, label in STAT_ROWS]
+    mode = "packed (padding-free)" if report.config.data.packing else "padded"
+    lines.append(f"{'packing efficiency':<30} {s.packing_efficiency:.1%} ({mode}; padded batches of "
+                 f"{report.config.training.batch_size}: {s.padded_efficiency:.1%})")
+    for path, count in s.per_dataset.items():
+        lines.append(f"{'  from ' + path:<30} {count} examples")
+    if s.cached:
+        lines.append("(tokenized data loaded from the cache)")
+    return lines

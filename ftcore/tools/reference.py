@@ -1,0 +1,155 @@
+"""Documentation generated from the code: the configuration reference.
+
+    python -m ftcore.tools.reference            # rewrites docs/reference/configuration.md
+    python -m ftcore.tools.reference --all      # ... including third-party plugins installed here
+
+The reference lists every key of the core sections and of each bundled plugin's section
+(type, default, description), straight from the pydantic schemas; a test fails when the
+checked-in file differs from what this produces.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from ftcore.config.schema import RunConfig
+from ftcore.registry.discovery import distribution_of, installed_entry_points, kind_of, load_entry_point
+
+REPO_DOC = Path(__file__).resolve().parents[2] / "docs" / "reference" / "configuration.md"
+BUNDLED_DISTRIBUTION = "ftcore"
+
+
+def type_name(annotation: Any) -> str:
+    """A short, readable type: ``int``, ``list[str]``, ``"epoch" | "steps"``, ``float | null``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(json.dumps(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else type_name(a) for a in args)
+    if origin in (list, tuple, set):
+        return f"list[{', '.join(type_name(a) for a in args if a is not Ellipsis)}]"
+    if origin is dict:
+        return f"mapping[{', '.join(type_name(a) for a in args)}]"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "mapping"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def default_text(field: Any) -> str:
+    if field.is_required():
+        return "*required*"
+    value = field.default_factory() if field.default_factory is not None else field.default
+    if value is PydanticUndefined:
+        return "*required*"
+    if isinstance(value, BaseModel):
+        return "(section)"
+    text = json.dumps(value, default=str)
+    return f"`{text}`" if len(text) <= 40 else f"`{text[:37]}...`"
+
+
+def section_table(schema: type[BaseModel]) -> str:
+    rows = ["| key | type | default | description |", "|---|---|---|---|"]
+    for name, field in schema.model_fields.items():
+        desc = (field.description or "").replace("|", "\\|").replace("\n", " ")
+        if not desc and any(isinstance(a, type) and issubclass(a, BaseModel)
+                            for a in (field.annotation, *typing.get_args(field.annotation))):
+            desc = f"The `{name}` section: see below."
+        rows.append(f"| `{name}` | {type_name(field.annotation).replace('|', '&#124;')} | {default_text(field)} "
+                    f"| {desc} |")
+    return "\n".join(rows)
+
+
+def nested_models(schema: type[BaseModel]) -> list[tuple[str, type[BaseModel]]]:
+    """Sub-sections of a schema, e.g. ``datasets[]`` for a list of DatasetSpec."""
+    found = []
+    for name, field in schema.model_fields.items():
+        for arg in (field.annotation, *typing.get_args(field.annotation)):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                suffix = "[]" if typing.get_origin(field.annotation) is list else ""
+                found.append((name + suffix, arg))
+                break
+    return found
+
+
+def plugin_schemas(include_installed: bool = False) -> list[tuple[str, str, str, type[BaseModel]]]:
+    """``(section, kind, distribution, schema)`` for each plugin config section, by plugin name.
+
+    A section declared by several plugins (qlora declares ``lora`` too) is listed once, under the
+    plugin that owns it (the one of that name), else under the first plugin that declares it.
+    """
+    out: list[tuple[str, str, str, type[BaseModel]]] = []
+    seen: dict[str, int] = {}
+    for name, ep in installed_entry_points().items():
+        dist, _ = distribution_of(ep)
+        if not include_installed and dist != BUNDLED_DISTRIBUTION:
+            continue
+        obj = load_entry_point(name, ep)
+        impl = getattr(obj, "ftcore_config_schema", None)
+        schema = impl() if impl is not None else None
+        sections = schema if isinstance(schema, dict) else ({name: schema} if schema is not None else {})
+        for section, cls in sections.items():
+            row = (section, kind_of(obj, name), dist or "-", cls)
+            if section not in seen:
+                seen[section] = len(out)
+                out.append(row)
+            elif section == name:
+                out[seen[section]] = row   # the plugin of that name owns it
+    return out
+
+
+def config_reference_text(include_installed: bool = False) -> str:
+    """The Markdown of the configuration reference."""
+    parts = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by `python -m ftcore.tools.reference` from the pydantic schemas; do not edit by hand. -->",
+        "",
+        "A run's configuration is layered: the defaults below, then a YAML file, then command-line "
+        "flags (`--model`, `--data`, `--set key=value`). Unknown keys are errors, with a suggestion "
+        "for the closest valid key. `ftcore run CONFIG --dry-run` prints the resolved configuration.",
+        "",
+        "## Top level",
+        "",
+        section_table(RunConfig),
+    ]
+    for name, schema in nested_models(RunConfig):
+        parts += ["", f"## `{name}`", "", *_doc(schema), section_table(schema)]
+        for sub, subschema in nested_models(schema):
+            parts += ["", f"### `{name}.{sub}`", "", section_table(subschema)]
+    plugins = plugin_schemas(include_installed)
+    if plugins:
+        parts += ["", "## Plugin sections", "",
+                  "Each plugin owns the section named after it; it is validated only when the plugin is "
+                  "selected (`plugins:` / `--plugins`)."]
+        for name, kind, dist, schema in plugins:
+            parts += ["", f"### `{name}`", "", f"Plugin `{name}` ({kind}, package `{dist}`).", "",
+                      section_table(schema)]
+            for sub, subschema in nested_models(schema):
+                parts += ["", f"#### `{name}.{sub}`", "", section_table(subschema)]
+    return "\n".join(p for p in parts if p is not None) + "\n"
+
+
+def _doc(schema: type[BaseModel]) -> list[str]:
+    doc = (schema.__doc__ or "").strip()
+    own = doc and doc != (BaseModel.__doc__ or "").strip() and "unknown keys are errors" not in doc
+    return [doc.splitlines()[0], ""] if own else []
+
+
+def config_reference(path: str | Path | None = None, include_installed: bool = False) -> Path:
+    """Write the configuration reference (default: docs/reference/configuration.md); return its path."""
+    target = Path(path) if path is not None else REPO_DOC
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(config_reference_text(include_installed), encoding="utf-8")
+    return target
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised through the test of the checked-in file
+    print(config_reference(include_installed="--all" in sys.argv[1:]))

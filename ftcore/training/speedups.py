@@ -1,0 +1,200 @@
+"""Training speedups that leave the loss unchanged (up to float rounding).
+
+Each is on by default where it is safe and can be turned off in the config:
+
+- ``training.sparse_logits``: compute the language-model head and the loss only at the
+  positions that predict a supervised token. With response-only labels most prompt
+  positions need no logits at all, and the vocabulary projection is the largest single
+  matmul of a small model. The loss is the same sum over the same targets, divided by
+  the same count, as transformers' causal-LM loss.
+- ``training.packed_attention``: with padding-free packing, attention runs per example
+  inside the packed row (one causal SDPA call per example) instead of over the whole
+  row with a block-diagonal mask, which computes and then discards every cross-example
+  score. On CUDA with flash-attn installed, its varlen kernel does the same job.
+
+The switches are applied by :func:`apply` (attention) and :class:`FastLossTrainer`
+(the loss), both called from the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftcore.data.labels import IGNORE_INDEX
+
+PACKED_ATTENTION = "ftcore_packed_sdpa"
+
+
+# -- packed attention ---------------------------------------------------------------
+
+_last_segments: list[Any] = [None, None]   # ((position_ids, version), segments): computed once per forward
+
+
+def _segments(position_ids: Any) -> list[tuple[int, int]] | None:
+    """``[(start, end), ...]`` of the examples in a packed row (batch 1), from restarting positions."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1:
+        return None
+    # The same tensor object reaches every layer; holding it keeps its identity from being reused.
+    key = (position_ids, position_ids._version)
+    if _last_segments[0] is not None and _last_segments[0][0] is position_ids and _last_segments[0][1] == key[1]:
+        return _last_segments[1]
+    pos = position_ids[0]
+    starts = (pos == 0).nonzero().flatten().tolist()   # one device sync per forward pass
+    segments = list(zip(starts, starts[1:] + [pos.numel()])) if starts and starts[0] == 0 else None
+    _last_segments[:] = [key, segments]
+    return segments
+
+
+def packed_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                          dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[Any, None]:
+    """SDPA per packed example (no work across examples); plain SDPA for anything else."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    position_ids = kwargs.pop("position_ids", None)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        # A padded batch (not packed): a causal mask that also hides padded keys.
+        q_len, kv_len = query.shape[2], key.shape[2]
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        attention_mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    segments = _segments(position_ids) if attention_mask is None and query.shape[2] == key.shape[2] else None
+    if not segments or len(segments) == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
+                                   dropout=dropout, scaling=scaling, **kwargs)[0] for a, b in segments]
+    return torch.cat(outs, dim=1), None
+
+
+def _register_packed_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+    # Like flash attention, it needs no 4D mask: None when there is no padding, else the 2D mask.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, flash_attention_mask)
+
+
+def packed_attention_supported(model: Any) -> str | None:
+    """Why per-example attention cannot replace this model's attention, or None when it can."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current not in ("sdpa", PACKED_ATTENTION):
+        return f"the model uses {current!r} attention (only sdpa is replaced)"
+    for key in ("sliding_window", "attn_logit_softcapping", "attention_chunk_size"):
+        if getattr(config, key, None):
+            return f"the model's config sets {key}"
+    if not getattr(model, "_supports_attention_backend", False):
+        return "the model does not support custom attention functions"
+    return None
+
+
+def best_packed_attention(model: Any) -> str | None:
+    """The attention to use for packed rows: flash-attn varlen on CUDA when installed, else per-example SDPA."""
+    import importlib.util
+
+    import torch
+
+    params = next(model.parameters(), None)
+    on_cuda = params is not None and params.device.type == "cuda"
+    if on_cuda and importlib.util.find_spec("flash_attn") is not None \
+            and params.dtype in (torch.float16, torch.bfloat16):
+        return "flash_attention_2"
+    return PACKED_ATTENTION
+
+
+def apply(model: Any, config: Any, log: Any = print) -> str | None:
+    """Switch the model to per-example attention for packed rows when enabled and safe; return the name used."""
+    if not (config.data.packing and config.training.packed_attention):
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    reason = packed_attention_supported(base)
+    if reason:
+        log(f"packed attention: kept the model's own attention ({reason})")
+        return None
+    name = best_packed_attention(base)
+    if name == PACKED_ATTENTION:
+        _register_packed_attention()
+    try:
+        base.set_attn_implementation(name)
+    except (ValueError, ImportError) as exc:   # e.g. a flash-attn build that does not fit this torch
+        log(f"packed attention: kept sdpa ({exc})")
+        return None
+    return name
+
+
+def restore(model: Any, name: str | None) -> None:
+    """Put the model back on SDPA (what a saved model and later generation expect)."""
+    if name:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.set_attn_implementation("sdpa")
+
+
+# -- loss at supervised positions only ------------------------------------------------
+
+def supports_sparse_logits(model: Any) -> bool:
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    loss_type = getattr(base, "loss_type", None) or "ForCausalLM"
+    return "logits_to_keep" in params and loss_type == "ForCausalLM" \
+        and not getattr(base.config, "is_encoder_decoder", False)
+
+
+def sparse_causal_lm_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> tuple[Any, Any]:
+    """The causal-LM loss, computing logits only where the next token is supervised.
+
+    Same result as transformers' ``ForCausalLMLoss``: the sum of token cross-entropies over
+    shifted labels, divided by ``num_items_in_batch`` when given, else averaged.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    keep = (shifted != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+    if keep.numel() == 0:   # nothing supervised in this batch: a zero loss that still has a graph
+        keep = torch.zeros(1, dtype=torch.long, device=labels.device)
+    outputs = model(**inputs, logits_to_keep=keep)
+    logits = outputs.logits.float()
+    targets = shifted[:, keep]
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device),
+                           ignore_index=IGNORE_INDEX, reduction=reduction)
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    elif (targets == IGNORE_INDEX).all():
+        loss = logits.sum() * 0.0
+    outputs.loss = loss
+    return loss, outputs
+
+
+def fast_loss_trainer_class() -> type:
+    """A transformers ``Trainer`` whose loss computes logits only at supervised positions."""
+    from transformers import Trainer
+
+    class FastLossTrainer(Trainer):
+        sparse_logits = True
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+            if not (self.sparse_logits and "labels" in inputs and self.compute_loss_func is None
+                    and self.label_smoother is None):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if not self.model_accepts_loss_kwargs:
+                num_items_in_batch = None   # as the model's own loss would: a per-batch mean
+            loss, outputs = sparse_causal_lm_loss(model, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # Mirrors Trainer.compute_loss: the count was summed over processes.
+                scale = self.accelerator.num_processes // (self.get_tp_size() if hasattr(self, "get_tp_size") else 1)
+                loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+            return (loss, outputs) if return_outputs else loss
+
+    return FastLossTrainer

@@ -1,0 +1,244 @@
+"""The transformers Trainer a run builds: its arguments, callbacks, optimizer and loss, training with
+checkpoints and signals, the final evaluation, the atomic save and the run's metrics."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftcore import runfolder
+from ftcore.data.prepared import DataStats, PreparedData
+from ftcore.errors import ConfigError, Interrupted
+from ftcore.reporting.memory import peak_memory
+from ftcore.training import checkpoints
+from ftcore.types import RunContext
+
+
+@dataclass
+class BuiltTrainer:
+    """The trainer and what the engine reads back from around it when training ends."""
+
+    trainer: Any
+    collator: Any
+    samples: dict[str, Any] = field(default_factory=dict)
+    early_stopping: Any = None
+    tracker_dirs: dict[str, Path] = field(default_factory=dict)
+
+
+def pick_precision(precision: str) -> str:
+    """The run's precision: auto picks bf16 on a GPU that has it, else fp32; an explicit choice this machine
+    cannot run is a ConfigError (bf16 on a CPU runs, through the CPU's bf16 autocast)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and not cuda:
+        raise ConfigError('training.precision "fp16" needs a CUDA GPU and this machine has none: set "bf16" '
+                          '(the CPU\'s bf16 autocast; slow on CPUs without bf16 instructions), "fp32", or "auto".')
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f'training.precision "bf16" needs an Ampere or newer GPU and this one '
+                          f'({torch.cuda.get_device_name()}) has no bf16: set "fp16", "fp32", or "auto".')
+    return precision
+
+
+def log_data_stats(stats: DataStats, log: Callable[[str], None]) -> None:
+    src = " (from cache)" if stats.cached else ""
+    log(f"data{src}: {stats.records} records, {stats.bad_records} invalid, {stats.train_examples} train / "
+        f"{stats.eval_examples} eval examples, {stats.tokens} tokens ({stats.supervised_tokens} supervised), "
+        f"{stats.truncated} truncated, {stats.dropped_too_long} dropped as too long, "
+        f"{stats.dropped_unsupervised} dropped with nothing supervised, "
+        f"packing efficiency {stats.packing_efficiency:.1%}")
+
+
+def log_parameter_counts(model: Any, log: Callable[[str], None]) -> None:
+    trainable = total = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", None) or p.numel()   # a weight sharded at construction reports its full size
+        if hasattr(p, "quant_state") or p.__class__.__name__ == "Params4bit":
+            n *= 2   # 4-bit weights pack two values per byte element
+        total += n
+        trainable += n if p.requires_grad else 0
+    share = 100 * trainable / total if total else 0.0
+    log(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+
+
+def training_arguments(ctx: RunContext, has_eval: bool) -> dict[str, Any]:
+    """The keyword arguments of ``transformers.TrainingArguments`` for the run's settings."""
+    t = ctx.config.training
+    eval_strategy = t.eval_strategy if has_eval else "no"
+    args: dict[str, Any] = dict(
+        output_dir=str(ctx.output_dir / runfolder.CHECKPOINTS),
+        num_train_epochs=t.epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation,
+        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio if t.warmup_ratio > 0 else 0,   # transformers 5: a float < 1 is a ratio
+        weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
+        adam_epsilon=t.adam_epsilon, max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps, logging_first_step=True,
+        save_strategy=t.save_strategy, save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        eval_strategy=eval_strategy, eval_steps=t.eval_steps, eval_on_start=has_eval,
+        bf16=ctx.precision == "bf16", fp16=ctx.precision == "fp16",
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        seed=t.seed, data_seed=t.seed, report_to=t.report_to or "none",
+        remove_unused_columns=False, dataloader_pin_memory=False, disable_tqdm=True,
+        save_only_model=False,
+        prediction_loss_only=True,   # evaluation needs the loss only: never gather the eval set's logits
+        run_name=ctx.output_dir.name,
+    )
+    if t.early_stopping_patience is not None and has_eval:
+        args.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
+    return args
+
+
+def build_trainer(model: Any, prepared: PreparedData, ctx: RunContext) -> BuiltTrainer:
+    """The run's Trainer: arguments (adjusted by plugins), optimizer (optimizer plugin), collator, callbacks."""
+    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
+
+    from ftcore.data.batching import make_collator
+    from ftcore.training import speedups
+    from ftcore.training.callbacks import run_callbacks
+    from ftcore.training.trackers import configure_trainer as configure_trackers
+
+    hook = ctx.plugins.hook
+    args = training_arguments(ctx, prepared.eval is not None)
+    hook.ftcore_training_arguments(args=args, config=ctx.config, ctx=ctx)
+    if args.get("bf16") and not args.get("deepspeed"):
+        from transformers.utils import is_torch_bf16_gpu_available
+
+        if not is_torch_bf16_gpu_available():
+            args["use_cpu"] = True     # bf16 on a CPU: transformers asks for it to be said
+    training_args = TrainingArguments(**args)
+    optimizer = hook.ftcore_build_optimizer(model=model, training_args=training_args, config=ctx.config, ctx=ctx)
+    collator = make_collator(ctx.config.data.packing, ctx.tokenizer, model, ctx.log)
+    made = run_callbacks(ctx, prepared, collator.counter)
+    callbacks = list(made.callbacks)
+    for extra in hook.ftcore_trainer_callbacks(ctx=ctx):
+        callbacks += list(extra or [])
+    trainer_class = Trainer
+    if ctx.config.training.sparse_logits and speedups.supports_sparse_logits(model):
+        trainer_class = speedups.fast_loss_trainer_class()
+    trainer = trainer_class(model=model, args=training_args, train_dataset=prepared.train,
+                            eval_dataset=prepared.eval, data_collator=collator, processing_class=ctx.tokenizer,
+                            callbacks=callbacks, optimizers=(optimizer, None))
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+    return BuiltTrainer(trainer, collator, made.samples, made.early_stopping,
+                        configure_trackers(trainer, ctx.output_dir))
+
+
+def train(built: BuiltTrainer, resume_from: Path | None, ctx: RunContext) -> Any:
+    """Train, resuming from a checkpoint if given; a signal saves a checkpoint and raises Interrupted."""
+    from ftcore.training.signals import stop_on_signals
+
+    trainer, collator = built.trainer, built.collator
+    out = ctx.output_dir
+    checkpoints.clean_staging(out)
+    checkpoints.install_atomic_saves(trainer, collator.counter)
+    checkpoints.install_rng_neutral_evaluation(trainer)
+    if resume_from is not None:
+        marker = checkpoints.read_marker(resume_from)
+        checkpoints.trim_metrics(out / runfolder.METRICS, int(marker.get("step", 0)))
+        checkpoints.restore_counters(trainer, collator.counter, marker)
+        ctx.log(f"resuming from {resume_from} (step {marker.get('step')})")
+    elif ctx.config.resume:
+        (out / runfolder.METRICS).unlink(missing_ok=True)   # a fresh start: no rows from the attempt before
+    with stop_on_signals(trainer, ctx.log) as stopper:
+        try:
+            output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except pickle.UnpicklingError as exc:   # transformers loads checkpoint state with weights_only=True
+            if resume_from is None:
+                raise
+            raise checkpoints.unsafe_state_error(resume_from, exc) from None
+    if stopper.received and stopper.saved_step is not None:
+        where = out / runfolder.CHECKPOINTS / f"checkpoint-{stopper.saved_step}"
+        raise Interrupted(f"interrupted by {stopper.received} at step {stopper.saved_step} of "
+                          f"{trainer.state.max_steps}: a resumable checkpoint is in {where}. Continue with the "
+                          f"same command and --resume auto.", checkpoint=str(where), step=stopper.saved_step,
+                          signal=stopper.received)
+    return output
+
+
+def final_evaluation(trainer: Any) -> dict[str, Any]:
+    """The final eval metrics; reused when training just evaluated the final weights (no second pass)."""
+    history = trainer.state.log_history
+    step = trainer.state.global_step
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best and not best.endswith(f"checkpoint-{step}"):
+        return trainer.evaluate()   # the weights now are the best checkpoint's, not the last step's
+    for entry in reversed(history):
+        if entry.get("step") != step:
+            break
+        if "eval_loss" in entry:
+            return dict(entry)
+    return trainer.evaluate()
+
+
+def save_final(trainer: Any, ctx: RunContext) -> Path:
+    """Save the adapter (or full model) with its tokenizer, atomically: written aside, then renamed."""
+    model = trainer.model
+    name = runfolder.ADAPTER if hasattr(model, "peft_config") else runfolder.MODEL
+    final = ctx.output_dir / name
+    tmp = ctx.output_dir / f".{name}.tmp"
+    if not ctx.is_main_process:
+        trainer.save_model(str(tmp))   # every rank takes part (sharded weights are gathered); rank 0 writes
+        return final
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        trainer.save_model(str(tmp))
+        ctx.tokenizer.save_pretrained(str(tmp))
+        # The trainer pickles its arguments next to the weights; a published adapter or model should hold no
+        # pickle (config.yaml records the run's settings), so the final outputs leave it out.
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+    except BaseException as exc:
+        error = checkpoints.save_failure(exc, tmp, ctx.output_dir) if isinstance(exc, Exception) else None
+        shutil.rmtree(tmp, ignore_errors=True)   # never leave a partial model behind
+        if error is not None:
+            raise error from exc
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def summarize(built: BuiltTrainer, train_output: Any, final_eval: dict[str, Any], started: float) -> dict[str, Any]:
+    """The run's final metrics: steps, losses, tokens, packing, time, peak memory, early stopping, trackers."""
+    trainer, counter = built.trainer, built.collator.counter
+    history = trainer.state.log_history
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    losses = [h["loss"] for h in history if "loss" in h]
+    metrics: dict[str, Any] = {
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "train_loss": losses[-1] if losses else None,
+        "train_loss_mean": train_output.training_loss,
+        "best_train_loss": min(losses) if losses else None,
+        "eval_loss": final_eval.get("eval_loss"),
+        "eval_loss_start": evals[0] if evals else None,
+        "best_eval_loss": min(evals) if evals else None,
+        "tokens": counter.real,
+        "supervised_tokens": counter.supervised,
+        "computed_positions": counter.computed,
+        "packing_efficiency": (counter.real / counter.computed) if counter.computed else None,
+        "runtime_s": round(time.time() - started, 2),
+    }
+    metrics.update(peak_memory())
+    stopper = built.early_stopping
+    metrics["stopped_early"] = bool(stopper is not None and stopper.early_stopping_patience_counter
+                                    >= stopper.early_stopping_patience)
+    if trainer.state.best_model_checkpoint:
+        metrics["best_checkpoint"] = trainer.state.best_model_checkpoint
+        metrics["best_checkpoint_eval_loss"] = trainer.state.best_metric
+    if built.tracker_dirs:
+        metrics["tracker_dirs"] = {k: str(v) for k, v in built.tracker_dirs.items()}
+    return metrics

@@ -1,0 +1,1 @@
+"""Exporters: turn a finished run into an artifact (a merged model, a GGUF file)."""

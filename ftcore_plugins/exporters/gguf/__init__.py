@@ -1,0 +1,176 @@
+"""Export the fine-tuned model to a GGUF file for llama.cpp, with an Ollama Modelfile next to it.
+
+From a LoRA/QLoRA run the adapter is first merged into the unquantized base (through
+the run's adapter plugin, hook ``ftcore_merge_adapter``); a full fine-tune is read
+straight from its safetensors. Tensor types: f32, f16, bf16, q8_0, q4_0 (``gguf-export.quant``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+import ftcore
+from ftcore import ConfigError, PluginError
+
+NAME = "gguf-export"
+
+
+class GgufExportConfig(ftcore.PluginConfig):
+    quant: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] = Field(
+        "q8_0", description="Tensor type of the matrices (norms and biases stay f32).")
+    output: str | None = Field(None, description="The .gguf file to write; default RUN/gguf/NAME-QUANT.gguf.")
+    name: str | None = Field(None, description="Model name in the file's metadata; default the run folder's name.")
+    modelfile: bool = Field(True, description="Write an Ollama Modelfile next to the GGUF file.")
+
+
+@ftcore.hookimpl
+def ftcore_config_schema():
+    return GgufExportConfig
+
+
+@ftcore.hookimpl
+def ftcore_run_started(config: Any, ctx: Any) -> None:
+    """Refuse an unsupported architecture or an occupied output file before training, not after."""
+    from ftcore_plugins.exporters.gguf import arch
+
+    base = ftcore.resolve_model_path(config.model.path, ctx.log)
+    arch.check(arch.read_config(base), str(base))
+    settings: GgufExportConfig = config.section(NAME)
+    output, _ = output_and_name(settings, Path(ctx.output_dir), None)
+    _check_free(output, output.parent / "Modelfile" if settings.modelfile else None, config.overwrite)
+
+
+@ftcore.hookimpl
+def ftcore_export(run_dir: Path, model_dir: Path, config: Any, ctx: Any) -> list[Path]:
+    settings: GgufExportConfig = config.section(NAME)
+    output, name = output_and_name(settings, Path(run_dir), ctx.export_output)
+    source = Path(model_dir)
+    if ctx.merged_dir is not None and (source / "adapter_config.json").is_file():
+        ctx.log(f"gguf-export: using the merged model in {ctx.merged_dir}")
+        source = Path(ctx.merged_dir)   # merged once already, by the merge exporter: no second merge
+    return export_gguf(source, output, quant=settings.quant, name=name, modelfile=settings.modelfile,
+                       overwrite=config.overwrite, base=config.model.path, merge=_merger(ctx), log=ctx.log)
+
+
+def output_and_name(settings: GgufExportConfig, run_dir: Path, requested: str | os.PathLike | None
+                    ) -> tuple[Path, str]:
+    """The file to write and the model's name in it.
+
+    The file: ``ftcore export --output`` (``requested``), else ``gguf-export.output``, else
+    RUN/gguf/NAME-QUANT.gguf; a folder gets NAME-QUANT.gguf inside. The name:
+    ``gguf-export.name``, else the chosen file's stem, else the run folder's name.
+    """
+    chosen = requested or settings.output
+    path = Path(chosen) if chosen is not None else None
+    is_file = path is not None and path.suffix.lower() == ".gguf" and not path.is_dir()
+    name = settings.name or (path.stem if is_file else run_dir.name)
+    if is_file:
+        return path, name
+    return (path if path is not None else run_dir / "gguf") / f"{name}-{settings.quant}.gguf", name
+
+
+def _merger(ctx: Any) -> Callable[[Path, Path | None], Any]:
+    def merge(adapter_dir: Path, base: Path | None) -> Any:
+        merged = ctx.plugins.hook.ftcore_merge_adapter(
+            adapter_dir=str(adapter_dir), base_path=str(base) if base else None, dtype="float32", ctx=ctx)
+        if merged is None:
+            raise PluginError(f"gguf-export: {adapter_dir} is an adapter, and no selected plugin merged it. "
+                              f"Add the adapter plugin it was trained with (e.g. lora, qlora) to --plugins.")
+        from transformers import AutoTokenizer
+
+        return merged, AutoTokenizer.from_pretrained(str(adapter_dir))
+    return merge
+
+
+def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, *, quant: str = "q8_0",
+                name: str | None = None, modelfile: bool = True, overwrite: bool = False,
+                base: str | None = None, merge: Callable[[Path, Path | None], Any] | None = None,
+                log: Callable[[str], None] = print) -> list[Path]:
+    """Export a model folder (or an adapter merged into ``base``) to ``output``; return the paths written.
+
+    ``merge(adapter_dir, base_path)`` returns ``(model, tokenizer)`` for an adapter folder; by
+    default PEFT's LoRA merge is used. Everything is checked before a weight is loaded.
+    """
+    from ftcore_plugins.exporters.gguf import arch as arch_mod
+    from ftcore_plugins.exporters.gguf import modelfile as mf
+    from ftcore_plugins.exporters.gguf import vocab as vocab_mod
+    from ftcore_plugins.exporters.gguf import writer
+
+    _require_gguf()
+    model_dir, output = Path(model_dir), Path(output)
+    if not model_dir.is_dir():
+        raise ConfigError(f"gguf-export: model folder {model_dir} does not exist.")
+    is_adapter = (model_dir / "adapter_config.json").is_file()
+    base_path = ftcore.resolve_model_path(base, log) if base and is_adapter else None
+    if is_adapter and base_path is None:
+        base_path = _adapter_base(model_dir, log)
+    hparams = arch_mod.read_config(base_path if is_adapter else model_dir)
+    arch = arch_mod.check(hparams, str(base_path if is_adapter else model_dir))
+    modelfile_path = output.parent / "Modelfile"
+    _check_free(output, modelfile_path if modelfile else None, overwrite)
+
+    if is_adapter:
+        log(f"gguf-export: merging adapter {model_dir} into {base_path} (float32)")
+        model, tokenizer = (merge or _peft_merge)(model_dir, base_path)
+        hparams = model.config.to_dict()
+        tensors = writer.tensors_of_model(model)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        tensors = writer.tensors_in_folder(model_dir)
+        if hparams.get("tie_word_embeddings"):
+            tensors = [t for t in tensors if t.name != "lm_head.weight"]
+    embed = next((t for t in tensors if t.name.endswith("embed_tokens.weight")), None)
+    if embed is None:
+        raise ConfigError(f"gguf-export: {model_dir}: no token embedding (embed_tokens.weight) found.")
+    vocab = vocab_mod.from_tokenizer(tokenizer, embed.shape[0], str(model_dir))
+    planned = writer.plan(tensors, hparams, arch, quant)
+    label = name or model_dir.name
+    log(f"gguf-export: writing {output} ({arch.gguf_arch}, {quant}, {len(planned)} tensors)")
+    written = [writer.write(output, arch, hparams, vocab, planned, quant, label, log)]
+    if modelfile:
+        ftcore.write_text_atomic(modelfile_path, mf.modelfile_text(output, tokenizer, drop_bos=vocab.add_bos))
+        written.append(modelfile_path)
+    log("gguf-export: wrote " + ", ".join(str(p) for p in written))
+    return written
+
+
+def _require_gguf() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise PluginError("gguf-export needs the gguf package: pip install 'ftcore[gguf]'.") from None
+
+
+def _adapter_base(adapter_dir: Path, log: Callable[[str], None]) -> Path:
+    import json
+
+    base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"gguf-export: {adapter_dir}/adapter_config.json names no base model; "
+                          f"pass the base with --base.")
+    return ftcore.resolve_model_path(base, log)
+
+
+def _peft_merge(adapter_dir: Path, base: Path | None) -> Any:
+    from transformers import AutoTokenizer
+
+    model = ftcore.merge_peft_adapter(str(adapter_dir), str(base) if base else None, "float32")
+    return model, AutoTokenizer.from_pretrained(str(adapter_dir))
+
+
+def _check_free(output: Path, modelfile: Path | None, overwrite: bool) -> None:
+    from ftcore_plugins.exporters.gguf.modelfile import is_ours
+
+    if output.exists() and not overwrite:
+        raise ConfigError(f"gguf-export: {output} already exists. Pass --overwrite to replace it, "
+                          f"or choose another output file.")
+    if modelfile is not None and modelfile.exists() and not is_ours(modelfile):
+        raise ConfigError(f"gguf-export: {modelfile} exists and was not written by ftcore; it is left alone. "
+                          f"Write the GGUF file to another folder, or set gguf-export.modelfile: false.")

@@ -1,0 +1,1 @@
+"""Dataset formats: turn one raw record into the text trained on and the spans supervised."""

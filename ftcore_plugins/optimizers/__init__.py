@@ -1,0 +1,1 @@
+"""Optimizers: build the optimizer over the trainable parameters."""

@@ -1,0 +1,1 @@
+"""Strategies: start and shape multi-process runs (DeepSpeed ZeRO)."""
