@@ -129,6 +129,7 @@ class RunResult:
     plugins: list[dict[str, Any]] = field(default_factory=list)
     base_model_license: dict[str, Any] | None = None
     export_errors: list[str] = field(default_factory=list)
+    export_details: dict[str, dict[str, Any]] = field(default_factory=dict)   # by exporter: what it checked
     dry_run: bool = False
     exit_code: int = 0
 
@@ -156,7 +157,8 @@ class RunContext:
     - ``precision``: ``"fp32"``, ``"bf16"`` or ``"fp16"``, as chosen for this machine;
     - ``base_model_license``: what the base model's card or config says of its licence (None: nothing);
     - ``result``: the ``ftcore.RunResult`` so far; complete (metrics, data statistics, model folder) when
-      exporters and ``ftcore_run_finished`` run;
+      exporters and ``ftcore_run_finished`` run; an exporter records what it checked of its output in
+      ``ctx.result.export_details[its name]`` (a JSON-able dict: summary.json and report.html show it);
     - ``export_output``: where ``ftcore export --output`` asked an exporter to write (None in a run);
     - ``merged_dir``: the folder of the merged model once an exporter merged the adapter (the bundled
       ``merge``), so later exporters reuse it instead of merging again;

@@ -17,14 +17,16 @@ from ftcore.config.layering import parse_set
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Set an exporter option (repeatable): --set gguf-export.quant=q4_0")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--strict-exports", "--strict-parity", "strict", is_flag=True,
+              help="An exporter whose check of its output fails (gguf-export's parity) is an error, not a warning.")
 @user_errors
 def export_command(plugins: str, model: str, output: str | None, base: str | None, sets: tuple[str, ...],
-                   overwrite: bool) -> None:
+                   overwrite: bool, strict: bool) -> None:
     """Export a model (merging an adapter first) through exporter plugins; print the paths written."""
     from ftcore.quiet import quiet_libraries
     from ftcore.tools.export import export
 
     quiet_libraries()
     for path in export(model, output, plugin_names(plugins), base=base, sets=parse_set(sets),
-                       overwrite=overwrite, log=echo_err):
+                       overwrite=overwrite, strict=strict, log=echo_err):
         click.echo(str(path))

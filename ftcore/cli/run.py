@@ -23,6 +23,8 @@ from ftcore.config.layering import deep_merge
 @click.option("--resume", metavar="auto|PATH",
               help="Continue from the newest complete checkpoint in the output directory (auto), "
                    "or from a given checkpoint-N or run folder.")
+@click.option("--strict-exports", "--strict-parity", "strict_exports", is_flag=True,
+              help="An exporter whose check of its output fails (gguf-export's parity) is an error, not a warning.")
 @click.option("--dry-run", is_flag=True, help="Validate, print the resolved config and plugins, and exit.")
 @click.option("--num-processes", type=int, help="Processes (ranks) in all, over all machines (launch.num_processes).")
 @click.option("--num-machines", type=int, help="Machines taking part (launch.num_machines).")
@@ -33,8 +35,8 @@ from ftcore.config.layering import deep_merge
 @progress_options
 @user_errors
 def run_command(config_file: str | None, plugins: str | None, model: str | None, data: tuple[str, ...],
-                output: str | None, sets: tuple[str, ...], overwrite: bool, resume: str | None, dry_run: bool,
-                reporter: Any, **launch: Any) -> None:
+                output: str | None, sets: tuple[str, ...], overwrite: bool, resume: str | None,
+                strict_exports: bool, dry_run: bool, reporter: Any, **launch: Any) -> None:
     """Fine-tune a model. CONFIG_FILE is an optional YAML file; flags override it.
 
     Exit status: 0 done, 1 internal error, 2 user error, 3 interrupted with a checkpoint saved.
@@ -47,6 +49,8 @@ def run_command(config_file: str | None, plugins: str | None, model: str | None,
 
     with reporter:
         flags = run_flags(plugins, model, data, output, sets, overwrite, resume)
+        if strict_exports:
+            flags["strict_exports"] = True
         given = {k: v for k, v in launch.items() if v is not None}
         flags = deep_merge(flags, {"launch": given}) if given else flags
         config, chosen = resolve(config_file, flags, log=reporter)

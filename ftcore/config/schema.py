@@ -147,6 +147,8 @@ class RunConfig(Section):
     report: ReportConfig = Field(default_factory=ReportConfig, description="The run report.")
     output_dir: str = Field("runs/ftcore-run", description="Where everything the run writes goes.")
     overwrite: bool = Field(False, description="Replace an output directory that holds another run.")
+    strict_exports: bool = Field(False, description="An exporter whose check of its own output fails (gguf-export's "
+                                 "parity with transformers, say) stops with an error instead of a warning.")
     resume: str | None = Field(None, description="auto: continue from the newest complete checkpoint in "
                                "output_dir (or start if there is none); or a checkpoint-N or run folder.")
     _sections: dict[str, Any] = PrivateAttr(default_factory=dict)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import platform
 import time
 from pathlib import Path
@@ -151,6 +152,13 @@ def render_html(result: Any, config: dict[str, Any], plots: dict[str, bytes], sa
         parts += ["<h2 id=\"export-errors\">Export failed</h2><p>Training finished and its outputs are saved; "
                   "these exporters failed (rerun them with <code>ftcore export</code>):</p><ul>"]
         parts += [f"<li class=\"export-error\">{esc(f)}</li>" for f in failures] + ["</ul>"]
+    details = getattr(result, "export_details", None) or {}
+    if details:
+        parts.append("<h2 id=\"exports\">Exports</h2>")
+        for name, info in details.items():
+            rows = [(k, v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v, default=str))
+                    for k, v in info.items()]
+            parts += [f"<h3>{esc(name)}</h3>", _table(rows, ("check", "value"))]
     if warnings:
         parts += ["<h2 id=\"warnings\">Warnings</h2><ul>"] + [f"<li>{esc(w)}</li>" for w in warnings] + ["</ul>"]
     parts.append("<h2 id=\"curves\">Curves</h2><div class=\"plots\">")

@@ -16,6 +16,7 @@ from typing import Any
 from ftcore import runfolder
 from ftcore.config.layering import deep_merge
 from ftcore.errors import ConfigError, PluginError
+from ftcore.files import write_json_atomic
 from ftcore.registry.discovery import hooks_of, installed_entry_points, load_entry_point
 from ftcore.registry.resolution import resolve
 from ftcore.tools.adapter_merge import merging_plugins
@@ -24,12 +25,13 @@ from ftcore.types import RunContext, RunResult
 
 def export(model: str, output: str | None, plugins: list[str], *, base: str | None = None,
            sets: dict[str, Any] | None = None, overwrite: bool = False, plugin_objects: list[Any] | tuple = (),
-           log: Callable[[str], None] = print) -> list[Path]:
+           strict: bool = False, log: Callable[[str], None] = print) -> list[Path]:
     """Export ``model`` (a run folder, its adapter/ or model/ folder, or a model folder) with the exporter
     plugins named in ``plugins`` (or passed in ``plugin_objects``); return the paths written.
 
     ``output``: where the exporters write (``ctx.export_output``); default: where they write in a run
-    (a run folder is needed then).
+    (a run folder is needed then). ``strict``: an exporter's failed check of its output is an error
+    (``strict_exports``).
     """
     model_dir = _model_folder(Path(model))
     run_dir = runfolder.run_holding(model_dir, levels=1)
@@ -49,6 +51,8 @@ def export(model: str, output: str | None, plugins: list[str], *, base: str | No
         raw = {"plugins": [*plugins, *chosen_adapter], "output_dir": str(Path(output).parent),
                "overwrite": overwrite,
                "model": {"path": base or (_adapter_base(model_dir) if is_adapter else str(model_dir))}}
+    if strict:
+        raw["strict_exports"] = True
     config, chosen = resolve(deep_merge(raw, sets or {}), plugin_objects=plugin_objects, log=log, defaults=False)
     exporters = [n for n in chosen.names("exporter") if n in plugins or n not in raw["plugins"]]
     if not exporters:
@@ -64,7 +68,17 @@ def export(model: str, output: str | None, plugins: list[str], *, base: str | No
     for paths in chosen.call_some(exporters, "ftcore_export", run_dir=run_dir or model_dir, model_dir=model_dir,
                                   config=config, ctx=ctx):
         written += [Path(p) for p in paths or []]
+    if run_dir is not None and runfolder.read_summary(run_dir):
+        _record(run_dir, written, ctx.result.export_details)
     return written
+
+
+def _record(run_dir: Path, written: list[Path], details: dict[str, Any]) -> None:
+    """Add what this export wrote and checked to the finished run's summary.json."""
+    summary = runfolder.read_summary(run_dir)
+    summary["exports"] = list(dict.fromkeys([*summary.get("exports", []), *map(str, written)]))
+    summary["export_details"] = {**(summary.get("export_details") or {}), **details}
+    write_json_atomic(run_dir / runfolder.SUMMARY, summary)
 
 
 def _names_an_adapter(names: list[str]) -> bool:
@@ -80,7 +94,8 @@ def _run_result(run_dir: Path | None, model_dir: Path, chosen: Any) -> RunResult
     summary = runfolder.read_summary(run_dir)
     result = RunResult(output_dir=run_dir, model_dir=model_dir, plugins=summary.get("plugins") or chosen.versions(),
                        metrics=summary.get("metrics") or {}, data_stats=summary.get("data_stats") or {},
-                       base_model_license=summary.get("base_model_license"))
+                       base_model_license=summary.get("base_model_license"),
+                       export_details=summary.get("export_details") or {})
     for key in ("config_path", "metrics_path", "report_path"):
         if summary.get(key):
             setattr(result, key, Path(summary[key]))
