@@ -53,6 +53,18 @@ class Interrupted(FtcoreError):
         self.signal = signal
 
 
+class Stopped(BaseException):
+    """A signal stopped the run outside training (before it started, or while it was finishing).
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` in a library swallows
+    it on the way out; the cleanup it passes through (the output guard, the atomic saves) runs.
+    """
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class PluginFailure(PluginError):
     """A plugin's hook raised an unexpected exception: a bug in that plugin, named with its package.
 

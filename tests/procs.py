@@ -118,7 +118,7 @@ def wait_for_file(proc: subprocess.Popen, path: Path, timeout: float = 300) -> N
 def assert_same_training(resumed: Path, reference: Path) -> None:
     """Every step's loss, grad norm and learning rate, and the final adapter, match the uninterrupted run."""
     got, want = losses(resumed), losses(reference)
-    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    assert sorted(got) == sorted(want) == list(range(1, len(want) + 1))
     for step in want:
         for key in ("loss", "grad_norm", "learning_rate"):
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-4, abs=1e-7), (step, key)
@@ -151,3 +151,63 @@ def resumable(tmp_path_factory, tiny_model_dir):
     assert rc == 0, log
     assert sorted(losses(reference)) == list(range(1, STEPS + 1))
     return config, reference
+
+
+def start_script(script_text: str, folder: Path, *args: str, name: str = "script") -> subprocess.Popen:
+    """Run a Python script (a run with plugin objects of the test's own) in a new process, logged to a file."""
+    script = folder / f"{name}.py"
+    script.write_text(script_text)
+    path = folder / f"{name}.log"
+    with open(path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(script), *map(str, args)], stdout=log,
+                                stderr=subprocess.STDOUT, env=env())
+    proc.log_path = path
+    return proc
+
+
+TIMING_KEYS = {"elapsed_s", "tokens_per_s", "train_runtime", "train_samples_per_second", "train_steps_per_second",
+               "eval_runtime", "eval_samples_per_second", "eval_steps_per_second",
+               "eval_model_preparation_time"}   # the trainer times its first evaluation's model preparation
+# Summary figures that describe the process, not the result: how long it took and how much memory it peaked at,
+# and whether the tokenized data came from the cache (a resumed run's always does).
+PROCESS_KEYS = {"runtime_s", "peak_rss_bytes", "peak_cuda_bytes", "cached"}
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-4, abs=1e-7)
+    return a == b
+
+
+def assert_same_outputs(resumed: Path, reference: Path) -> None:
+    """The final files of a resumed run equal the uninterrupted run's, timings aside: every row of
+    metrics.jsonl (losses to float rounding of resumed sums: rel 1e-4, as assert_same_training), the
+    adapter, summary.json's metrics and data statistics, and the report's samples and data tables."""
+    assert_same_training(resumed, reference)
+    got, want = rows(resumed), rows(reference)
+    assert [sorted(set(r) - TIMING_KEYS) for r in got] == [sorted(set(r) - TIMING_KEYS) for r in want], \
+        "metrics.jsonl rows differ in their keys"
+    for g, w in zip(got, want):
+        for key in set(w) - TIMING_KEYS:
+            assert _close(g[key], w[key]), (w.get("step"), key, g[key], w[key])
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (resumed, reference))
+    for section in ("metrics", "data_stats"):
+        assert set(a[section]) == set(b[section])
+        for key in set(b[section]) - PROCESS_KEYS:
+            if key in ("best_checkpoint",):
+                assert Path(a[section][key]).name == Path(b[section][key]).name
+                continue
+            assert _close(a[section][key], b[section][key]), (section, key, a[section][key], b[section][key])
+    assert a["exit_code"] == b["exit_code"] == 0 and a["export_errors"] == b["export_errors"]
+    assert _report_tables(resumed) == _report_tables(reference)
+
+
+def _report_tables(out: Path) -> list[str]:
+    """The report's sample rows and its data table, as text (the timed summary table left out)."""
+    import re
+
+    page = (out / "report.html").read_text()
+    samples = re.findall(r'<tr class="sample-row">.*?</tr>', page, re.S)
+    data = re.search(r'<h2 id="data">Data</h2>(.*?)<h2', page, re.S).group(1)
+    data = re.sub(r"<tr><td>cached</td><td>\w+</td></tr>", "", data)
+    return [*samples, data]

@@ -82,7 +82,7 @@ def test_two_adapters_is_an_error_naming_both():
 
 def test_two_formats_for_one_dataset_is_an_error_naming_both(tmp_path):
     from ftcore.config.schema import DatasetSpec
-    from ftcore.data.pipeline import resolve_format
+    from ftcore.config.checks import resolve_format
 
     with pytest.raises(ftcore.DataError, match="alpaca and chatml"):
         resolve_format(DatasetSpec(path="x.jsonl"), ["alpaca", "chatml"])

@@ -31,6 +31,9 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 traceback.print_exception(exc.__cause__ or exc, file=sys.stderr)
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except errors.Stopped as exc:
+            click.echo(f"stopped: {exc}", err=True)
+            sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("stopped (no checkpoint saved)", err=True)
             sys.exit(130)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from ftcore.errors import ConfigError, suggest
+from ftcore.errors import ConfigError, DataError, suggest
 
 # Experiment trackers (``training.report_to``), through the trainer's own integrations:
 # tracker name -> (modules that provide it, the pip package to install). None is a dependency of ftcore.
@@ -22,7 +22,10 @@ NO_TRACKER = "none"
 
 
 def check_config(config: Any) -> None:
-    """Cross-field checks done before anything is loaded: early stopping and trackers."""
+    """Cross-field checks done before anything is loaded: resume, early stopping and trackers."""
+    if config.resume and config.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: --overwrite deletes the checkpoints "
+                          "--resume would continue from. Pass one of them.")
     t = config.training
     check_trackers(t.report_to)
     if t.early_stopping_patience is None:
@@ -60,3 +63,25 @@ def check_trackers(names: list[str]) -> list[str]:
             raise ConfigError(f'config key "training.report_to" selects {name}, but its package is not installed: '
                               f"pip install {package}  (or remove {name} from training.report_to).")
     return chosen
+
+
+def resolve_format(spec: Any, format_plugins: list[str]) -> str:
+    """The format plugin a dataset is read with: its own ``format:``, else the run's only format plugin."""
+    if spec.format:
+        return spec.format
+    if len(format_plugins) == 1:
+        return format_plugins[0]
+    if not format_plugins:
+        raise DataError("no dataset format plugin is selected: add one to --plugins (e.g. alpaca or chatml).")
+    raise DataError(f"dataset {spec.path} does not say its format and several format plugins are selected "
+                    f"({' and '.join(format_plugins)}): set format: in its data.datasets entry.")
+
+
+def check_dataset_formats(config: Any, format_plugins: list[str]) -> None:
+    """Every dataset has exactly one format plugin of the run (checked before anything is loaded)."""
+    for spec in [*config.data.datasets, *config.data.eval_datasets]:
+        fmt = resolve_format(spec, format_plugins)
+        if fmt not in format_plugins:
+            raise DataError(f"dataset {spec.path} asks for format {fmt!r}, which is not a format plugin of this "
+                            f"run (selected formats: {', '.join(format_plugins) or 'none'}).")
+

@@ -9,10 +9,22 @@ from ftcore.data.labels import IGNORE_INDEX
 
 
 class TokenCounter:
-    """Counts real, supervised and computed (incl. padding) positions of the batches it builds."""
+    """Counts real, supervised and computed (incl. padding) positions of the batches trained on.
+
+    Batches are counted when a training step takes them (``add_batch``), not when they are built:
+    evaluation batches go through the same collator, and the data loader builds a batch ahead of
+    the step that uses it (a checkpoint would otherwise count a batch its resumed run trains again).
+    """
 
     def __init__(self) -> None:
         self.real = self.supervised = self.computed = 0
+
+    def add_batch(self, batch: dict[str, Any]) -> None:
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        self.computed += int(ids.numel())
+        self.real += int(mask.sum()) if mask is not None else int(ids.numel())
+        self.supervised += int((batch["labels"] != IGNORE_INDEX).sum()) if "labels" in batch else 0
 
 
 class PackedCollator:
@@ -35,10 +47,6 @@ class PackedCollator:
         # transformers derives the block-diagonal mask from position_ids only without a KV cache;
         # a model loaded with use_cache on (e.g. in eval mode) would otherwise attend across examples.
         batch["use_cache"] = False
-        n = int(batch["input_ids"].numel())
-        self.counter.real += n
-        self.counter.computed += n
-        self.counter.supervised += int((batch["labels"] != IGNORE_INDEX).sum())
         return batch
 
 
@@ -61,9 +69,6 @@ class PaddedCollator:
             mask.append([1] * n + [0] * (longest - n))
         batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
                  "attention_mask": torch.tensor(mask)}
-        self.counter.real += int(batch["attention_mask"].sum())
-        self.counter.computed += longest * len(features)
-        self.counter.supervised += int((batch["labels"] != IGNORE_INDEX).sum())
         return batch
 
 

@@ -17,17 +17,35 @@ def tokenize(example: Example, tokenizer: Any) -> tuple[list[int], list[int]]:
     return tokenize_many([example], tokenizer)[0]
 
 
-def tokenize_many(examples: list[Example], tokenizer: Any) -> list[tuple[list[int], list[int]]]:
-    """Tokenize several Examples in batched tokenizer calls (same result as one by one)."""
+def tokenize_many(examples: list[Example], tokenizer: Any, max_chars: int | None = None
+                  ) -> list[tuple[list[int], list[int]]]:
+    """Tokenize several Examples in batched tokenizer calls (same result as one by one).
+
+    ``max_chars``: tokenize only the first ``max_chars`` characters of a longer text (see
+    ``char_limit``), so that memory and time follow the length kept, not the length given.
+    """
     out: list[Any] = [None] * len(examples)
     for flag in (False, True):
         picked = [i for i, ex in enumerate(examples) if bool(ex.add_special_tokens) == flag]
         if not picked:
             continue
-        enc = tokenizer([examples[i].text for i in picked], add_special_tokens=flag, return_offsets_mapping=True)
+        texts = [examples[i].text if max_chars is None else examples[i].text[:max_chars] for i in picked]
+        enc = tokenizer(texts, add_special_tokens=flag, return_offsets_mapping=True)
         for j, i in enumerate(picked):
             out[i] = labels_from_offsets(enc["input_ids"][j], enc["offset_mapping"][j], examples[i].supervised)
     return out
+
+
+def char_limit(tokenizer: Any, max_length: int) -> int:
+    """Characters enough for more than ``max_length`` tokens whatever the text: the longest token's length
+    (in characters of its vocabulary entry, which never has fewer than the text it stands for) times
+    ``max_length``, plus one. A text cut there still tokenizes to more than ``max_length`` tokens, so
+    cutting it changes nothing that the length policy keeps."""
+    longest = getattr(tokenizer, "_ftcore_longest_token", None)
+    if longest is None:
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+        tokenizer._ftcore_longest_token = longest
+    return max(longest, 1) * max_length + 1
 
 
 def labels_from_offsets(ids: list[int], offsets: list[tuple[int, int]],

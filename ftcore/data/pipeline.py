@@ -11,23 +11,13 @@ import random
 from pathlib import Path
 from typing import Any
 
+from ftcore.config.checks import check_dataset_formats, resolve_format
 from ftcore.data.cache import cache_key, load_cached, save_cached
-from ftcore.data.labels import IGNORE_INDEX, fit_length, tokenize_many
+from ftcore.data.labels import IGNORE_INDEX, char_limit, fit_length, tokenize_many
 from ftcore.data.prepared import DataStats, PreparedData
 from ftcore.data.records import Problem, iter_records
 from ftcore.errors import DataError, PluginError
 from ftcore.types import Example, RunContext
-
-
-def resolve_format(spec: Any, format_plugins: list[str]) -> str:
-    if spec.format:
-        return spec.format
-    if len(format_plugins) == 1:
-        return format_plugins[0]
-    if not format_plugins:
-        raise DataError("no dataset format plugin is selected: add one to --plugins (e.g. alpaca or chatml).")
-    raise DataError(f"dataset {spec.path} does not say its format and several format plugins are selected "
-                    f"({' and '.join(format_plugins)}): set format: in its data.datasets entry.")
 
 
 def prepare(config: Any, plugins: Any, tokenizer: Any, log: Any = print, ctx: RunContext | None = None
@@ -46,11 +36,7 @@ def prepare(config: Any, plugins: Any, tokenizer: Any, log: Any = print, ctx: Ru
         raise DataError("no training data: pass --data FILE or set data.datasets in the config.")
     seed = data_cfg.seed if data_cfg.seed is not None else config.training.seed
     formats = plugins.names("format")
-    for spec in [*data_cfg.datasets, *data_cfg.eval_datasets]:
-        fmt = resolve_format(spec, formats)
-        if fmt not in formats:
-            raise DataError(f"dataset {spec.path} asks for format {fmt!r}, which is not a format plugin of this "
-                            f"run (selected formats: {', '.join(formats) or 'none'}).")
+    check_dataset_formats(config, formats)
     key = cache_key(config, plugins, tokenizer) if data_cfg.cache else None
     result = load_cached(key) if key else None
     if result is not None:
@@ -118,22 +104,22 @@ def _collect(specs, config, plugins, tokenizer, formats, stats, problems, ctx) -
     for spec in specs:
         fmt = resolve_format(spec, formats)
         before = len(rows)
-        pending: list[Example] = []
+        pending: list[tuple[str, Example]] = []
         for where, record in iter_records(spec):
             stats.records += 1
             found = _check(where, record, fmt, plugins, config, ctx)
             if not found:
                 try:
-                    pending.append(format_record(fmt, record, plugins, tokenizer, config, ctx))
+                    pending.append((where, format_record(fmt, record, plugins, tokenizer, config, ctx)))
                 except DataError as exc:   # a record the format cannot render (e.g. a template refuses it)
                     found = [Problem(where, None, str(exc))]
             if found:
                 problems.extend(found)
                 stats.bad_records += 1
             if len(pending) >= TOKENIZE_BATCH:
-                _add_rows(pending, tokenizer, config.data, stats, rows)
+                _add_rows(pending, tokenizer, config.data, stats, rows, problems)
                 pending = []
-        _add_rows(pending, tokenizer, config.data, stats, rows)
+        _add_rows(pending, tokenizer, config.data, stats, rows, problems)
         stats.per_dataset[spec.path] = len(rows) - before
     return rows
 
@@ -141,10 +127,28 @@ def _collect(specs, config, plugins, tokenizer, formats, stats, problems, ctx) -
 TOKENIZE_BATCH = 1024   # examples per tokenizer call in prepare(); 1 tokenizes record by record
 
 
-def _add_rows(examples: list[Example], tokenizer: Any, data_cfg: Any, stats: DataStats,
-              rows: list[tuple[list[int], list[int]]]) -> None:
+def _tokenized(examples: list[tuple[str, Example]], tokenizer: Any, max_length: int, stats: DataStats,
+               problems: list[Problem]) -> list[tuple[list[int], list[int]]]:
+    """The batch tokenized; when the tokenizer refuses the batch, record by record, the refused ones reported."""
+    limit = char_limit(tokenizer, max_length)
+    try:
+        return tokenize_many([ex for _, ex in examples], tokenizer, limit)
+    except Exception:   # noqa: BLE001 - a tokenizer refuses some text (the record is named below)
+        pass
+    out = []
+    for where, example in examples:
+        try:
+            out += tokenize_many([example], tokenizer, limit)
+        except Exception as exc:   # noqa: BLE001
+            problems.append(Problem(where, None, f"the tokenizer cannot tokenize it ({type(exc).__name__}: {exc})"))
+            stats.bad_records += 1
+    return out
+
+
+def _add_rows(examples: list[tuple[str, Example]], tokenizer: Any, data_cfg: Any, stats: DataStats,
+              rows: list[tuple[list[int], list[int]]], problems: list[Problem]) -> None:
     """Tokenize, apply the length policy, count, and keep what teaches something."""
-    for ids, labels in tokenize_many(examples, tokenizer) if examples else []:
+    for ids, labels in _tokenized(examples, tokenizer, data_cfg.max_length, stats, problems) if examples else []:
         ids, labels, action = fit_length(ids, labels, data_cfg.max_length, data_cfg.too_long)
         if action == "dropped":
             stats.dropped_too_long += 1

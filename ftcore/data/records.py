@@ -43,11 +43,13 @@ def expand_paths(path: str) -> list[Path]:
 
 def iter_records(spec: Any) -> Iterator[tuple[str, Any]]:
     """Yield ``(where, record)`` for one dataset spec; ``record`` is a Problem for an unreadable row."""
+    if not spec.path.strip():
+        raise DataError("a data path is empty (data.datasets / --data): give a file, a glob, a folder or a "
+                        "datasets-library name.")
     files = expand_paths(spec.path)
     if not files:
-        if is_local_path(spec.path):
-            raise DataError(f"data file {spec.path} not found (no such file, folder or matching glob). "
-                            f"Check the path in data.datasets / --data.")
+        if is_local_path(spec.path) or Path(spec.path).expanduser().is_dir():
+            raise DataError(not_found_message(spec.path))
         yield from _iter_hub_or_saved(spec)
         return
     for f in files:
@@ -57,8 +59,39 @@ def iter_records(spec: Any) -> Iterator[tuple[str, Any]]:
             yield from _iter_jsonl(f)
         elif f.suffix == ".json":
             yield from _iter_json(f)
-        else:
+        elif f.suffix in (".csv", ".parquet"):
             yield from _iter_tabular(f)
+        else:
+            yield from _iter_by_content(f)
+
+
+def not_found_message(path: str) -> str:
+    """Why a local data path gave no files: nothing there, or a folder without files ftcore reads."""
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        found: dict[str, int] = {}
+        for f in folder.rglob("*"):
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts):
+                found[f.suffix or "(no suffix)"] = found.get(f.suffix or "(no suffix)", 0) + 1
+        held = ", ".join(f"{n} {suffix}" for suffix, n in sorted(found.items())) or "no files"
+        return (f"data folder {path} holds no data files ftcore reads ({', '.join(LOCAL_SUFFIXES)}); it holds "
+                f"{held}. Point data.datasets / --data at the data files, or convert them.")
+    return (f"data file {path} not found (no such file, folder or matching glob). "
+            f"Check the path in data.datasets / --data.")
+
+
+def _iter_by_content(path: Path) -> Iterator[tuple[str, Any]]:
+    """A data file whose suffix says nothing: JSON Lines or a JSON array by its first character, else refused."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head.startswith(b"{"):
+        yield from _iter_jsonl(path)
+    elif head.startswith(b"["):
+        yield from _iter_json(path)
+    else:
+        raise DataError(f"{path}: not a data file ftcore reads: its name ends in {path.suffix or 'nothing'} and it "
+                        f"does not hold JSON. ftcore reads {', '.join(LOCAL_SUFFIXES)} files; rename it or "
+                        f"convert it.")
 
 
 def is_local_path(path: str) -> bool:
@@ -82,23 +115,67 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 continue
             if not line.strip():
                 continue
+            if lineno == 1 and line.lstrip().startswith("["):
+                raise DataError(f"{where}: this file holds one JSON array, not one JSON object per line as a .jsonl "
+                                f"file does: name it .json, or write one record per line.")
+            yield where, parse_json(line, where)
+
+
+def parse_json(text: str, where: str) -> Any:
+    """One JSON record, or a Problem saying what is wrong with it (never an exception)."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return Problem(where, None, f"malformed JSON at column {exc.colno}: {exc.msg}")
+    except RecursionError:
+        return Problem(where, None, "nested too deeply to read (thousands of levels of brackets)")
+    except ValueError as exc:   # e.g. an integer of more digits than Python converts
+        return Problem(where, None, f"malformed JSON: {exc}")
+    bad = unpaired_surrogate(record)
+    if bad is not None:
+        return Problem(where, bad or None, "holds an unpaired UTF-16 surrogate (an escape such as \\ud83d without "
+                                           "its pair): not valid Unicode text; fix the escape or drop the record")
+    return record
+
+
+def unpaired_surrogate(value: Any, path: str = "") -> str | None:
+    """The field path of the first string holding a lone surrogate ('' for the record itself), or None."""
+    stack = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
             try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield where, Problem(where, None, f"malformed JSON at column {exc.colno}: {exc.msg}")
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                if isinstance(key, str):
+                    stack.append((key, where))
+                stack.append((sub, f"{where}.{key}" if where else str(key)))
+        elif isinstance(item, list):
+            stack.extend((sub, f"{where}[{i}]") for i, sub in enumerate(item))
+    return None
 
 
 def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         text = path.read_bytes().decode("utf-8-sig")
         data = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{path}: nested too deeply to read (thousands of levels of brackets).") from None
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 (bad byte at offset {exc.start}); re-save it as UTF-8.") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: malformed JSON at column {exc.colno}: {exc.msg}. "
                         f"(A file of one JSON object per line should be named .jsonl.)") from None
+    except ValueError as exc:
+        raise DataError(f"{path}: malformed JSON: {exc}.") from None
     if isinstance(data, list):
-        yield from zip(_array_item_lines(path, text), data)
+        for where, record in zip(_array_item_lines(path, text), data):
+            bad = unpaired_surrogate(record)
+            yield where, record if bad is None else Problem(where, bad or None, "holds an unpaired UTF-16 surrogate: "
+                                                            "not valid Unicode text")
         return
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         key, items = next(iter(data.items()))
@@ -146,25 +223,12 @@ def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
         start = 2   # line 1 is the header
         try:
             for rec in reader:
-                yield f"{path}:{start}", _json_columns({k: v for k, v in rec.items() if k is not None})
+                yield f"{path}:{start}", {k: v for k, v in rec.items() if k is not None}   # cells stay text
                 start = reader.line_num + 1
         except UnicodeDecodeError:
             raise DataError(f"{path}: not UTF-8 (bad byte near line {start}); re-save it as UTF-8.") from None
         except csv.Error as exc:
             raise DataError(f"{path}:{reader.line_num}: malformed CSV: {exc}") from None
-
-
-def _json_columns(rec: dict[str, Any]) -> dict[str, Any]:
-    """CSV cells holding JSON lists/objects (e.g. messages) are decoded."""
-    out = {}
-    for k, v in rec.items():
-        if isinstance(v, str) and v[:1] in "[{":
-            try:
-                v = json.loads(v)
-            except json.JSONDecodeError:
-                pass
-        out[k] = v
-    return out
 
 
 def _iter_saved(path: Path, spec: Any) -> Iterator[tuple[str, Any]]:

@@ -54,8 +54,8 @@ def pretrain(folder: Path, log: Callable[[str], None] = print, epochs: int = 30,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, trust_remote_code=False)
     text = resources.files("ftcore").joinpath("assets/pretrain-corpus.txt").read_text(encoding="utf-8")
     ids: list[int] = []
     for para in text.split("\n\n"):

@@ -1,10 +1,20 @@
-"""Model loading shared by the bundled adapter plugins (not a plugin itself)."""
+"""Loading models and tokenizers safely: safetensors only, no code from a model folder unless the user allows it.
+
+Every ftcore command that loads a model goes through here (``load_pretrained_model``,
+``load_pretrained_tokenizer``, ``load_base_model`` for the adapter plugins), so no command runs a
+model folder's ``modeling_*.py`` or prompts for it: ``trust_remote_code`` is always passed
+explicitly (transformers asks on the terminal when it is left unset). A folder that needs its own
+code, or holds a damaged weights file, is a ConfigError naming it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+from ftcore.errors import ConfigError
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -44,6 +54,46 @@ def read_checkpoint(model_path: str) -> dict[str, Any] | None:
     return {key: handle.get_slice(key) for handle in handles for key in handle.keys()}
 
 
+@contextlib.contextmanager
+def loading_errors(folder: str | Path) -> Iterator[None]:
+    """Turn what a user can fix about a model folder into a ConfigError that names the folder."""
+    try:
+        yield
+    except ValueError as exc:
+        text = str(exc)
+        if "trust_remote_code" in text or "custom code" in text:
+            raise ConfigError(f"model folder {folder} needs code of its own to load (its config names custom classes "
+                              f"in auto_map), and ftcore runs no code from a model folder unless you allow it: set "
+                              f"model.trust_remote_code: true (--set model.trust_remote_code=true), only for a source "
+                              f"you trust, and only for `ftcore run` and `ftcore prepare`.") from None
+        if "Unrecognized model" in text or "does not recognize this architecture" in text:
+            raise ConfigError(f"model folder {folder}: transformers does not know its architecture "
+                              f"({text.splitlines()[0]}).") from None
+        raise
+    except Exception as exc:   # noqa: BLE001 - safetensors raises its own error type for a damaged file
+        if type(exc).__name__ == "SafetensorError" or "deserializing header" in str(exc):
+            raise ConfigError(f"model folder {folder}: a weights file is damaged or incomplete ({exc}); copy or "
+                              f"download the model again.") from None
+        raise
+
+
+def load_pretrained_model(folder: str | Path, trust_remote_code: bool = False, **kwargs: Any) -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` of a local folder: safetensors only, remote code only when asked."""
+    from transformers import AutoModelForCausalLM
+
+    with loading_errors(folder):
+        return AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=trust_remote_code,
+                                                    use_safetensors=True, **kwargs)
+
+
+def load_pretrained_tokenizer(folder: str | Path, trust_remote_code: bool = False) -> Any:
+    """``AutoTokenizer.from_pretrained`` of a local folder, remote code only when asked."""
+    from transformers import AutoTokenizer
+
+    with loading_errors(folder):
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+
+
 def load_base_model(model_path: str, tokenizer: Any, config: Any, ctx: Any, quantized_on_load: bool = False,
                     **kwargs: Any) -> Any:
     """Load safely (safetensors, no remote code unless configured) and fit embeddings to the tokenizer.
@@ -58,7 +108,7 @@ def load_base_model(model_path: str, tokenizer: Any, config: Any, ctx: Any, quan
 
     kwargs.setdefault("dtype", torch_dtype(config, ctx))
     state = read_checkpoint(model_path) if quantized_on_load and not config.model.trust_remote_code else None
-    with large_buffers_unmapped(quantized_on_load):
+    with large_buffers_unmapped(quantized_on_load), loading_errors(model_path):
         model = load_from_state(model_path, state, **kwargs) if state is not None else None
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(
@@ -80,7 +130,7 @@ def load_from_state(model_path: str, state: dict[str, Any], **kwargs: Any) -> An
 
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, GenerationConfig
 
-    model_config = AutoConfig.from_pretrained(model_path)
+    model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
     if type(model_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         return None
     if (Path(model_path) / "generation_config.json").is_file():

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcore.errors import ConfigError
+from ftcore.models.loading import load_pretrained_model, load_pretrained_tokenizer
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -51,7 +52,6 @@ def merge_peft_adapter(adapter_dir: str, base_path: str | None, dtype: str = "au
         return None
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     named = base_path or cfg.get("base_model_name_or_path")
     base = Path(named) if named else None
@@ -59,12 +59,18 @@ def merge_peft_adapter(adapter_dir: str, base_path: str | None, dtype: str = "au
         where = "given with --base" if base_path else f"recorded in {Path(adapter_dir) / 'adapter_config.json'}"
         raise ConfigError(f"the base model {named!r} {where} is not a model folder (no config.json there). "
                           f"Pass --base with the folder of the model the adapter was trained on.")
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=getattr(torch, base_dtype(base, dtype)),
-                                                 use_safetensors=True, device_map={"": "cpu"})
+    model = load_pretrained_model(base, dtype=getattr(torch, base_dtype(base, dtype)), device_map={"": "cpu"})
     if (Path(adapter_dir) / "tokenizer_config.json").is_file():
-        vocab = len(AutoTokenizer.from_pretrained(str(adapter_dir)))
+        vocab = len(load_pretrained_tokenizer(adapter_dir))
         if vocab > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(vocab)   # tokens a format added during training
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    try:
+        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc):
+            raise
+        raise ConfigError(f"the adapter in {adapter_dir} does not fit the base model {base}: its weights have other "
+                          f"shapes ({str(exc).strip().splitlines()[-1].strip()}). It was trained on another base: "
+                          f"pass --base with the model it was trained on.") from None
     merged.config.use_cache = True
     return merged

@@ -6,14 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from ftcore.errors import ConfigError
+from ftcore.models.loading import load_pretrained_tokenizer
 
 
 def load_tokenizer(model_path: Path, trust_remote_code: bool = False) -> Any:
     """The model folder's tokenizer; ftcore needs a fast one for exact label masks (offsets)."""
-    from transformers import AutoTokenizer
-
     try:
-        tok = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
+        tok = load_pretrained_tokenizer(model_path, trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model folder {model_path}: no usable tokenizer ({exc}).") from None
     if not getattr(tok, "is_fast", False):

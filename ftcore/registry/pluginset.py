@@ -137,6 +137,8 @@ def _hint(message: str) -> str:
 
 
 def _guarded(fn: Any, plugin: str, hook_name: str, plugins: PluginSet) -> Any:
+    root = code_root(plugins._objects.get(plugin, fn))
+
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -144,6 +146,8 @@ def _guarded(fn: Any, plugin: str, hook_name: str, plugins: PluginSet) -> Any:
         except FtcoreError:
             raise   # a plugin reporting a user error: passed through unchanged
         except Exception as exc:
+            if not raised_in(exc, root):
+                raise   # raised by ftcore or a library the plugin called: not the plugin's bug to report
             raise PluginFailure(
                 f'plugin "{plugin}" ({plugins.origin(plugin)}) failed in {hook_name}: {type(exc).__name__}: {exc}. '
                 f"This is a bug in that plugin: report it to its authors with the traceback above, "
@@ -151,6 +155,31 @@ def _guarded(fn: Any, plugin: str, hook_name: str, plugins: PluginSet) -> Any:
             ) from exc
 
     return call
+
+
+def code_root(obj: Any) -> str | None:
+    """Where a plugin's own code lives: the folder of its top-level package, or its module's file."""
+    import inspect
+
+    module = inspect.getmodule(obj) or inspect.getmodule(type(obj))
+    if module is None:
+        return None
+    top = sys.modules.get(module.__name__.split(".")[0], module)
+    path = getattr(top, "__file__", None)
+    if not path:
+        return None
+    return os.path.dirname(path) if os.path.basename(path) == "__init__.py" else path
+
+
+def raised_in(exc: BaseException, root: str | None) -> bool:
+    """Whether the innermost frame of the exception's traceback is in the plugin's own code."""
+    tb = exc.__traceback__
+    if tb is None or root is None:
+        return True
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    return filename == root or filename.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def _short(value: Any) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ftcore.config.checks import check_config
+from ftcore.config.checks import check_config, check_dataset_formats
 from ftcore.config.layering import layer
 from ftcore.config.schema import RunConfig
 from ftcore.config.validation import validate
@@ -40,7 +40,8 @@ def resolve(source: Any = None, flags: dict[str, Any] | None = None,
     plugins = select(names, plugin_objects, dataset_formats(raw), defaults=defaults)
     config = validate(raw, plugin_schemas(plugins), list(installed_entry_points()))
     config.plugins = plugins.names()
-    check_config(config)   # early stopping and trackers
+    check_config(config)   # resume, early stopping and trackers
+    check_dataset_formats(config, plugins.names("format"))
     if config.training.learning_rate > LR_WARN:
         log(f"warning: training.learning_rate={config.training.learning_rate:g} is above {LR_WARN:g}, "
             f"a known way to ruin a fine-tune; 1e-4 to 2e-4 is the usual range for LoRA.")

@@ -18,6 +18,7 @@ from ftcore import runfolder
 from ftcore.errors import ConfigError, PluginError
 from ftcore.files import atomic_folder
 from ftcore.models.builtin import BUILTIN_PREFIX
+from ftcore.models.loading import load_pretrained_tokenizer
 from ftcore.models.paths import resolve_model_path
 from ftcore.registry.discovery import hooks_of, installed_entry_points, load_entry_point
 from ftcore.registry.pluginset import PluginSet
@@ -101,10 +102,8 @@ def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike,
 
 def tokenizer_for(adapter: Path, model: Any) -> Any:
     """The run saves its tokenizer (with any tokens a format added) next to the adapter; else the base's."""
-    from transformers import AutoTokenizer
-
     source = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else Path(model.name_or_path)
-    return AutoTokenizer.from_pretrained(str(source))
+    return load_pretrained_tokenizer(source)
 
 
 def save_merged(model: Any, tokenizer: Any, out: Path, provenance: dict[str, Any], replace: bool = False) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from ftcore import runfolder
 from ftcore.errors import ConfigError
+from ftcore.models.loading import load_pretrained_model, load_pretrained_tokenizer
 from ftcore.models.paths import resolve_model_path
 from ftcore.tools.adapter_merge import merged_model, tokenizer_for
 
@@ -40,7 +41,7 @@ def locate(model: str, adapter: str | None = None) -> tuple[Path, Path | None]:
     if not (model_dir / "config.json").exists():
         raise ConfigError(f"--model {model_dir} is not a transformers model folder (no config.json) "
                           f"nor an adapter (no adapter_config.json).")
-    return model_dir, _adapter_folder(adapter)
+    return resolve_model_path(str(model_dir)), _adapter_folder(adapter)   # safetensors weights, checked
 
 
 def _adapter_folder(adapter: str | None) -> Path | None:
@@ -57,7 +58,7 @@ def _adapter_base(adapter_dir: Path) -> Path:
     if not base or not Path(base).exists():
         raise ConfigError(f"adapter {adapter_dir} names base model {base!r}, which is not a folder here: "
                           f"pass the base model folder with --model and the adapter with --adapter.")
-    return Path(base)
+    return resolve_model_path(str(base))
 
 
 def pick_dtype(dtype: str = "auto") -> str:
@@ -73,7 +74,6 @@ def pick_dtype(dtype: str = "auto") -> str:
 def load(model: str, adapter: str | None = None, dtype: str = "auto") -> tuple[Any, Any]:
     """Load a model (merging an adapter through its plugin) and its tokenizer, ready to generate."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ftcore.quiet import quiet_libraries
 
@@ -84,8 +84,8 @@ def load(model: str, adapter: str | None = None, dtype: str = "auto") -> tuple[A
         net = merged_model(adapter_dir, str(base_dir), dtype, any_installed=True)   # any plugin that knows it
         tok = tokenizer_for(adapter_dir, net)
     else:
-        tok = AutoTokenizer.from_pretrained(str(base_dir))
-        net = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=getattr(torch, dtype), use_safetensors=True)
+        tok = load_pretrained_tokenizer(base_dir)
+        net = load_pretrained_model(base_dir, dtype=getattr(torch, dtype))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     net.config.use_cache = True

@@ -25,11 +25,15 @@ class MetricsCallback(TrainerCallback):
         self.counter = counter
         self.log = log
         self.started = time.time()
+        self.loss_before: tuple[float, int] | None = None   # (sum of losses, steps) before a resume
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 - transformers' signature
         if not state.is_world_process_zero:
             return
         logs = dict(logs or {})
+        if "train_loss" in logs and self.loss_before is not None:
+            # the trainer's mean covers the steps of this process only; the run's covers every step
+            logs["train_loss"] = whole_run_mean(logs["train_loss"], state.global_step, *self.loss_before)
         elapsed = time.time() - self.started
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs,
                "tokens": self.counter.real, "supervised_tokens": self.counter.supervised,
@@ -45,6 +49,11 @@ class MetricsCallback(TrainerCallback):
         if shown:
             parts = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
             self.log(f"step {state.global_step} epoch {state.epoch or 0:.2f} {parts}")
+
+
+def whole_run_mean(session_mean: float, step: int, loss_before: float, step_before: int) -> float:
+    """The mean training loss over every step of a resumed run, from the resumed part's mean."""
+    return (loss_before + session_mean * (step - step_before)) / max(step, 1)
 
 
 class ProgressCallback(TrainerCallback):
@@ -141,7 +150,8 @@ class SamplesCallback(TrainerCallback):
             self.store[key] = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
-        self._sample("before", state, model)
+        if "before" not in self.store:   # a resumed run has them from its checkpoint: the base model's, not these
+            self._sample("before", state, model)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
         self._sample("after", state, model)

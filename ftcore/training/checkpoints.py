@@ -131,13 +131,37 @@ def trim_metrics(path: Path, step: int) -> None:
 
 
 def restore_counters(trainer: Any, counter: Any, marker: dict[str, Any]) -> None:
-    """Token counts and elapsed time continue from where the checkpoint left them."""
+    """What the run had counted continues from the checkpoint: token counts, elapsed time, the sum of the
+    training losses, and the samples generated before training (the report's "before" column)."""
     counter.real = int(marker.get("tokens", 0))
     counter.supervised = int(marker.get("supervised_tokens", 0))
     counter.computed = int(marker.get("computed_positions", 0))
-    for cb in trainer.callback_handler.callbacks:
-        if type(cb).__name__ == "MetricsCallback":   # the one whose clock metrics.jsonl shows
-            cb.started = time.time() - float(marker.get("elapsed_s", 0.0))
+    trainer._ftcore_loss_before = float(marker.get("loss_sum", 0.0))
+    metrics = callback_named(trainer, "MetricsCallback")
+    if metrics is not None:   # the one whose clock metrics.jsonl shows
+        metrics.started = time.time() - float(marker.get("elapsed_s", 0.0))
+        metrics.loss_before = (trainer._ftcore_loss_before, int(marker.get("step", 0)))
+    samples = callback_named(trainer, "SamplesCallback")
+    if samples is not None and marker.get("samples_before") is not None:
+        samples.store["before"] = list(marker["samples_before"])
+
+
+def callback_named(trainer: Any, name: str) -> Any:
+    """The trainer's callback of this class name (ftcore's own callbacks, looked up without importing them)."""
+    return next((cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == name), None)
+
+
+def truncate_metrics(path: Path, marker: dict[str, Any]) -> None:
+    """Cut metrics.jsonl back to what it held when the checkpoint was saved, so the resumed run continues
+    the file exactly as the uninterrupted run wrote it (rows logged after the save, such as those of the
+    interrupted step's teardown, go)."""
+    size = marker.get("metrics_bytes")
+    if size is None:
+        trim_metrics(path, int(marker.get("step", 0)))   # a checkpoint from before the size was recorded
+        return
+    if path.exists() and path.stat().st_size > int(size):
+        with open(path, "r+b") as fh:
+            fh.truncate(int(size))
 
 
 def install_atomic_saves(trainer: Any, counter: Any) -> None:
@@ -174,6 +198,27 @@ def install_atomic_saves(trainer: Any, counter: Any) -> None:
         trainer.accelerator.wait_for_everyone()
 
     trainer._save_checkpoint = atomic_save
+
+
+def loss_sum(trainer: Any) -> float:
+    """The sum of the training losses of every step so far, this process's (what the trainer's mean
+    ``train_loss`` divides by the number of steps), across resumes."""
+    here = float(getattr(trainer, "_total_loss_scalar", 0.0) or 0.0)
+    pending = getattr(trainer, "_tr_loss", None)
+    if pending is not None:
+        here += float(pending.item())
+    return float(getattr(trainer, "_ftcore_loss_before", 0.0)) + here
+
+
+def install_token_counting(trainer: Any, counter: Any) -> None:
+    """Count each batch a training step takes (``TokenCounter.add_batch``)."""
+    training_step = trainer.training_step
+
+    def counted_step(model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        counter.add_batch(inputs)
+        return training_step(model, inputs, *args, **kwargs)
+
+    trainer.training_step = counted_step
 
 
 def install_rng_neutral_evaluation(trainer: Any) -> None:
@@ -224,13 +269,15 @@ class preserved_rng:  # noqa: N801  (used as a context manager)
 def _finish(staged: Path, final: Path, trainer: Any, counter: Any) -> None:
     from transformers.trainer_utils import rotate_checkpoints
 
-    elapsed = 0.0
-    for cb in trainer.callback_handler.callbacks:
-        if type(cb).__name__ == "MetricsCallback":   # the one whose clock metrics.jsonl shows
-            elapsed = time.time() - cb.started
+    metrics = callback_named(trainer, "MetricsCallback")
+    samples = callback_named(trainer, "SamplesCallback")
+    elapsed = time.time() - metrics.started if metrics is not None else 0.0
     marker = {"step": trainer.state.global_step, "epoch": trainer.state.epoch, "complete": True,
               "tokens": counter.real, "supervised_tokens": counter.supervised,
-              "computed_positions": counter.computed, "elapsed_s": round(elapsed, 3), "saved": time.time()}
+              "computed_positions": counter.computed, "elapsed_s": round(elapsed, 3), "saved": time.time(),
+              "loss_sum": loss_sum(trainer),
+              "metrics_bytes": metrics.path.stat().st_size if metrics is not None and metrics.path.exists() else 0,
+              "samples_before": samples.store.get("before") if samples is not None else None}
     _sync_tree(staged)
     with open(staged / MARKER, "w", encoding="utf-8") as fh:
         json.dump(marker, fh, indent=2)

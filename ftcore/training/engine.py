@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import yaml
 from ftcore import runfolder
 from ftcore.config.layering import deep_merge
 from ftcore.config.schema import RunConfig
-from ftcore.errors import ConfigError, FtcoreError, PluginError
+from ftcore.errors import ConfigError, FtcoreError, Interrupted, PluginError, Stopped
 from ftcore.files import write_json_atomic
 from ftcore.models.licence import base_model_licence
 from ftcore.models.licence import describe as describe_licence
@@ -34,7 +35,15 @@ from ftcore.registry.resolution import resolve
 from ftcore.reporting.progress import as_reporter
 from ftcore.reporting.report import write_report
 from ftcore.training import checkpoints, processes
-from ftcore.training.outputs import OutputGuard, check_output_dir, prepare_output_dir, write_run_files
+from ftcore.training.outputs import (
+    LOCK_ENV,
+    OutputGuard,
+    OutputLock,
+    check_output_dir,
+    prepare_output_dir,
+    recover_stranded,
+    write_run_files,
+)
 from ftcore.types import RunContext, RunResult
 
 
@@ -55,13 +64,40 @@ def run(source: Any = None, *, flags: dict[str, Any] | None = None, plugins: lis
 
 
 def execute(config: RunConfig, plugins: PluginSet, log: Callable[[str], None] = print) -> RunResult:
-    """Run a resolved config with its plugins (what ``run`` does after ``resolve``)."""
-    guard = OutputGuard(Path(config.output_dir))
-    try:
-        return _execute(config, plugins, log, guard)
-    except BaseException:
-        guard.undo()   # a run that fails before training leaves the output directory as it found it
-        raise
+    """Run a resolved config with its plugins (what ``run`` does after ``resolve``).
+
+    The run holds its output folder's lock throughout; a signal outside training stops it cleanly.
+    """
+    from ftcore.training.signals import stop_outside_training
+
+    with stop_outside_training(log), output_lock(config, log):
+        guard = OutputGuard(Path(config.output_dir))
+        try:
+            return _execute(config, plugins, log, guard)
+        except BaseException:
+            guard.undo()   # a run that stops before training leaves the output directory as it found it
+            raise
+
+
+@contextmanager
+def output_lock(config: RunConfig, log: Callable[[str], None]) -> Iterator[None]:
+    """Hold the output folder's lock for the run (see ``outputs.OutputLock``).
+
+    The process that writes the outputs holds it: a one-process run, the launching process of machine 0
+    (its ranks inherit it), or rank 0 of ranks an application launched itself.
+    """
+    launched_by_ftcore = os.environ.get(LOCK_ENV) == "1"
+    if (processes.in_launched_rank() and (launched_by_ftcore or not processes.is_main_process())) \
+            or config.launch.machine_rank != 0:
+        yield
+        return
+    out = Path(config.output_dir)
+    with OutputLock(out) as lock:
+        if lock.taken_over:
+            log(f"note: took over the lock of {out} from a run that ended without releasing it "
+                f"(process {lock.taken_over.get('pid')} on {lock.taken_over.get('host')})")
+        recover_stranded(out, log)
+        yield
 
 
 def _execute(config: RunConfig, plugins: PluginSet, log: Callable[[str], None], guard: OutputGuard) -> RunResult:
@@ -129,9 +165,10 @@ def _train(ctx: RunContext, result: RunResult, guard: OutputGuard, resume_from: 
     guard.commit()
     try:
         train_output = trainer.train(built, resume_from, ctx)
-        final_eval = final_evaluation(built.trainer) if prepared.eval is not None else {}
-        speedups.restore(model, attention)
-        result.model_dir = save_final(built.trainer, ctx)
+        with stopped_while_finishing(ctx, "evaluating and saving the final model"):
+            final_eval = final_evaluation(built.trainer) if prepared.eval is not None else {}
+            speedups.restore(model, attention)
+            result.model_dir = save_final(built.trainer, ctx)
     except (OSError, RuntimeError) as exc:
         full = checkpoints.disk_full(exc)
         if full is None:
@@ -141,16 +178,45 @@ def _train(ctx: RunContext, result: RunResult, guard: OutputGuard, resume_from: 
     result.metrics = summarize(built, train_output, final_eval, started)
     if not ctx.is_main_process:   # in a multi-process run only rank 0 writes outputs and exports
         return result
-    write_json_atomic(out / runfolder.SUMMARY, result.as_dict())   # exporters find the finished run's summary
-    failure = run_exporters(ctx, result)
-    if config.report.enabled:
-        result.report_path = write_report(result, config.to_dict(), built.samples, list(getattr(log, "warnings", [])))
-    write_json_atomic(out / runfolder.SUMMARY, result.as_dict())
+    with stopped_while_finishing(ctx, "writing the summary, exports and report"):
+        write_json_atomic(out / runfolder.SUMMARY, result.as_dict())   # exporters find the finished run's summary
+        failure = run_exporters(ctx, result)
+        if config.report.enabled:
+            result.report_path = write_report(result, config.to_dict(), built.samples,
+                                              list(getattr(log, "warnings", [])))
+        write_json_atomic(out / runfolder.SUMMARY, result.as_dict())
     if failure is not None:
         raise failure
     hook.ftcore_run_finished(result=result, ctx=ctx)
     log.summary(result)
     return result
+
+
+@contextmanager
+def stopped_while_finishing(ctx: RunContext, doing: str) -> Iterator[None]:
+    """A signal after training: say what was kept and how to go on, with the right exit status.
+
+    While the final model is evaluated and saved: nothing partial is kept; the newest complete
+    checkpoint (when there is one) lets ``--resume auto`` finish the run with the same result (status 3).
+    After the final model is saved: the trained model stays, and ``ftcore export`` redoes the exports.
+    """
+    try:
+        yield
+    except (Stopped, KeyboardInterrupt) as exc:
+        name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
+        code = getattr(exc, "exit_code", 130)
+        if ctx.result is not None and ctx.result.model_dir is not None and ctx.result.model_dir.is_dir():
+            raise Stopped(f"{name} received while {doing}: training is finished and its {ctx.result.model_dir.name} "
+                          f"is saved in {ctx.result.model_dir}; redo the exports with `ftcore export --model "
+                          f"{ctx.output_dir} --plugins ...`.", code) from None
+        newest = checkpoints.newest_complete(ctx.output_dir, lambda m: None)
+        if newest is None:
+            raise Stopped(f"{name} received while {doing}; nothing partial was kept, and there is no checkpoint to "
+                          f"resume from (training.save_strategy): run the same command again.", code) from None
+        raise Interrupted(f"interrupted by {name} while {doing}; nothing partial was kept. A resumable checkpoint "
+                          f"is in {newest}: continue with the same command and --resume auto, which finishes the "
+                          f"run as it would have finished.", checkpoint=str(newest),
+                          step=checkpoints.step_of(newest), signal=name) from None
 
 
 def run_exporters(ctx: RunContext, result: RunResult) -> BaseException | None:
@@ -207,8 +273,10 @@ def launch(config: RunConfig, plugins: PluginSet, log: Callable[[str], None]) ->
         ctx = RunContext(config=config, plugins=plugins, output_dir=out, log=log,
                          world_size=config.launch.num_processes)
         argv = ["-m", "ftcore.cli", "run", str(launch_file)]
+        os.environ[LOCK_ENV] = "1"   # the ranks' output folder lock is this process's
         return plugins.hook.ftcore_launch(argv=argv, config=config, ctx=ctx)
     finally:
+        os.environ.pop(LOCK_ENV, None)
         launch_file.unlink(missing_ok=True)
 
 

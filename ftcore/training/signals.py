@@ -1,9 +1,13 @@
-"""SIGTERM and SIGINT during training: finish the current step, save a checkpoint, stop.
+"""SIGTERM and SIGINT: during training, finish the current step, save a checkpoint, stop; outside it, stop cleanly.
 
 A cluster preempting a job sends SIGTERM and waits a grace period before SIGKILL; Ctrl-C
-sends SIGINT. Either one makes the run save a resumable checkpoint after the optimizer
-step in progress and exit with status 3 (``ftcore.errors.EXIT_INTERRUPTED``). A second
-signal stops at once, without a checkpoint.
+sends SIGINT. During training either one makes the run save a resumable checkpoint after the
+optimizer step in progress and exit with status 3 (``ftcore.errors.EXIT_INTERRUPTED``). A second
+signal stops at once, without a checkpoint, unless the checkpoint is already saved.
+
+Outside training (``stop_outside_training``), SIGTERM raises ``ftcore.errors.Stopped`` and SIGINT
+``KeyboardInterrupt``, so the run's cleanup runs on the way out (a previous run set aside by
+--overwrite is put back, nothing half-written is left) instead of the process vanishing.
 """
 
 from __future__ import annotations
@@ -65,6 +69,9 @@ def stop_on_signals(trainer: Any, log: Callable[[str], None]) -> Iterator[StopOn
 
     def handler(signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
+        if stopper.received and stopper.saved_step is not None:
+            log(f"{name} received again: already stopping, and the checkpoint is saved")
+            return
         if stopper.received:
             log(f"{name} received again: stopping now, without a checkpoint")
             raise KeyboardInterrupt
@@ -79,3 +86,27 @@ def stop_on_signals(trainer: Any, log: Callable[[str], None]) -> Iterator[StopOn
         for sig, old in previous.items():
             signal.signal(sig, old)
         trainer.remove_callback(stopper)
+
+
+@contextmanager
+def stop_outside_training(log: Callable[[str], None]) -> Iterator[None]:
+    """For the whole run: SIGTERM raises ``Stopped`` (status 143) instead of ending the process at once.
+
+    Main thread only; the previous handler is restored afterwards. ``stop_on_signals`` replaces it
+    for the duration of training.
+    """
+    from ftcore.errors import Stopped
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Stopped("SIGTERM received", 128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+

@@ -136,7 +136,13 @@ def build_trainer(model: Any, prepared: PreparedData, ctx: RunContext) -> BuiltT
 
 
 def train(built: BuiltTrainer, resume_from: Path | None, ctx: RunContext) -> Any:
-    """Train, resuming from a checkpoint if given; a signal saves a checkpoint and raises Interrupted."""
+    """Train, resuming from a checkpoint if given; a signal saves a checkpoint and raises Interrupted.
+
+    A resumed run continues what the interrupted one wrote: metrics.jsonl is cut back to what it
+    held at the checkpoint, counters and the loss sum continue, and the evaluation at the start
+    (done by the first attempt) is not repeated. Resuming from a checkpoint of the last step trains
+    nothing: the checkpoint's weights and state are loaded and the run goes on to its final steps.
+    """
     from ftcore.training.signals import stop_on_signals
 
     trainer, collator = built.trainer, built.collator
@@ -144,11 +150,18 @@ def train(built: BuiltTrainer, resume_from: Path | None, ctx: RunContext) -> Any
     checkpoints.clean_staging(out)
     checkpoints.install_atomic_saves(trainer, collator.counter)
     checkpoints.install_rng_neutral_evaluation(trainer)
+    checkpoints.install_token_counting(trainer, collator.counter)
     if resume_from is not None:
         marker = checkpoints.read_marker(resume_from)
-        checkpoints.trim_metrics(out / runfolder.METRICS, int(marker.get("step", 0)))
+        checkpoints.truncate_metrics(out / runfolder.METRICS, marker)
         checkpoints.restore_counters(trainer, collator.counter, marker)
+        # The first attempt evaluated at step 0 already; but a checkpoint saved at the end of an epoch, before
+        # that epoch's evaluation (the trainer saves by steps, then evaluates by epoch), owes that evaluation.
+        owed = evaluation_owed(trainer, resume_from)
+        trainer.args.eval_on_start = owed
         ctx.log(f"resuming from {resume_from} (step {marker.get('step')})")
+        if int(marker.get("step", 0)) >= total_steps(trainer):
+            return finish_from_checkpoint(trainer, resume_from, owed)
     elif ctx.config.resume:
         (out / runfolder.METRICS).unlink(missing_ok=True)   # a fresh start: no rows from the attempt before
     with stop_on_signals(trainer, ctx.log) as stopper:
@@ -165,6 +178,68 @@ def train(built: BuiltTrainer, resume_from: Path | None, ctx: RunContext) -> Any
                           f"same command and --resume auto.", checkpoint=str(where), step=stopper.saved_step,
                           signal=stopper.received)
     return output
+
+
+def total_steps(trainer: Any) -> int:
+    """The optimizer steps the run trains in all (what the trainer computes as its max_steps)."""
+    import math
+
+    if trainer.args.max_steps > 0:
+        return trainer.args.max_steps
+    return math.ceil(trainer.args.num_train_epochs * steps_per_epoch(trainer))
+
+
+def evaluation_owed(trainer: Any, checkpoint: Path) -> bool:
+    """Whether the checkpoint was saved at the end of an epoch (or of training, which ends an epoch early)
+    before that epoch's evaluation."""
+    import json
+
+    strategy = getattr(trainer.args.eval_strategy, "value", trainer.args.eval_strategy)
+    if strategy != "epoch" or trainer.eval_dataset is None:
+        return False
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    step = int(state.get("global_step", 0))
+    per_epoch = steps_per_epoch(trainer)
+    if step == 0 or (step % per_epoch and step < total_steps(trainer)):
+        return False
+    return not any("eval_loss" in row and row.get("step") == step for row in state.get("log_history", []))
+
+
+def steps_per_epoch(trainer: Any) -> int:
+    return max(len(trainer.get_train_dataloader()) // trainer.args.gradient_accumulation_steps, 1)
+
+
+def finish_from_checkpoint(trainer: Any, checkpoint: Path, owed: bool = False) -> Any:
+    """The end of a run whose last step is checkpointed: its weights and state, no training.
+
+    (The trainer itself, resumed at the last step in the middle of an epoch, would train one step
+    past the end.) Evaluates when the checkpoint owes the last epoch's evaluation, logs the
+    end-of-training row the trainer logs, and calls the callbacks' train begin and end, so
+    metrics.jsonl and the report end as they would have.
+    """
+    import time
+
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput, speed_metrics
+
+    started = time.time()
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    events = trainer.callback_handler
+    trainer.control = events.on_train_begin(trainer.args, trainer.state, trainer.control)
+    if owed:
+        trainer.evaluate()   # the epoch's evaluation the checkpoint was saved before
+    steps = trainer.state.global_step
+    mean = checkpoints.loss_sum(trainer) / max(steps, 1)
+    metrics = speed_metrics("train", started, num_samples=0, num_steps=0)
+    metrics.update(total_flos=trainer.state.total_flos, train_loss=mean)
+    callback = checkpoints.callback_named(trainer, "MetricsCallback")
+    if callback is not None:
+        callback.loss_before = None   # ``mean`` is the whole run's already
+    trainer.log(metrics)
+    trainer.control = events.on_train_end(trainer.args, trainer.state, trainer.control)   # e.g. the report's samples
+    trainer._ftcore_loss_before = 0.0
+    return TrainOutput(steps, mean, metrics)
 
 
 def final_evaluation(trainer: Any) -> dict[str, Any]:
@@ -211,6 +286,18 @@ def save_final(trainer: Any, ctx: RunContext) -> Path:
     return final
 
 
+def whole_run_loss(trainer: Any, train_output: Any) -> float:
+    """The mean training loss over every step of the run, a resumed one included (the trainer's own
+    mean covers the steps trained in this process only)."""
+    from ftcore.training.callbacks import whole_run_mean
+
+    before = float(getattr(trainer, "_ftcore_loss_before", 0.0))
+    if not before:
+        return train_output.training_loss
+    return whole_run_mean(train_output.training_loss, trainer.state.global_step, before,
+                          int(getattr(trainer, "_initial_global_step", 0)))
+
+
 def summarize(built: BuiltTrainer, train_output: Any, final_eval: dict[str, Any], started: float) -> dict[str, Any]:
     """The run's final metrics: steps, losses, tokens, packing, time, peak memory, early stopping, trackers."""
     trainer, counter = built.trainer, built.collator.counter
@@ -221,7 +308,7 @@ def summarize(built: BuiltTrainer, train_output: Any, final_eval: dict[str, Any]
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "train_loss": losses[-1] if losses else None,
-        "train_loss_mean": train_output.training_loss,
+        "train_loss_mean": whole_run_loss(trainer, train_output),
         "best_train_loss": min(losses) if losses else None,
         "eval_loss": final_eval.get("eval_loss"),
         "eval_loss_start": evals[0] if evals else None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import Field
@@ -48,10 +49,21 @@ def ftcore_prepare_tokenizer(tokenizer: Any, config: Any) -> list[str]:
     return missing
 
 
+def conversation(record: dict[str, Any], key: str) -> Any:
+    """The record's conversation; a JSON string (as a CSV cell holds it) is decoded."""
+    messages = record.get(key)
+    if isinstance(messages, str) and messages.lstrip().startswith("["):
+        try:
+            return json.loads(messages)
+        except (ValueError, RecursionError):
+            return messages
+    return messages
+
+
 @ftcore.hookimpl
 def ftcore_validate_record(record: dict[str, Any], config: Any) -> list[tuple[str, str]]:
     key = config.section(NAME).field
-    messages = record.get(key)
+    messages = conversation(record, key)
     if messages is None:
         return [(key, f'missing required field "{key}" (a list of {{role, content}} messages)')]
     if not isinstance(messages, list):
@@ -80,7 +92,7 @@ def ftcore_validate_record(record: dict[str, Any], config: Any) -> list[tuple[st
 @ftcore.hookimpl
 def ftcore_format_record(record: dict[str, Any], tokenizer: Any, config: Any) -> ftcore.Example:
     cfg: ChatmlConfig = config.section(NAME)
-    messages = [{"role": m["role"], "content": m["content"]} for m in record[cfg.field]]
+    messages = [{"role": m["role"], "content": m["content"]} for m in conversation(record, cfg.field)]
     trained = _trained_turns(messages, cfg.train_on)
     if _uses_tokenizer_template(tokenizer, cfg):
         return _from_template(messages, trained, tokenizer)
