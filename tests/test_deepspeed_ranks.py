@@ -207,6 +207,9 @@ def test_zero2_lora_offloaded_to_deepspeeds_cpu_adam(tiny_model_dir, alpaca_file
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and ds["optimizer"]["type"] == "AdamW"
     for rank in (0, 1):
         assert "DeepSpeedCPUAdam" in json.loads((tmp_path / f"optimizer-rank{rank}.json").read_text())
+        # the probe adjusts the training arguments too: an extension, run in each rank beside deepspeed-zero
+        assert json.loads((tmp_path / f"arguments-rank{rank}.json").read_text()) == {"has_deepspeed": True,
+                                                                                    "world_size": 2}
     assert_learned(out)
     assert_only_rank0_wrote(out)
     assert_adapter_loads_with_peft(out / "adapter", tiny_model_dir)

@@ -94,7 +94,17 @@ class FourBit:
 
 
 class ProbeOptimizer:
-    """Record each rank's optimizer as the classes wrapped one in another (to FTCORE_TEST_PROBE_DIR)."""
+    """Record each rank's optimizer as the classes wrapped one in another (to FTCORE_TEST_PROBE_DIR).
+
+    It also adjusts the training arguments (as a tracker would): an extension, which runs beside a strategy.
+    """
+
+    @ftcore.hookimpl(trylast=True)   # after the strategy's: it sees the arguments as the trainer will
+    def ftcore_training_arguments(self, args, ctx):
+        folder = os.environ.get("FTCORE_TEST_PROBE_DIR")
+        if folder:
+            with open(os.path.join(folder, f"arguments-rank{ctx.rank}.json"), "w") as fh:
+                json.dump({"has_deepspeed": "deepspeed" in args, "world_size": ctx.world_size}, fh)
 
     @ftcore.hookimpl
     def ftcore_trainer_callbacks(self, ctx):
