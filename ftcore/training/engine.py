@@ -26,7 +26,7 @@ from ftcore.errors import ConfigError, FtcoreError, PluginError
 from ftcore.files import write_json_atomic
 from ftcore.models.licence import base_model_licence
 from ftcore.models.licence import describe as describe_licence
-from ftcore.models.paths import resolve_model_path
+from ftcore.models.paths import resolve_run_model
 from ftcore.models.tokenizer import load_tokenizer
 from ftcore.registry.discovery import installed_entry_points
 from ftcore.registry.pluginset import PluginSet
@@ -77,7 +77,7 @@ def _execute(config: RunConfig, plugins: PluginSet, log: Callable[[str], None], 
                      rank=processes.rank(), world_size=processes.world_size())
     if not ctx.is_main_process:
         ctx.log = as_reporter(processes.rank_prefixed(log))
-    ctx.model_path = resolve_model_path(config.model.path, ctx.log)
+    ctx.model_path = resolve_run_model(config.model, ctx.log)   # a Hub model's commit is pinned in config.model
     ctx.base_model_license = base_model_licence(ctx.model_path)
     ctx.log(describe_licence(ctx.base_model_license, ctx.model_path))
     out = ctx.output_dir
