@@ -366,10 +366,10 @@ class Handler(BaseHTTPRequestHandler):
     def resolve(self, kind: str, repo_id: str, revision: str, path: str) -> None:
         repo = self.repo(kind, repo_id)
         commit = self.commit_at(repo, revision)
+        self.check_gate(repo)   # as on the Hub: a gated repository's files, present or not, are behind the gate
         blob = commit.files.get(path)
         if blob is None:
             raise HubError(404, "EntryNotFound", f"{path} does not exist on {revision}")
-        self.check_gate(repo)
         headers = {"X-Repo-Commit": commit.oid}
         if blob.lfs:
             headers.update({"X-Linked-Etag": f'"{blob.sha256}"', "X-Linked-Size": str(blob.size),

@@ -33,6 +33,7 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 NEEDED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
           "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
           "chat_template.jinja", "chat_template.json", "README.md", "*.safetensors", "*.safetensors.index.json")
+WEIGHTS = ("*.safetensors", "*.safetensors.index.json")
 CODE = ("*.py",)
 PICKLE = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -70,20 +71,27 @@ def parse_hub_id(text: str, revision: str | None = None) -> HubRef | None:
 
 # -- fetching ------------------------------------------------------------------------------
 
-def fetch_model(ref: HubRef, log: Callable[[str], None] = print, *, trust_remote_code: bool = False) -> HubModel:
-    """The model's files (config, tokenizer, safetensors weights) in the Hugging Face cache, downloaded if needed."""
+def fetch_model(ref: HubRef, log: Callable[[str], None] = print, *, trust_remote_code: bool = False,
+                weights: bool = True) -> HubModel:
+    """The model's files (config, tokenizer, safetensors weights unless ``weights=False``) in the Hugging Face
+    cache, downloaded if needed."""
     revision = _resolve(ref)
     info = _info(ref, revision.resolved)
     if info is None:
-        return _cached(ref, revision, log, config_only=False)
+        return _cached(ref, revision, log, patterns(trust_remote_code, weights))
     files = {s.rfilename: s.size for s in info.siblings or []}
     check_files(ref, list(files))
     config = _config(ref, revision)
     check_remote_code(config, str(ref), trust_remote_code)
-    patterns = [*NEEDED, *(CODE if trust_remote_code else ())]
-    wanted = [f for f in files if any(Path(f).match(p) for p in patterns)]
-    path = _download(ref, revision, wanted, files, log, patterns)
+    wanted_patterns = patterns(trust_remote_code, weights)
+    wanted = [f for f in files if any(Path(f).match(p) for p in wanted_patterns)]
+    path = _download(ref, revision, wanted, files, log, wanted_patterns)
     return HubModel(ref.repo_id, revision.resolved, Path(path))
+
+
+def patterns(trust_remote_code: bool = False, weights: bool = True) -> list[str]:
+    """The files of a model repository that are fetched."""
+    return [p for p in NEEDED if weights or p not in WEIGHTS] + list(CODE if trust_remote_code else ())
 
 
 def fetch_config(ref: HubRef, log: Callable[[str], None] = print) -> Path:
@@ -91,7 +99,7 @@ def fetch_config(ref: HubRef, log: Callable[[str], None] = print) -> Path:
     revision = _resolve(ref)
     info = _info(ref, revision.resolved)
     if info is None:
-        return _cached(ref, revision, log, config_only=True).path / "config.json"
+        return _cached(ref, revision, log, ["config.json"]).path / "config.json"
     if "config.json" not in {s.rfilename for s in info.siblings or []}:
         raise ConfigError(f"model {ref}: the repository has no config.json, so it is not a transformers model.")
     return _snapshot_file(ref, revision, "config.json")
@@ -165,17 +173,14 @@ def _download(ref: HubRef, revision: Any, wanted: list[str], sizes: dict[str, in
     return path
 
 
-def _cached(ref: HubRef, revision: Any, log: Callable[[str], None], config_only: bool) -> HubModel:
-    """The model from the cache alone (offline, or the Hub unreachable); a clear error when it is not there."""
-    from huggingface_hub import hf_hub_download, snapshot_download
+def _cached(ref: HubRef, revision: Any, log: Callable[[str], None], wanted: list[str]) -> HubModel:
+    """The model's ``wanted`` files from the cache alone (offline, or the Hub unreachable); a clear error when
+    they are not there."""
+    from huggingface_hub import snapshot_download
 
     commit = revision.resolved
     try:
-        if config_only:
-            path = Path(hf_hub_download(ref.repo_id, "config.json", revision=commit, local_files_only=True)).parent
-        else:
-            path = Path(snapshot_download(ref.repo_id, revision=commit, allow_patterns=list(NEEDED),
-                                          local_files_only=True))
+        path = Path(snapshot_download(ref.repo_id, revision=commit, allow_patterns=wanted, local_files_only=True))
     except Exception as exc:  # noqa: BLE001
         raise not_cached(ref, exc) from None
     log(f"base model {ref.repo_id} (commit {commit[:12]}): from the Hugging Face cache, without asking the Hub "

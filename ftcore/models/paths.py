@@ -14,10 +14,12 @@ from ftcore.models.hub import check_remote_code, fetch_model, parse_hub_id
 
 
 def resolve_model_path(path: str, log: Callable[[str], None] = print, *, revision: str | None = None,
-                       trust_remote_code: bool = False) -> Path:
+                       trust_remote_code: bool = False, weights: bool = True) -> Path:
     """The model's local folder: a checked folder (config + safetensors weights), a Hub id fetched into the
     Hugging Face cache (``revision``: a branch, tag or commit; default the default branch), or a builtin model
-    built on first use. A model that needs its own code is refused unless ``trust_remote_code``."""
+    built on first use. A model that needs its own code is refused unless ``trust_remote_code``.
+    ``weights=False``: the config and tokenizer are enough (``ftcore prepare``); a Hub model's weights are not
+    downloaded."""
     if path.startswith(BUILTIN_PREFIX):
         name = path[len(BUILTIN_PREFIX):]
         if name not in BUILTINS:
@@ -26,8 +28,8 @@ def resolve_model_path(path: str, log: Callable[[str], None] = print, *, revisio
         return builtin_model(name, log)
     ref = parse_hub_id(path, revision)
     if ref is not None:
-        return check_model_folder(fetch_model(ref, log, trust_remote_code=trust_remote_code).path, str(ref),
-                                  trust_remote_code)
+        found = fetch_model(ref, log, trust_remote_code=trust_remote_code, weights=weights)
+        return check_model_folder(found.path, str(ref), trust_remote_code, weights)
     if revision:
         raise ConfigError(f"model.revision ({revision!r}) applies to a Hub id (org/name), and {path} is not one.")
     folder = Path(path).expanduser()
@@ -53,11 +55,11 @@ def resolve_run_model(model: Any, log: Callable[[str], None] = print) -> Path:
     return folder
 
 
-def check_model_folder(folder: Path, name: str, trust_remote_code: bool = False) -> Path:
+def check_model_folder(folder: Path, name: str, trust_remote_code: bool = False, weights: bool = True) -> Path:
     """Refuse a folder that is not a transformers model with safetensors weights, or that needs remote code."""
     if not (folder / "config.json").is_file():
         raise ConfigError(f"model folder {folder} has no config.json: it is not a transformers model folder.")
-    if not any(folder.glob("*.safetensors")):
+    if weights and not any(folder.glob("*.safetensors")):
         if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
             raise ConfigError(f"model folder {folder} has weights only as pickle files (*.bin/*.pt), which can run "
                               f"code when loaded; ftcore loads safetensors only (see docs/safety.md). Convert them "

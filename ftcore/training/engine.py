@@ -31,6 +31,7 @@ from ftcore.models.tokenizer import load_tokenizer
 from ftcore.registry.discovery import installed_entry_points
 from ftcore.registry.pluginset import PluginSet
 from ftcore.registry.resolution import resolve
+from ftcore.reporting.card import ensure_model_card
 from ftcore.reporting.progress import as_reporter
 from ftcore.reporting.report import write_report
 from ftcore.training import checkpoints, processes
@@ -143,6 +144,7 @@ def _train(ctx: RunContext, result: RunResult, guard: OutputGuard, resume_from: 
         return result
     write_json_atomic(out / runfolder.SUMMARY, result.as_dict())   # exporters find the finished run's summary
     failure = run_exporters(ctx, result)
+    ensure_model_card(ctx)   # README.md in adapter/ or model/, unless an exporter (hub-push) wrote it
     if config.report.enabled:
         result.report_path = write_report(result, config.to_dict(), built.samples, list(getattr(log, "warnings", [])))
     write_json_atomic(out / runfolder.SUMMARY, result.as_dict())
