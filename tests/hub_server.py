@@ -549,6 +549,9 @@ def patch_client(monkeypatch: Any, url: str, home: Path, offline: bool = False) 
               "HF_TOKEN_PATH": str(home / "token"), "HF_STORED_TOKENS_PATH": str(home / "stored_tokens")}
     for key, value in values.items():
         monkeypatch.setattr(constants, key, value)
+    from huggingface_hub import hf_api
+
+    monkeypatch.setattr(hf_api.api, "endpoint", url)   # the instance behind huggingface_hub.file_exists & co.
     cache = home / "datasets"
     for key, value in {"HF_ENDPOINT": url, "HUB_DATASETS_URL": url + "/datasets/{repo_id}/resolve/{revision}/{path}",
                        "HF_HUB_OFFLINE": offline, "HF_DATASETS_OFFLINE": offline, "HF_CACHE_HOME": str(home),

@@ -199,7 +199,7 @@ def test_a_model_that_needs_remote_code_is_refused_while_trust_remote_code_is_of
 
 # -- the environment a user sets ------------------------------------------------------------------
 
-def test_the_cli_honours_hf_endpoint_hf_home_and_hf_token_from_the_environment(hub, tiny_repo, tmp_path):
+def test_the_cli_honours_hf_endpoint_hf_home_hf_token_and_hf_hub_offline_from_the_environment(hub, tiny_repo, tmp_path):
     hub.add_folder("acme/gated", tiny_repo, gated="manual")
     hub.repos[("model", "acme/gated")].approved.add("alice")
     home = tmp_path / "elsewhere"
@@ -210,3 +210,9 @@ def test_the_cli_honours_hf_endpoint_hf_home_and_hf_token_from_the_environment(h
     assert json.loads(proc.stdout)["params"] > 0
     assert (home / "hub" / "models--acme--gated").is_dir()
     assert TOKEN not in proc.stdout + proc.stderr
+
+    hub.requests.clear()                              # HF_HUB_OFFLINE=1: the cached config, not a request
+    proc = subprocess.run([sys.executable, "-m", "ftcore.cli", "estimate", "--model", "acme/gated", "--json"],
+                          capture_output=True, text=True, env={**env, "HF_HUB_OFFLINE": "1"}, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert hub.requests == []

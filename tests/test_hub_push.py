@@ -33,7 +33,8 @@ def pushed(hub, repo_id, revision="main"):
 
 
 def test_a_finished_run_is_pushed_to_a_new_private_repository_with_its_card(hub, run_dir, token):
-    run_exporter("hub-push", run_dir, settings={"hub-push": {"repo_id": "alice/tiny-adapter"}})
+    lines = []
+    run_exporter("hub-push", run_dir, settings={"hub-push": {"repo_id": "alice/tiny-adapter"}}, log=lines.append)
     repo = hub.repos[("model", "alice/tiny-adapter")]
     assert repo.private                                           # private unless asked otherwise
     assert pushed(hub, "alice/tiny-adapter") == ADAPTER_FILES
@@ -46,6 +47,7 @@ def test_a_finished_run_is_pushed_to_a_new_private_repository_with_its_card(hub,
         "(training_loss.png)" in card and 'PeftModel.from_pretrained(base, "alice/tiny-adapter")' in card
     details = json.loads((run_dir / "summary.json").read_text())["export_details"]["hub-push"]
     assert details["commit"] == head.oid and details["new_commit"] and details["branch"] == "main"
+    assert f"hub-push: pushed 6 files to {hub.url}/alice/tiny-adapter (main, commit {head.oid[:12]})" in lines
     assert TOKEN not in "".join(p.read_text(errors="replace") for p in run_dir.rglob("*") if p.is_file())
 
 
@@ -62,10 +64,11 @@ def test_a_push_with_nothing_changed_makes_no_new_commit(hub, run_dir, token):
     assert not json.loads((run_dir / "summary.json").read_text())["export_details"]["hub-push"]["new_commit"]
 
 
-def test_a_branch_and_a_public_repository_on_request(hub, run_dir, token):
+def test_a_branch_a_public_repository_and_a_commit_message_on_request(hub, run_dir, token):
     run_exporter("hub-push", run_dir, settings={"hub-push": {"repo_id": "acme/tiny-adapter", "branch": "v1",
-                                                             "private": False}})
+                                                             "private": False, "commit_message": "first try"}})
     assert not hub.repos[("model", "acme/tiny-adapter")].private
+    assert hub.head("acme/tiny-adapter", "v1").message == "first try"
     assert pushed(hub, "acme/tiny-adapter", "v1") == ADAPTER_FILES
     assert pushed(hub, "acme/tiny-adapter", "main") == []         # the branch was made from main, main is untouched
 
@@ -129,8 +132,9 @@ def test_a_bad_token_or_no_write_access_is_a_clear_error_without_the_token(hub, 
     assert ("model", "acme/tiny-adapter") not in hub.repos
 
 
-def test_a_run_with_hub_push_stops_before_training_without_a_token_or_offline(hub, tiny_model_dir, alpaca_file,
-                                                                               tmp_path):
+def test_a_run_with_hub_push_stops_before_training_without_a_good_token_or_offline(hub, tiny_model_dir,
+                                                                                    alpaca_file, tmp_path,
+                                                                                    monkeypatch):
     from conftest import tiny_config
 
     config = {**tiny_config(tiny_model_dir, alpaca_file, tmp_path / "out"), "plugins": ["lora", "alpaca", "hub-push"],
@@ -140,6 +144,9 @@ def test_a_run_with_hub_push_stops_before_training_without_a_token_or_offline(hu
         ftcore.run(config, log=lambda m: None)
     with pytest.raises(ftcore.ConfigError, match="hub-push needs the repository to push to"):
         ftcore.run({**config, "hub-push": {}}, log=lambda m: None)
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_valid_token")
+    with pytest.raises(ftcore.ConfigError, match="refused the token .* Nothing was trained"):
+        ftcore.run(config, log=lambda m: None)
     hub.go_offline()
     with pytest.raises(ftcore.ConfigError, match="cannot push with HF_HUB_OFFLINE set"):
         ftcore.run(config, log=lambda m: None)
@@ -149,3 +156,35 @@ def test_a_run_with_hub_push_stops_before_training_without_a_token_or_offline(hu
 def test_repo_id_must_name_a_namespace(hub, run_dir, token):
     result = export_cli(run_dir, "just-a-name")
     assert result.exit_code == 2 and "hub-push.repo_id" in result.output and "namespace/name" in result.output
+
+
+def test_a_full_fine_tune_is_pushed_as_a_transformers_model(hub, tmp_path, tiny_model_dir, token):
+    run_dir = finished_run(tmp_path / "full", method="full", model=tiny_model_dir)
+    run_exporter("hub-push", run_dir, settings={"hub-push": {"repo_id": "alice/tiny-full"}})
+    files = pushed(hub, "alice/tiny-full")
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= set(files)
+    card = hub.file("alice/tiny-full", "README.md").decode()
+    assert "library_name: transformers" in card and 'AutoModelForCausalLM.from_pretrained("alice/tiny-full")' in card
+
+
+def with_exported_gguf(run_dir):
+    """The finished run as if gguf-export had written a file and its Modelfile (summary.json lists them)."""
+    folder = run_dir / "gguf"
+    folder.mkdir()
+    (folder / "run-q8_0.gguf").write_bytes(b"GGUF stand-in: hub-push uploads it as it is")
+    (folder / "Modelfile").write_text("FROM ./run-q8_0.gguf\n")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["exports"] = [str(folder / "run-q8_0.gguf"), str(folder / "Modelfile")]
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def test_the_gguf_file_goes_along_unless_left_out_and_is_required_when_asked(hub, run_dir, token):
+    with pytest.raises(ftcore.ConfigError, match="hub-push.gguf is true, and the run exported no GGUF file"):
+        run_exporter("hub-push", run_dir, settings={"hub-push": {"repo_id": "alice/a", "gguf": True}})
+    with_exported_gguf(run_dir)
+    run_exporter("hub-push", run_dir, settings={"hub-push": {"repo_id": "alice/with-gguf"}})
+    assert {"run-q8_0.gguf", "Modelfile"} <= set(pushed(hub, "alice/with-gguf"))
+    assert "--hf-file run-q8_0.gguf" in hub.file("alice/with-gguf", "README.md").decode()
+    run_exporter("hub-push", run_dir, settings={"hub-push": {"repo_id": "alice/without", "gguf": False}})
+    assert pushed(hub, "alice/without") == ADAPTER_FILES
+    assert "llama-cli" not in hub.file("alice/without", "README.md").decode()

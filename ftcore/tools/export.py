@@ -46,13 +46,15 @@ def export(model: str, output: str | None, plugins: list[str], *, base: str | No
         used = [n for n in runfolder.plugins_used(run_dir) if n not in plugins]
         raw.update(plugins=[*plugins, *used], output_dir=str(run_dir), overwrite=overwrite, resume=None)
         if base:
-            raw["model"] = {**(raw.get("model") or {}), "path": base}
+            # --base replaces the run's base, and the commit the run recorded for it
+            raw["model"] = {**(raw.get("model") or {}), "path": base, "revision": None}
     else:
         adapters = merging_plugins(model_dir, any_installed=True).names() if is_adapter else []
         chosen_adapter = adapters[:1] if is_adapter and not _names_an_adapter(plugins) else []
         raw = {"plugins": [*plugins, *chosen_adapter], "output_dir": str(Path(output).parent),
                "overwrite": overwrite,
-               "model": {"path": base} if base else _adapter_base(model_dir) if is_adapter else {"path": str(model_dir)}}
+               "model": ({"path": base} if base else _adapter_base(model_dir) if is_adapter
+                         else {"path": str(model_dir)})}
     if strict:
         raw["strict_exports"] = True
     config, chosen = resolve(deep_merge(raw, sets or {}), plugin_objects=plugin_objects, log=log, defaults=False)
@@ -67,9 +69,11 @@ def export(model: str, output: str | None, plugins: list[str], *, base: str | No
         merged = run_dir / runfolder.MERGED
         ctx.merged_dir = merged if (merged / "config.json").is_file() else None
     written: list[Path] = []
-    for paths in chosen.call_some(exporters, "ftcore_export", run_dir=run_dir or model_dir, model_dir=model_dir,
-                                  config=config, ctx=ctx):
-        written += [Path(p) for p in paths or []]
+    for _, answers in chosen.call_each("ftcore_export", exporters, run_dir=run_dir or model_dir, model_dir=model_dir,
+                                       config=config, ctx=ctx):
+        new = [Path(p) for paths in answers for p in paths or []]
+        written += new
+        ctx.result.exports += new   # the next exporter sees them (hub-push uploads a GGUF file written just now)
     if run_dir is not None and runfolder.read_summary(run_dir):
         ensure_model_card(ctx)   # a run from before model cards gets one
         _record(run_dir, written, ctx.result.export_details)

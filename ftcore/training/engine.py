@@ -160,9 +160,10 @@ def run_exporters(ctx: RunContext, result: RunResult) -> BaseException | None:
     so that the summary and report still get written."""
     with ctx.log.phase("exporting"):
         try:
-            for paths in ctx.plugins.hook.ftcore_export(run_dir=ctx.output_dir, model_dir=result.model_dir,
-                                                       config=ctx.config, ctx=ctx):
-                result.exports += [Path(p) for p in paths or []]
+            # exporter by exporter, so that later ones find the earlier ones' outputs in ctx.result.exports
+            for _, answers in ctx.plugins.call_each("ftcore_export", run_dir=ctx.output_dir,
+                                                    model_dir=result.model_dir, config=ctx.config, ctx=ctx):
+                result.exports += [Path(p) for paths in answers for p in paths or []]
         except Exception as exc:   # noqa: BLE001 - recorded, then raised again once the summary is written
             result.export_errors.append(f"{type(exc).__name__}: {exc}" if not isinstance(exc, FtcoreError)
                                         else str(exc))
