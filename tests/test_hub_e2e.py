@@ -155,3 +155,13 @@ def test_the_recipe_a_pushed_adapter_with_its_gguf_file_then_the_merged_model(hu
     pushed = AutoModelForCausalLM.from_pretrained("alice/tiny-merged").eval()
     local = AutoModelForCausalLM.from_pretrained(str(out / "merged")).eval()
     assert torch.equal(logits(pushed, ids), logits(local, ids))
+
+    # The adapter names its base by id and commit: merging and trying it need no --base.
+    assert CliRunner().invoke(main, ["merge", "--adapter", str(out / "adapter"), "--output",
+                                     str(tmp_path / "merged-again")]).exit_code == 0
+    again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged-again")).eval()
+    assert torch.equal(logits(again, ids), logits(local, ids))
+    result = CliRunner().invoke(main, ["generate", "--model", str(out / "adapter"), "-n", "3", "Add 1 and 2."])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["generate", "--model", "acme/tiny", "-n", "3", "Add 1 and 2."])
+    assert result.exit_code == 0, result.output
