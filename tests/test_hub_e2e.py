@@ -4,6 +4,7 @@ its config.yaml; and a run's pinned commit surviving a moved branch."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -76,6 +77,9 @@ def test_from_a_hub_id_to_a_pushed_adapter_that_peft_loads_by_id_then_repeated_o
         "acme/tiny", revision=base_commit.oid), ids))                                    # the adapter does something
     by_id_alone = AutoPeftModelForCausalLM.from_pretrained("alice/tiny-facts").eval()    # base found by its card's id
     assert torch.equal(logits(by_id_alone, ids), logits(local, ids))
+    scope = {}
+    exec(re.search(r"```python\n(.*?)```", hub.file("alice/tiny-facts", "README.md").decode(), re.S).group(1), scope)
+    assert torch.equal(logits(scope["model"].eval(), ids), logits(local, ids))           # the card's example, as written
 
     # The same run again, offline, from its config.yaml: everything comes from the caches, nothing from the Hub.
     hub.go_offline()

@@ -110,6 +110,13 @@ def test_offline_a_cached_model_is_used_without_asking_the_hub(hub, tiny_repo):
     assert "from the Hugging Face cache, without asking the Hub (HF_HUB_OFFLINE is set)" in lines[0]
 
 
+def test_prepare_fetches_the_tokenizer_and_not_the_weights(hub, tiny_repo, alpaca_file):
+    report = ftcore.prepare_data({"model": "acme/tiny", "plugins": ["alpaca"],
+                                  "data": {"datasets": [str(alpaca_file)], "val_size": 0}}, log=lambda m: None)
+    assert report.stats.records == 24
+    assert "tokenizer.json" in downloaded(hub) and "model.safetensors" not in downloaded(hub)
+
+
 def test_estimate_fetches_the_config_alone(hub, tiny_repo):
     result = ftcore.estimate("acme/tiny", log=lambda m: None)
     assert result["params"] > 0
