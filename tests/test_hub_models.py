@@ -117,6 +117,19 @@ def test_prepare_fetches_the_tokenizer_and_not_the_weights(hub, tiny_repo, alpac
     assert "tokenizer.json" in downloaded(hub) and "model.safetensors" not in downloaded(hub)
 
 
+def test_a_hub_that_cannot_be_reached_falls_back_to_the_cache(hub, tiny_repo, monkeypatch):
+    from hub_server import patch_client
+
+    path = resolve_model_path("acme/tiny", lambda m: None)
+    patch_client(monkeypatch, "http://127.0.0.1:9", hub.home)     # nothing listens there: connection refused
+    lines = []
+    assert resolve_model_path("acme/tiny", lines.append) == path
+    assert "from the Hugging Face cache, without asking the Hub (the Hub could not be reached)" in lines[0]
+    with pytest.raises(ftcore.ConfigError, match=r"model acme/other is not in the Hugging Face cache .*, and the Hub "
+                                                 r"\(http://127.0.0.1:9\) could not be reached"):
+        resolve_model_path("acme/other", lambda m: None)
+
+
 def test_estimate_fetches_the_config_alone(hub, tiny_repo):
     result = ftcore.estimate("acme/tiny", log=lambda m: None)
     assert result["params"] > 0

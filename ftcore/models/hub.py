@@ -298,8 +298,9 @@ def not_cached(ref: HubRef, exc: BaseException, kind: str = "model") -> ConfigEr
 
     why = ("HF_HUB_OFFLINE is set" if offline() else
            f"the Hub ({endpoint()}) could not be reached ({type(exc).__name__})")
-    return ConfigError(f"{kind} {ref} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}), and {why}. "
-                       f"Fetch it once with network access (HF_HUB_OFFLINE unset), or pass a local folder.")
+    return ConfigError(f"{kind} {ref} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}), and {why}; "
+                       f"there is no local folder {ref.repo_id} either. Fetch it once with network access "
+                       f"(HF_HUB_OFFLINE unset), or pass a local folder.")
 
 
 def closest(repo_id: str, kind: str = "model") -> str:
