@@ -177,11 +177,12 @@ def _cached(ref: HubRef, revision: Any, log: Callable[[str], None], wanted: list
     """The model's ``wanted`` files from the cache alone (offline, or the Hub unreachable); a clear error when
     they are not there."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     commit = revision.resolved
     try:
         path = Path(snapshot_download(ref.repo_id, revision=commit, allow_patterns=wanted, local_files_only=True))
-    except Exception as exc:  # noqa: BLE001
+    except LocalEntryNotFoundError as exc:   # not there, or only part of it (IncompleteSnapshotError)
         raise not_cached(ref, exc) from None
     log(f"base model {ref.repo_id} (commit {commit[:12]}): from the Hugging Face cache, without asking the Hub "
         f"({'HF_HUB_OFFLINE is set' if offline() else 'the Hub could not be reached'})")
