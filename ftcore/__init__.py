@@ -16,6 +16,7 @@ from ftcore.models.paths import resolve_model_path
 from ftcore.models.peft_merge import merge_peft_adapter
 from ftcore.registry.pluginset import PluginSet
 from ftcore.registry.resolution import resolve
+from ftcore.reporting.card import write_model_card
 from ftcore.reporting.progress import Reporter, make_reporter
 from ftcore.tools.adapter_merge import merge_adapter
 from ftcore.tools.estimate import estimate
@@ -34,7 +35,7 @@ __all__ = [
     "FtcoreError", "ConfigError", "DataError", "PluginError", "OutputError",
     # helpers plugins use
     "write_text_atomic", "write_json_atomic", "atomic_folder", "deep_merge", "resolve_model_path", "load_base_model",
-    "merge_peft_adapter", "merge_adapter",
+    "merge_peft_adapter", "merge_adapter", "write_model_card",
     # the library behind each command
     "run", "resolve", "prepare_data", "export", "estimate", "load_for_generation", "generate_ids", "complete",
     "ChatSession", "Reporter", "make_reporter",

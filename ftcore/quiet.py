@@ -15,7 +15,8 @@ def quiet_loggers() -> None:
     warnings.filterwarnings("ignore", message=".*kernels.*")
     # Expected when a format adds tokens: the resized embeddings are saved with the adapter on purpose.
     warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
-    for name in ("bitsandbytes", "DeepSpeed", "deepspeed", "accelerate", "torch.distributed"):
+    # huggingface_hub's notes (a cached commit used offline, an unchanged file not uploaded) are said by ftcore itself.
+    for name in ("bitsandbytes", "DeepSpeed", "deepspeed", "accelerate", "torch.distributed", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
     # DeepSpeed sets its logger back to INFO when it is imported (transformers imports it for every run where it
     # is installed) and then says it found no GPU; a filter survives that reset.

@@ -63,3 +63,29 @@ def tiny_config(model_dir: Path, data: Path, out: Path, **training) -> dict:
     t.update(training)
     return {"model": str(model_dir), "data": {"datasets": [str(data)], "max_length": 128, "val_size": 4},
             "training": t, "output_dir": str(out)}
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A local Hub on 127.0.0.1 (tests/hub_server.py) that the real huggingface_hub client talks to, with an
+    empty Hugging Face cache of its own; user "alice" (token ``hub_server.TOKEN``) writes to alice/* and acme/*.
+
+    No token is set: a test that needs one sets HF_TOKEN. ``hub.env`` is the same setup as environment
+    variables for a subprocess; ``hub.go_offline()`` sets HF_HUB_OFFLINE for this process and ``hub.env``.
+    """
+    from hub_server import TOKEN, HubServer, client_settings, patch_client
+
+    home = tmp_path / "hf-home"
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with HubServer(tmp_path / "hub-server") as state:
+        state.add_user("alice", TOKEN, orgs=("acme",))
+        state.home = home
+        state.env = client_settings(state.url, home)
+
+        def go_offline():
+            patch_client(monkeypatch, state.url, home, offline=True)
+            state.env = client_settings(state.url, home, offline=True)
+
+        state.go_offline = go_offline
+        patch_client(monkeypatch, state.url, home)
+        yield state

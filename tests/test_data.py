@@ -109,8 +109,9 @@ def test_a_datasets_library_name_loads_through_the_datasets_cache(tiny_model_dir
 
 
 def test_a_dataset_name_that_cannot_be_loaded_is_a_clear_error(tiny_model_dir):
-    # Names go to datasets.load_dataset; offline (as here) an unknown name must say so, not crash.
-    with pytest.raises(DataError, match="'nobody/no-such-dataset' is neither a local file nor a loadable"):
+    # Names go to datasets.load_dataset; offline (as here) an uncached name must say so, not crash.
+    with pytest.raises(DataError, match="dataset nobody/no-such-dataset is not in the datasets cache, and "
+                                        "HF_HUB_OFFLINE is set"):
         prep(tiny_model_dir, ["nobody/no-such-dataset"])
 
 

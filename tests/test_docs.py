@@ -61,6 +61,7 @@ def test_every_use_has_a_recipe_in_the_nav():
               "QLoRA on a 7B model on one 24 GB GPU": "recipes/qlora-7b-24gb.md",
               "Multi-GPU and multi-node with DeepSpeed": "recipes/multi-gpu-deepspeed.md",
               "Exporting to llama.cpp and Ollama": "recipes/llama-cpp-and-ollama.md",
+              "From a Hub id to a published adapter": "recipes/hub.md",
               "Embedding ftcore in an application": "recipes/embedding.md", "Writing a plugin": "plugins.md"}
     for title, page in wanted.items():
         assert nav.get(title) == page, title
@@ -68,6 +69,7 @@ def test_every_use_has_a_recipe_in_the_nav():
         assert (REPO / "docs" / page).is_file(), page
     words = {"recipes/qlora-7b-24gb.md": ("24 GB", "qlora"), "recipes/multi-gpu-deepspeed.md": ("--num-machines",),
              "recipes/llama-cpp-and-ollama.md": ("ollama", "gguf"), "recipes/embedding.md": ("ftcore.run(",),
+             "recipes/hub.md": ("hub-push", "HF_TOKEN", "model.revision", "base_model:"),
              "plugins.md": ("hookimpl", "entry-points")}
     for page, needed in words.items():
         text = (REPO / "docs" / page).read_text(encoding="utf-8").lower()

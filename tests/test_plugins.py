@@ -20,7 +20,7 @@ from ftcore.registry.selection import select
 
 BUNDLED = {"alpaca": "format", "chatml": "format", "lora": "adapter", "full": "adapter", "qlora": "adapter",
            "paged-adamw-8bit": "optimizer", "deepspeed-zero": "strategy", "gguf-export": "exporter",
-           "merge": "exporter"}
+           "merge": "exporter", "hub-push": "exporter"}
 
 
 def test_bundled_plugins_are_real_entry_points_of_the_installed_package():

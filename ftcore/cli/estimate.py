@@ -43,7 +43,8 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 @click.command("estimate")
-@click.option("--model", "-m", required=True, help="Model folder, its config.json, or ftcore:tiny-llama (no weights are read).")
+@click.option("--model", "-m", required=True, help="Model folder, its config.json, a Hub id (org/name[@revision]: "
+              "its config.json alone is fetched), or ftcore:tiny-llama (no weights are read).")
 @click.option("--plugins", "-p", default="", help="The run's plugins: every installed adapter method is shown side "
               "by side and the one named here is marked; an optimizer plugin named here sets the optimizer state; "
               "other plugins do not change the estimate.")

@@ -11,7 +11,8 @@ from ftcore.tools.adapter_merge import DTYPES
 @click.command("merge")
 @click.option("--adapter", "-a", "adapter", required=True, help="Adapter folder (a run's output/adapter).")
 @click.option("--output", "-o", required=True, help="Folder to write the merged model to (must not exist).")
-@click.option("--base", "-b", help="Base model folder (or ftcore:tiny-llama); default: the one the adapter names.")
+@click.option("--base", "-b", help="Base model folder, Hub id or ftcore:tiny-llama; default: the one the adapter "
+              "names.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="Weights dtype of the merged model; auto: the base's saved dtype. Never 4-bit.")
 @click.option("--plugins", "-p", help="Adapter plugin that trained the adapter; default: from the run's plugins.json.")

@@ -106,8 +106,8 @@ def progress_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The options of the commands that try a model (``generate``, ``chat``)."""
     options = [
-        click.option("--model", "-m", required=True, help="Base or merged model folder, an adapter folder, or a run's "
-                     "output directory."),
+        click.option("--model", "-m", required=True, help="Base or merged model folder or Hub id "
+                     "(org/name[@revision]), an adapter folder, or a run's output directory."),
         click.option("--adapter", "-a", help="Adapter folder to apply on top of --model."),
         click.option("--max-new-tokens", "-n", default=128, show_default=True, type=click.IntRange(1)),
         click.option("--temperature", "-t", default=0.0, show_default=True, type=click.FloatRange(0),

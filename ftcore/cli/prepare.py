@@ -12,7 +12,7 @@ from ftcore.cli.options import echo_err, run_flags, user_errors
 @click.command("prepare")
 @click.argument("config_file", required=False, type=click.Path(dir_okay=False))
 @click.option("--plugins", "-p", help="Comma-separated plugin names, e.g. lora,chatml.")
-@click.option("--model", "-m", help="Base model folder (only its tokenizer is loaded).")
+@click.option("--model", "-m", help="Base model folder or Hub id (only its tokenizer is loaded).")
 @click.option("--data", "-d", multiple=True, help="Training data file, glob or folder (repeatable).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
 @click.option("--show", "show", default=0, type=click.IntRange(min=0),

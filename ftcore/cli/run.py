@@ -14,7 +14,7 @@ from ftcore.config.layering import deep_merge
 @click.command("run")
 @click.argument("config_file", required=False, type=click.Path(dir_okay=False))
 @click.option("--plugins", "-p", help="Comma-separated plugin names, e.g. qlora,chatml.")
-@click.option("--model", "-m", help="Base model folder (or ftcore:tiny-llama).")
+@click.option("--model", "-m", help="Base model: a folder, a Hub id (org/name[@revision]) or ftcore:tiny-llama.")
 @click.option("--data", "-d", multiple=True, help="Training data file, glob or folder (repeatable).")
 @click.option("--output", "-o", help="Output directory.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",

@@ -22,8 +22,11 @@ PluginConfig = Section
 
 
 class ModelConfig(Section):
-    path: str = Field(description="Folder of a transformers model (config + safetensors + tokenizer), "
-                      "or `ftcore:tiny-llama` for the small model ftcore builds locally.")
+    path: str = Field(description="Folder of a transformers model (config + safetensors + tokenizer), a Hugging "
+                      "Face Hub id (`org/name`, or `org/name@revision`), or `ftcore:tiny-llama` for the small model "
+                      "ftcore builds locally.")
+    revision: str | None = Field(None, description="Branch, tag or commit of a Hub model (default: its default "
+                                 "branch). A run records the commit it used here, in its config.yaml.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype to load; auto follows training.precision.")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off: safe loading.")
@@ -35,6 +38,7 @@ class DatasetSpec(Section):
     format: str | None = Field(None, description="Format plugin for this dataset; default: the run's format plugin.")
     split: str = Field("train", description="Split to read from a datasets-library dataset.")
     name: str | None = Field(None, description="Configuration name of a datasets-library dataset.")
+    revision: str | None = Field(None, description="Branch, tag or commit of a dataset on the Hub.")
 
 
 class DataConfig(Section):

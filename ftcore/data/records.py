@@ -244,16 +244,39 @@ def _iter_saved(path: Path, spec: Any) -> Iterator[tuple[str, Any]]:
 
 
 def load_by_name(spec: Any) -> Any:
+    """A datasets-library dataset by name (a Hub id such as ``org/name``, at ``spec.revision``), through the
+    datasets cache; offline (HF_HUB_OFFLINE) the cached copy is used."""
     import datasets
 
     try:
-        return datasets.load_dataset(spec.path, spec.name, split=spec.split)
-    except Exception as exc:  # offline, not found, ...
-        raise DataError(f"dataset {spec.path!r} is neither a local file nor a loadable datasets-library "
-                        f"dataset ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).") from None
+        return datasets.load_dataset(spec.path, spec.name, split=spec.split, revision=getattr(spec, "revision", None))
+    except Exception as exc:  # offline, not found, gated, ...
+        raise DataError(dataset_error(spec, exc)) from None
 
 
 def _iter_hub_or_saved(spec: Any) -> Iterator[tuple[str, Any]]:
     ds = load_by_name(spec)
     for i, rec in enumerate(ds):
         yield f"{spec.path}[{spec.split} {i}]", rec
+
+
+def dataset_error(spec: Any, exc: BaseException) -> str:
+    """What went wrong loading a dataset by name, and what to do; the token is never shown."""
+    from ftcore.models.hub import endpoint, offline
+
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    page = f"{endpoint()}/datasets/{spec.path}"
+    if type(exc).__name__ == "DatasetNotFoundError":
+        if "gated" in text:
+            return (f"dataset {spec.path} is gated: accept its conditions at {page} (logged in), then give ftcore "
+                    f"your Hugging Face token (`hf auth login`, or HF_TOKEN). {text}")
+        if text.startswith("Revision"):
+            return f"dataset {spec.path} has no revision {spec.revision!r}: give a branch, tag or commit that exists."
+        return (f"data path {spec.path}: no local file or folder of that name, and no dataset {spec.path} on the Hub "
+                f"({endpoint()}), or it is private and your token cannot see it. Check data.datasets / --data.")
+    if isinstance(exc, ConnectionError):
+        why = "HF_HUB_OFFLINE is set" if offline() else f"the Hub ({endpoint()}) could not be reached"
+        return (f"dataset {spec.path} is not in the datasets cache, and {why}. Load it once with network access "
+                f"(HF_HUB_OFFLINE unset), or pass a local file.")
+    return (f"dataset {spec.path!r} is neither a local file nor a loadable datasets-library dataset "
+            f"({type(exc).__name__}: {text}).")

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ftcore.errors import ConfigError
+from ftcore.models.hub import parse_hub_id
 from ftcore.models.loading import load_pretrained_model, load_pretrained_tokenizer
+from ftcore.models.paths import resolve_model_path
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -54,6 +56,8 @@ def merge_peft_adapter(adapter_dir: str, base_path: str | None, dtype: str = "au
     from peft import PeftModel
 
     named = base_path or cfg.get("base_model_name_or_path")
+    if not base_path and named and parse_hub_id(named) is not None:   # recorded by id (ftcore does for Hub bases)
+        named = str(resolve_model_path(named, revision=cfg.get("revision")))
     base = Path(named) if named else None
     if base is None or not (base / "config.json").is_file():
         where = "given with --base" if base_path else f"recorded in {Path(adapter_dir) / 'adapter_config.json'}"

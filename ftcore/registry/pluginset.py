@@ -11,6 +11,7 @@ import functools
 import os
 import re
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import pluggy
@@ -78,10 +79,19 @@ class PluginSet:
         caller = self.pm.subset_hook_caller(hook_name, remove_plugins=others)
         return caller(**kwargs)
 
-    def call_some(self, names: list[str], hook_name: str, **kwargs: Any) -> Any:
-        """Call a hook on the named plugins only (e.g. the exporters a command names)."""
-        others = [p for n, p in self._objects.items() if n not in names]
-        return self.pm.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
+    def call_each(self, hook_name: str, names: list[str] | None = None, **kwargs: Any) -> Iterator[tuple[str, Any]]:
+        """Call a hook plugin by plugin (only the ``names`` given, if any), in the order one hook call takes
+        (``tryfirst`` first, ``trylast`` last), yielding ``(name, results)`` as each returns, so that the caller
+        can act on one plugin's answer before the next plugin runs (exporters see earlier exporters' outputs).
+        Wrapper implementations wrap each of the calls."""
+        impls = getattr(self.hook, hook_name).get_hookimpls()
+        wrappers = {i.plugin_name for i in impls if i.wrapper or i.hookwrapper}
+        for impl in reversed(impls):
+            name = impl.plugin_name
+            if name in wrappers or (names is not None and name not in names):
+                continue
+            others = [p for n, p in self._objects.items() if n != name and n not in wrappers]
+            yield name, self.pm.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
 
     def origin(self, name: str) -> str:
         """'package foo 1.2' for a plugin from an installed package, 'module bar' for another object."""

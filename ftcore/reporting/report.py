@@ -59,20 +59,24 @@ def plot_series(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple[in
     }
 
 
-def make_plots(rows: list[dict[str, Any]]) -> dict[str, bytes]:
-    """PNG bytes by name: loss (train and eval), learning_rate, throughput."""
-    series = plot_series(rows)
-    plots: dict[str, bytes] = {}
-
+def loss_plot(rows: list[dict[str, Any]]) -> bytes:
+    """The loss curve (train and eval loss by step) as PNG bytes; the model card shows it too."""
     fig, ax = _figure("Loss", "loss")
-    train, evals = series["loss"]["train loss"], series["loss"]["eval loss"]
+    series = plot_series(rows)["loss"]
+    train, evals = series["train loss"], series["eval loss"]
     if train:
         ax.plot(*zip(*train), label="train loss", color="#1f77b4")
     if evals:
         ax.plot(*zip(*evals), label="eval loss", color="#d62728", marker="o")
     if train or evals:
         ax.legend()
-    plots["loss"] = _png(fig)
+    return _png(fig)
+
+
+def make_plots(rows: list[dict[str, Any]]) -> dict[str, bytes]:
+    """PNG bytes by name: loss (train and eval), learning_rate, throughput."""
+    series = plot_series(rows)
+    plots: dict[str, bytes] = {"loss": loss_plot(rows)}
 
     fig, ax = _figure("Learning rate", "learning rate")
     lrs = series["learning_rate"]["learning rate"]

@@ -18,6 +18,7 @@ from ftcore import runfolder
 from ftcore.errors import ConfigError, PluginError
 from ftcore.files import atomic_folder
 from ftcore.models.builtin import BUILTIN_PREFIX
+from ftcore.models.hub import parse_hub_id
 from ftcore.models.loading import load_pretrained_tokenizer
 from ftcore.models.paths import resolve_model_path
 from ftcore.registry.discovery import hooks_of, installed_entry_points, load_entry_point
@@ -87,9 +88,10 @@ def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike,
     if out.exists() and not replace and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"output {out} already exists and is not empty; nothing is overwritten. "
                           f"Choose another --output or remove it.")
-    if base and not base.startswith(BUILTIN_PREFIX) and not (Path(base) / "config.json").is_file():
+    if base and not base.startswith(BUILTIN_PREFIX) and parse_hub_id(base) is None \
+            and not (Path(base) / "config.json").is_file():
         raise ConfigError(f"base model {base} (--base) is not a model folder: no config.json there. Pass --base "
-                          f"with the folder of the model the adapter was trained on.")
+                          f"with the folder (or Hub id) of the model the adapter was trained on.")
     base_path = str(resolve_model_path(base, log)) if base else None
     chosen = plugins if isinstance(plugins, PluginSet) else merging_plugins(adapter, plugins)
     model = merged_model(adapter, base_path, dtype, chosen, ctx)

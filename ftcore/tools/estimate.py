@@ -27,6 +27,7 @@ from ftcore.config.layering import deep_merge
 from ftcore.config.validation import validate
 from ftcore.errors import ConfigError, PluginError
 from ftcore.models.builtin import BUILTIN_PREFIX
+from ftcore.models.hub import fetch_config, parse_hub_id
 from ftcore.models.paths import resolve_model_path
 from ftcore.registry.discovery import identify, installed_entry_points
 from ftcore.registry.resolution import plugin_schemas
@@ -100,20 +101,25 @@ class Estimate:
 # -- reading the model's config ------------------------------------------------------
 
 def load_config(model: str | Path | dict[str, Any], log: Callable[[str], None] = print) -> Any:
-    """A transformers config from a model folder, a config.json path, a builtin name or a dict."""
+    """A transformers config from a model folder, a config.json path, a Hub id, a builtin name or a dict."""
     from transformers import AutoConfig
 
     if isinstance(model, dict):
         data = dict(model)
     else:
         text = str(model)
-        path = (resolve_model_path(text, log=log) if text.startswith(BUILTIN_PREFIX)
-                else Path(text).expanduser())
+        ref = parse_hub_id(text)
+        if ref is not None:
+            path = fetch_config(ref, log)   # config.json alone: no weights are downloaded
+        elif text.startswith(BUILTIN_PREFIX):
+            path = resolve_model_path(text, log=log)
+        else:
+            path = Path(text).expanduser()
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
             raise ConfigError(f"--model {text}: no such model folder or config.json. Pass a model folder, the "
-                              f"path of its config.json, or ftcore:tiny-llama.")
+                              f"path of its config.json, a Hub id (org/name), or ftcore:tiny-llama.")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:

@@ -17,8 +17,10 @@ from ftcore import runfolder
 from ftcore.config.layering import deep_merge
 from ftcore.errors import ConfigError, PluginError
 from ftcore.files import write_json_atomic
+from ftcore.models.hub import parse_hub_id
 from ftcore.registry.discovery import hooks_of, installed_entry_points, load_entry_point
 from ftcore.registry.resolution import resolve
+from ftcore.reporting.card import ensure_model_card
 from ftcore.tools.adapter_merge import merging_plugins
 from ftcore.types import RunContext, RunResult
 
@@ -44,13 +46,15 @@ def export(model: str, output: str | None, plugins: list[str], *, base: str | No
         used = [n for n in runfolder.plugins_used(run_dir) if n not in plugins]
         raw.update(plugins=[*plugins, *used], output_dir=str(run_dir), overwrite=overwrite, resume=None)
         if base:
-            raw["model"] = {**(raw.get("model") or {}), "path": base}
+            # --base replaces the run's base, and the commit the run recorded for it
+            raw["model"] = {**(raw.get("model") or {}), "path": base, "revision": None}
     else:
         adapters = merging_plugins(model_dir, any_installed=True).names() if is_adapter else []
         chosen_adapter = adapters[:1] if is_adapter and not _names_an_adapter(plugins) else []
         raw = {"plugins": [*plugins, *chosen_adapter], "output_dir": str(Path(output).parent),
                "overwrite": overwrite,
-               "model": {"path": base or (_adapter_base(model_dir) if is_adapter else str(model_dir))}}
+               "model": ({"path": base} if base else _adapter_base(model_dir) if is_adapter
+                         else {"path": str(model_dir)})}
     if strict:
         raw["strict_exports"] = True
     config, chosen = resolve(deep_merge(raw, sets or {}), plugin_objects=plugin_objects, log=log, defaults=False)
@@ -65,10 +69,13 @@ def export(model: str, output: str | None, plugins: list[str], *, base: str | No
         merged = run_dir / runfolder.MERGED
         ctx.merged_dir = merged if (merged / "config.json").is_file() else None
     written: list[Path] = []
-    for paths in chosen.call_some(exporters, "ftcore_export", run_dir=run_dir or model_dir, model_dir=model_dir,
-                                  config=config, ctx=ctx):
-        written += [Path(p) for p in paths or []]
+    for _, answers in chosen.call_each("ftcore_export", exporters, run_dir=run_dir or model_dir, model_dir=model_dir,
+                                       config=config, ctx=ctx):
+        new = [Path(p) for paths in answers for p in paths or []]
+        written += new
+        ctx.result.exports += new   # the next exporter sees them (hub-push uploads a GGUF file written just now)
     if run_dir is not None and runfolder.read_summary(run_dir):
+        ensure_model_card(ctx)   # a run from before model cards gets one
         _record(run_dir, written, ctx.result.export_details)
     return written
 
@@ -115,8 +122,10 @@ def _model_folder(path: Path) -> Path:
     return path
 
 
-def _adapter_base(adapter_dir: Path) -> str:
-    found = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+def _adapter_base(adapter_dir: Path) -> dict[str, Any]:
+    """The ``model`` section for the base an adapter names (a folder, or a Hub id with its commit)."""
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    found = cfg.get("base_model_name_or_path")
     if not found:
         raise ConfigError(f"{adapter_dir}/adapter_config.json names no base model: pass it with --base.")
-    return found
+    return {"path": found, "revision": cfg.get("revision")} if parse_hub_id(found) else {"path": found}

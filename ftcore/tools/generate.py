@@ -13,6 +13,7 @@ from typing import Any
 
 from ftcore import runfolder
 from ftcore.errors import ConfigError
+from ftcore.models.hub import parse_hub_id
 from ftcore.models.loading import load_pretrained_model, load_pretrained_tokenizer
 from ftcore.models.paths import resolve_model_path
 from ftcore.tools.adapter_merge import merged_model, tokenizer_for
@@ -22,7 +23,7 @@ GENERATION_ORDER = (runfolder.MODEL, runfolder.MERGED, runfolder.ADAPTER)   # wh
 
 def locate(model: str, adapter: str | None = None) -> tuple[Path, Path | None]:
     """``(base_or_merged_dir, adapter_dir)`` from what the user passed."""
-    if model.startswith("ftcore:"):
+    if model.startswith("ftcore:") or parse_hub_id(model) is not None:
         return resolve_model_path(model), _adapter_folder(adapter)
     model_dir = Path(model).expanduser()
     if not model_dir.exists():
@@ -52,9 +53,10 @@ def _adapter_folder(adapter: str | None) -> Path | None:
 
 
 def _adapter_base(adapter_dir: Path) -> Path:
-    base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if base and str(base).startswith("ftcore:"):
-        return resolve_model_path(base)
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if base and (str(base).startswith("ftcore:") or parse_hub_id(str(base)) is not None):
+        return resolve_model_path(base, revision=cfg.get("revision"))
     if not base or not Path(base).exists():
         raise ConfigError(f"adapter {adapter_dir} names base model {base!r}, which is not a folder here: "
                           f"pass the base model folder with --model and the adapter with --adapter.")

@@ -45,7 +45,8 @@ def prepare_data(source: Any = None, *, flags: dict[str, Any] | None = None, plu
     log = log or _stderr
     quiet_libraries()
     config, chosen = resolve(source, deep_merge(flags or {}, overrides), plugins, log)
-    model_path = resolve_model_path(config.model.path, log)
+    model_path = resolve_model_path(config.model.path, log, revision=config.model.revision,
+                                    trust_remote_code=config.model.trust_remote_code, weights=False)
     tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
     ctx = RunContext(config=config, plugins=chosen, output_dir=Path(config.output_dir), log=log,
                      model_path=model_path, tokenizer=tokenizer)

@@ -27,11 +27,12 @@ from ftcore.errors import ConfigError, FtcoreError, Interrupted, PluginError, St
 from ftcore.files import write_json_atomic
 from ftcore.models.licence import base_model_licence
 from ftcore.models.licence import describe as describe_licence
-from ftcore.models.paths import resolve_model_path
+from ftcore.models.paths import resolve_run_model
 from ftcore.models.tokenizer import load_tokenizer
 from ftcore.registry.discovery import installed_entry_points
 from ftcore.registry.pluginset import PluginSet
 from ftcore.registry.resolution import resolve
+from ftcore.reporting.card import ensure_model_card
 from ftcore.reporting.progress import as_reporter
 from ftcore.reporting.report import write_report
 from ftcore.training import checkpoints, processes
@@ -113,7 +114,7 @@ def _execute(config: RunConfig, plugins: PluginSet, log: Callable[[str], None], 
                      rank=processes.rank(), world_size=processes.world_size())
     if not ctx.is_main_process:
         ctx.log = as_reporter(processes.rank_prefixed(log))
-    ctx.model_path = resolve_model_path(config.model.path, ctx.log)
+    ctx.model_path = resolve_run_model(config.model, ctx.log)   # a Hub model's commit is pinned in config.model
     ctx.base_model_license = base_model_licence(ctx.model_path)
     ctx.log(describe_licence(ctx.base_model_license, ctx.model_path))
     out = ctx.output_dir
@@ -181,6 +182,7 @@ def _train(ctx: RunContext, result: RunResult, guard: OutputGuard, resume_from: 
     with stopped_while_finishing(ctx, "writing the summary, exports and report"):
         write_json_atomic(out / runfolder.SUMMARY, result.as_dict())   # exporters find the finished run's summary
         failure = run_exporters(ctx, result)
+        ensure_model_card(ctx)   # README.md in adapter/ or model/, unless an exporter (hub-push) wrote it
         if config.report.enabled:
             result.report_path = write_report(result, config.to_dict(), built.samples,
                                               list(getattr(log, "warnings", [])))
@@ -224,9 +226,10 @@ def run_exporters(ctx: RunContext, result: RunResult) -> BaseException | None:
     so that the summary and report still get written."""
     with ctx.log.phase("exporting"):
         try:
-            for paths in ctx.plugins.hook.ftcore_export(run_dir=ctx.output_dir, model_dir=result.model_dir,
-                                                       config=ctx.config, ctx=ctx):
-                result.exports += [Path(p) for p in paths or []]
+            # exporter by exporter, so that later ones find the earlier ones' outputs in ctx.result.exports
+            for _, answers in ctx.plugins.call_each("ftcore_export", run_dir=ctx.output_dir,
+                                                    model_dir=result.model_dir, config=ctx.config, ctx=ctx):
+                result.exports += [Path(p) for paths in answers for p in paths or []]
         except Exception as exc:   # noqa: BLE001 - recorded, then raised again once the summary is written
             result.export_errors.append(f"{type(exc).__name__}: {exc}" if not isinstance(exc, FtcoreError)
                                         else str(exc))
