@@ -8,7 +8,7 @@ import gguf
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from gguf_models import CHATML, SAMPLES, build, chat_tokenizer, spm_tokenizer
+from gguf_models import CHATML, SAMPLES, build, build_arch, chat_tokenizer, spm_tokenizer
 
 import ftcore
 from ftcore.cli import main
@@ -123,16 +123,66 @@ def test_unsupported_architecture_is_refused_before_any_weight_is_read(tmp_path,
         raise AssertionError("weights were read")
 
     monkeypatch.setattr(writer_mod, "tensors_in_folder", no_reading)
-    with pytest.raises(ftcore.ConfigError, match="supports: llama, mistral, qwen2"):
+    with pytest.raises(ftcore.ConfigError, match="supports: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3"):
         export_gguf(folder, tmp_path / "out.gguf", **QUIET)
     assert not list(tmp_path.glob("*.gguf")) and not (tmp_path / "Modelfile").exists()
+
+
+@pytest.mark.parametrize(("model_type", "settings", "says"), [
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0}, "sliding-window attention"),
+    ("gemma2", {"query_pre_attn_scalar": 24}, "query_pre_attn_scalar=24"),
+    ("gemma2", {"tie_word_embeddings": False}, "tie_word_embeddings: false"),
+    ("gemma3_text", {"layer_types": ["full_attention", "sliding_attention"]}, "every sixth layer global"),
+    ("gemma3_text", {"final_logit_softcapping": 30.0}, "caps its logits"),
+    ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope scaling 'longrope'"),
+])
+def test_configurations_llama_cpp_computes_differently_are_refused(model_type, settings, says):
+    hparams = {"model_type": model_type, "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+               "head_dim": 16, "query_pre_attn_scalar": 16, **settings}
+    with pytest.raises(ftcore.ConfigError, match=f"{model_type} model|{says}") as caught:
+        arch_mod.check(hparams, "MODEL")
+    assert says in str(caught.value) and "MODEL" in str(caught.value)
+
+
+def test_phi3_without_endoftext_is_refused_before_writing(tmp_path):
+    folder = build(tmp_path / "phi3", spm_tokenizer(), "phi3", hidden=32, layers=1, heads=2, kv_heads=1)
+    with pytest.raises(ftcore.ConfigError, match=r"needs the token\(s\) <\|endoftext\|>"):
+        export_gguf(folder, tmp_path / "out.gguf", **QUIET)
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_phi3_file_name_tells_llama_cpp_how_its_special_tokens_strip(tmp_path):
+    """llama.cpp applies Phi-3's rstrip to special tokens when general.name says phi3 (checked in llama.cpp:
+    tests/test_gguf_llama_cpp.py renders and tokenizes the phi3 chat template like transformers)."""
+    folder = build_arch(tmp_path / "model", "phi3", hidden=32, layers=1, heads=2, kv_heads=1)
+    out = tmp_path / "bot.gguf"
+    export_gguf(folder, out, quant="f16", modelfile=False, name="bot", **QUIET)
+    assert fields(out)[1]["general.name"] == "bot (phi3)"
+    rstrip = {"<s>": False, "<|endoftext|>": False, "<|user|>": True}
+    assert arch_mod.file_name(arch_mod.ARCHS["phi3"], "Phi-3-mini-ft", rstrip, "M") == "Phi-3-mini-ft"
+    assert arch_mod.file_name(arch_mod.ARCHS["phi3"], "bot", {"<|user|>": False}, "M") == "bot"
+    with pytest.raises(ftcore.ConfigError, match="cannot follow"):
+        arch_mod.file_name(arch_mod.ARCHS["phi3"], "bot", {"<|user|>": True, "<|end|>": False}, "M")
+
+
+def test_gemma_norms_are_offset_by_one_for_llama_cpp(tmp_path):
+    from safetensors.numpy import load_file
+
+    folder = build_arch(tmp_path / "model", "gemma2", layers=1)
+    out = tmp_path / "gemma.gguf"
+    export_gguf(folder, out, quant="f32", modelfile=False, **QUIET)
+    tensors = {t.name: np.array(t.data) for t in gguf.GGUFReader(out).tensors}
+    hf = load_file(str(folder / "model.safetensors"))
+    assert np.array_equal(tensors["blk.0.post_ffw_norm.weight"], hf["model.layers.0.post_feedforward_layernorm.weight"] + 1)
+    assert np.array_equal(tensors["blk.0.attn_q.weight"], hf["model.layers.0.self_attn.q_proj.weight"])
+    assert "output.weight" not in tensors and fields(out)[1]["gemma2.attention.sliding_window"] == 6
 
 
 def test_run_with_an_unsupported_model_stops_before_training(tmp_path, alpaca_file):
     folder = gpt2_dir(tmp_path)
     config = {"plugins": ["lora", "alpaca", "gguf-export"], "model": str(folder),
               "data": {"datasets": [str(alpaca_file)]}, "output_dir": str(tmp_path / "run")}
-    with pytest.raises(ftcore.ConfigError, match="GGUF export supports: llama, mistral, qwen2"):
+    with pytest.raises(ftcore.ConfigError, match="GGUF export supports: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3"):
         ftcore.run(config, **QUIET)
     assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
@@ -242,7 +292,7 @@ def test_export_command_user_errors(llama_dir, tmp_path):
     assert result.exit_code == 2 and "no exporter plugin" in result.output
     result = runner.invoke(main, ["export", "--plugins", "gguf-export", "--model", str(gpt2_dir(tmp_path)),
                                   "--output", str(tmp_path / "x.gguf")])
-    assert result.exit_code == 2 and "supports: llama, mistral, qwen2" in result.output
+    assert result.exit_code == 2 and "supports: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "x.gguf").exists()
 
 

@@ -130,8 +130,9 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, *, quan
     if embed is None:
         raise ConfigError(f"gguf-export: {model_dir}: no token embedding (embed_tokens.weight) found.")
     vocab = vocab_mod.from_tokenizer(tokenizer, embed.shape[0], str(model_dir))
+    arch_mod.check_vocab(arch, vocab.tokens, str(model_dir))
     planned = writer.plan(tensors, hparams, arch, quant)
-    label = name or model_dir.name
+    label = arch_mod.file_name(arch, name or model_dir.name, vocab.rstrip, str(model_dir))
     log(f"gguf-export: writing {output} ({arch.gguf_arch}, {quant}, {len(planned)} tensors)")
     written = [writer.write(output, arch, hparams, vocab, planned, quant, label, log)]
     if modelfile:

@@ -43,6 +43,7 @@ class Vocab:
     add_eos: bool = False
     add_space_prefix: bool | None = None
     chat_template: str | None = None
+    rstrip: dict[str, bool] = field(default_factory=dict)   # special token -> whether it eats the spaces after it
 
     def write(self, writer: Any) -> None:
         writer.add_tokenizer_model(self.model)
@@ -117,6 +118,7 @@ def from_tokenizer(tokenizer: Any, n_vocab: int, where: str) -> Vocab:
     probe = tokenizer("a")["input_ids"]
     vocab.add_bos = bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
     vocab.add_eos = bool(probe) and tokenizer.eos_token_id is not None and probe[-1] == tokenizer.eos_token_id
+    vocab.rstrip = {a["content"]: bool(a.get("rstrip")) for a in added.values() if a.get("special")}
     template = getattr(tokenizer, "chat_template", None)
     vocab.chat_template = template if isinstance(template, str) else None
     return vocab

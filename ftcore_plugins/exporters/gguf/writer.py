@@ -178,7 +178,7 @@ def write(output: Path, arch: arch_mod.Arch, hparams: dict[str, Any], vocab: Voc
     writer = gguf.GGUFWriter(path=None, arch=arch.gguf_arch)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
-    arch_mod.write_metadata(writer, hparams, len(vocab.tokens))
+    arch_mod.write_metadata(writer, arch, hparams, len(vocab.tokens))
     writer.add_file_type(file_type_of(quant))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab.write(writer)
