@@ -103,6 +103,21 @@ def _probes(roles: list[str]) -> list[list[dict[str, str]]]:
     return probes
 
 
+def turn_end_token(tokenizer: Any) -> str | None:
+    """The special token the chat template writes first after an assistant message (<|im_end|>, <end_of_turn>)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    answer = _msg("assistant", 2)["content"]
+    try:
+        text = tokenizer.apply_chat_template([_msg("user", 1), _msg("assistant", 2)], tokenize=False)
+    except Exception:   # a template that refuses this conversation has no turn end to find
+        return None
+    after = text.split(answer, 1)[1] if answer in text else ""
+    specials = {*tokenizer.all_special_tokens, *tokenizer.get_added_vocab()}
+    found = sorted((after.find(s), -len(s), s) for s in specials if s and s in after)
+    return found[0][2] if found else None
+
+
 def stop_tokens(shape: ChatShape | None, tokenizer: Any) -> list[str]:
     """EOS plus the special tokens that end an assistant turn (e.g. <|im_end|>, <|eot_id|>)."""
     stops = [tokenizer.eos_token] if getattr(tokenizer, "eos_token", None) else []
