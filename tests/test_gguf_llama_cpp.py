@@ -340,3 +340,123 @@ def test_qlora_run_exports_the_adapter_merged_into_the_unquantized_base(tiny_mod
         scale = float(np.abs(expected).max())
         assert float(np.abs(got - expected).max()) <= TOLERANCE["f32"] * scale
         assert float(np.abs(got - before).max()) > 100 * TOLERANCE["f32"] * scale   # the adapter changed it
+
+
+# -- k-quants and the parity check --------------------------------------------------------------
+
+PROMPTS = ["Say hello.", "Count to eight.", "Name the capital of France."]
+
+
+def parity_request(**kw):
+    from ftcore_plugins.exporters.gguf.parity import Request
+
+    return Request(PROMPTS, user_messages=True, **kw)
+
+
+@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
+def test_parity_of_full_precision_and_q8_0_exports_is_exact(memorizing_run, tmp_path, quant):
+    result, _ = memorizing_run
+    details = {}
+    export_gguf(result.model_dir, tmp_path / f"{quant}.gguf", quant=quant, modelfile=False,
+                parity=parity_request(), details=details, **QUIET)
+    assert details["passed"] and details["token_agreement"] == 1.0 and details["identical_continuations"] == "3/3"
+    assert details["prompt_tokens_identical"] is True
+
+
+@pytest.mark.parametrize("arch", list(ARCH_MODELS))
+def test_parity_holds_for_every_architecture_through_its_chat_template(tiny_models, tmp_path, arch):
+    """Prompts go through each family's chat template; llama.cpp tokenizes and continues them as transformers."""
+    details = {}
+    export_gguf(tiny_models[arch], tmp_path / "m.gguf", quant="f32", modelfile=False,
+                parity=parity_request(max_new_tokens=12), details=details, **QUIET)
+    assert details["passed"], details
+    assert details["token_agreement"] == 1.0 and details["prompt_tokens_identical"] is True
+
+
+@pytest.fixture(scope="session")
+def model_256(tmp_path_factory):
+    """Rows of 256 values: k-quants work in blocks of 256 (narrower rows fall back to other types)."""
+    return build(tmp_path_factory.mktemp("gguf-256") / "model", chat_tokenizer(), "llama", hidden=256, std=0.05)
+
+
+@pytest.mark.parametrize(("quant", "matrix_type"), [("q4_k_m", "Q4_K"), ("q5_k_m", "Q5_K"), ("q6_k", "Q6_K")])
+def test_k_quants_are_made_by_llama_cpp_and_report_their_agreement(model_256, tmp_path, quant, matrix_type):
+    out = tmp_path / f"m-{quant}.gguf"
+    details = {}
+    written = export_gguf(model_256, out, quant=quant, parity=parity_request(), details=details, **QUIET)
+    assert written == [out, tmp_path / "Modelfile"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", out.name]   # no source or partial left
+    reader = GGUFReader(out)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_up.weight"] == matrix_type
+    assert types["output.weight"] == "Q6_K" and types["blk.0.attn_norm.weight"] == "F32"
+    assert reader.fields["general.file_type"].contents() == {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}[quant]
+    assert 0.0 <= details["token_agreement"] <= 1.0 and details["quant"] == quant
+    assert details["min_agreement"] == {"q4_k_m": 0.8, "q5_k_m": 0.85, "q6_k": 0.9}[quant]
+    assert details["passed"] == (details["token_agreement"] >= details["min_agreement"])
+
+
+def test_k_quant_needs_llama_cpp_python_and_says_how_to_get_it(model_256, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)   # as if llama-cpp-python were not installed
+    with pytest.raises(ftcore.PluginError, match=r"pip install llama-cpp-python"):
+        export_gguf(model_256, tmp_path / "m.gguf", quant="q4_k_m", **QUIET)
+    assert list(tmp_path.iterdir()) == []
+    details = {}
+    export_gguf(model_256, tmp_path / "m.gguf", quant="q8_0", modelfile=False, parity=parity_request(),
+                details=details, **QUIET)
+    assert details["passed"] is False and "llama-cpp-python is not installed" in details["skipped"]
+
+
+def test_interrupted_k_quant_leaves_nothing_behind(model_256, tmp_path, monkeypatch):
+    from ftcore_plugins.exporters.gguf import llama_cpp_worker
+
+    def killed(request, timeout=None):
+        raise KeyboardInterrupt   # as if the user pressed Ctrl-C while llama.cpp quantized
+
+    monkeypatch.setattr(llama_cpp_worker, "run", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export_gguf(model_256, tmp_path / "m.gguf", quant="q6_k", modelfile=False, **QUIET)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture()
+def broken_rope(monkeypatch):
+    """The classic conversion bug: Llama's Q/K rows left in transformers' rotary order."""
+    from ftcore_plugins.exporters.gguf import arch as arch_mod
+
+    monkeypatch.setitem(arch_mod.ARCHS, "llama", arch_mod.Arch("llama", interleave_rotary=False))
+
+
+def test_a_file_that_generates_differently_is_a_warning_in_the_run(memorizing_run, tmp_path, broken_rope):
+    result, _ = memorizing_run
+    lines = []
+    ftcore.export(str(result.output_dir), str(tmp_path / "bad.gguf"), ["gguf-export"], log=lines.append,
+                  sets={"gguf-export": {"modelfile": False}})
+    warning = next(line for line in lines if line.startswith("warning: gguf-export: parity check"))
+    assert "token agreement" in warning and "below 95%" in warning
+    summary = json.loads((result.output_dir / "summary.json").read_text())
+    assert summary["export_details"]["gguf-export"]["passed"] is False
+    assert summary["export_details"]["gguf-export"]["file"] == str(tmp_path / "bad.gguf")
+
+
+def test_strict_parity_makes_a_failed_check_an_error(memorizing_run, tmp_path, broken_rope):
+    from click.testing import CliRunner
+
+    from ftcore.cli import main
+
+    result, _ = memorizing_run
+    out = tmp_path / "bad.gguf"
+    ran = CliRunner().invoke(main, ["export", "--plugins", "gguf-export", "--model", str(result.output_dir),
+                                    "--output", str(out), "--strict-parity", "--set", "gguf-export.modelfile=false"])
+    assert ran.exit_code == 2 and "parity check of bad.gguf failed" in ran.output and "Traceback" not in ran.output
+
+
+def test_run_records_parity_in_summary_and_report(memorizing_run):
+    result, _ = memorizing_run
+    details = result.export_details["gguf-export"]
+    assert details["passed"] and details["token_agreement"] == 1.0 and details["prompts"] == 3
+    assert details["stopped_at_end_of_turn"] == {"transformers": 3, "llama_cpp": 3}   # both stop at EOS
+    html = result.report_path.read_text()
+    assert 'id="exports"' in html and "token_agreement" in html and "identical_continuations" in html
