@@ -460,3 +460,78 @@ def test_run_records_parity_in_summary_and_report(memorizing_run):
     assert details["stopped_at_end_of_turn"] == {"transformers": 3, "llama_cpp": 3}   # both stop at EOS
     html = result.report_path.read_text()
     assert 'id="exports"' in html and "token_agreement" in html and "identical_continuations" in html
+
+
+# -- adapter-only GGUF ------------------------------------------------------------------------------
+
+def test_lora_adapter_file_applied_by_llama_cpp_matches_the_merged_model(lora_run, tiny_models, tmp_path):
+    written = ftcore.export(str(lora_run.output_dir), str(tmp_path), ["gguf-export"], log=lambda m: None,
+                            sets={"gguf-export": {"adapter": True, "quant": "f32"}})
+    adapter_file, base_file = tmp_path / "run-lora-f32.gguf", tmp_path / "llama-f32.gguf"
+    assert written == [base_file, adapter_file, tmp_path / "Modelfile"]
+    kv = {name: field.contents() for name, field in GGUFReader(adapter_file).fields.items()}
+    assert kv["general.type"] == "adapter" and kv["adapter.type"] == "lora" and kv["adapter.lora.alpha"] == 32.0
+    assert {"blk.0.attn_q.weight.lora_a", "blk.1.ffn_down.weight.lora_b"} <= {t.name for t in
+                                                                             GGUFReader(adapter_file).tensors}
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert f"\nFROM ./{base_file.name}\nADAPTER ./{adapter_file.name}\n" in modelfile
+    texts = SAMPLES[:2]
+    merged = merged_reference(lora_run, texts)
+    base = transformers_logits(tiny_models["llama"], texts)
+    applied = probe(base_file, [{"op": "logits", "ids": ids} for ids, _ in merged], lora=adapter_file)
+    for (ids, expected), (_, before), got in zip(merged, base, applied):
+        scale = float(np.abs(expected).max())
+        assert float(np.abs(got - expected).max()) <= TOLERANCE["f32"] * scale
+        assert float(np.abs(got - before).max()) > 100 * TOLERANCE["f32"] * scale   # the adapter is applied
+    summary = json.loads((lora_run.output_dir / "summary.json").read_text())
+    details = summary["export_details"]["gguf-export"]
+    assert details["adapter"] == str(adapter_file) and details["passed"] and details["token_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3"])
+def test_adapter_file_keeps_peft_scaling_rules(tiny_models, tmp_path, arch):
+    """rsLoRA, per-module ranks and alphas: llama.cpp's single alpha/rank is corrected inside B."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftcore.models.peft_merge import merge_peft_adapter
+    from ftcore_plugins.exporters.gguf import GgufExportConfig, export_lora_gguf
+
+    base_dir = tiny_models[arch]
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if arch == "phi3" else "all-linear"
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=targets,
+                                                  rank_pattern={"o_proj": 2}, alpha_pattern={"down_proj": 3}))
+    torch.manual_seed(2)
+    with torch.no_grad():   # stands in for training: a non-zero update
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(adapter)
+    settings = GgufExportConfig(adapter=True, quant="f32", modelfile=False)
+    [base_file, adapter_file] = export_lora_gguf(adapter, tmp_path / "out" / "m-f32.gguf", settings,
+                                                 base=str(base_dir), **QUIET)
+    merged = merge_peft_adapter(str(adapter), str(base_dir), "float32")
+    merged.save_pretrained(tmp_path / "merged")
+    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(tmp_path / "merged")
+    references = transformers_logits(tmp_path / "merged", SAMPLES[:2])
+    got = probe(base_file, [{"op": "logits", "ids": ids} for ids, _ in references], lora=adapter_file)
+    for (ids, expected), logits in zip(references, got):
+        assert float(np.abs(logits - expected).max()) <= TOLERANCE["f32"] * float(np.abs(expected).max())
+
+
+def test_adapter_file_is_refused_for_what_it_cannot_hold(tiny_models, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ftcore_plugins.exporters.gguf import GgufExportConfig, export_lora_gguf
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models["llama"]))
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)).save_pretrained(tmp_path / "a")
+    with pytest.raises(ftcore.ConfigError, match="DoRA"):
+        export_lora_gguf(tmp_path / "a", tmp_path / "m.gguf", GgufExportConfig(adapter=True),
+                         base=str(tiny_models["llama"]), **QUIET)
+    assert not list(tmp_path.glob("*.gguf"))

@@ -28,6 +28,12 @@ class GgufExportConfig(ftcore.PluginConfig):
     output: str | None = Field(None, description="The .gguf file to write; default RUN/gguf/NAME-QUANT.gguf.")
     name: str | None = Field(None, description="Model name in the file's metadata; default the run folder's name.")
     modelfile: bool = Field(True, description="Write an Ollama Modelfile next to the GGUF file.")
+    adapter: bool = Field(False, description=(
+        "Write a LoRA run's adapter as a GGUF adapter file (NAME-lora-f16.gguf) that llama.cpp applies to the base "
+        "model's GGUF (--lora, lora_path, Ollama's ADAPTER) instead of a merged model."))
+    base_gguf: str | None = Field(None, description=(
+        "With adapter: the base model's GGUF file the adapter goes with; default: ftcore writes it "
+        "(BASE-QUANT.gguf next to the adapter file)."))
     parity: bool = Field(True, description="After writing, generate greedily from a few prompts with transformers "
                                            "and llama.cpp and record how far they agree (needs llama-cpp-python).")
     parity_prompts: list[str] = Field(default_factory=list, description=(
@@ -60,8 +66,13 @@ def ftcore_run_started(config: Any, ctx: Any) -> None:
     arch.check(arch.read_config(base), str(base))
     settings: GgufExportConfig = config.section(NAME)
     kquant.require(settings.quant)
+    if settings.adapter and not ctx.plugins.hook.ftcore_merge_adapter.get_hookimpls():
+        raise ConfigError("gguf-export.adapter: true writes a LoRA adapter, and this run trains no adapter "
+                          f"({', '.join(ctx.plugins.names('adapter')) or 'no adapter plugin'}); set it to false.")
     output, _ = output_and_name(settings, Path(ctx.output_dir), None)
-    _check_free(output, output.parent / "Modelfile" if settings.modelfile else None, config.overwrite)
+    written = adapter_outputs(settings, output, base)[: 1 if settings.base_gguf else 2] if settings.adapter else [output]
+    for path in written:
+        _check_free(path, output.parent / "Modelfile" if settings.modelfile else None, config.overwrite)
 
 
 @ftcore.hookimpl
@@ -73,14 +84,79 @@ def ftcore_export(run_dir: Path, model_dir: Path, config: Any, ctx: Any) -> list
         ctx.log(f"gguf-export: using the merged model in {ctx.merged_dir}")
         source = Path(ctx.merged_dir)   # merged once already, by the merge exporter: no second merge
     details: dict[str, Any] = {}
-    written = export_gguf(source, output, quant=settings.quant, name=name, modelfile=settings.modelfile,
-                          overwrite=config.overwrite, base=config.model.path, merge=_merger(ctx), log=ctx.log,
-                          parity=parity_request(settings, ctx.result), details=details)
+    if settings.adapter:
+        written = export_lora_gguf(Path(model_dir), output, settings, base=config.model.path,
+                                   overwrite=config.overwrite, log=ctx.log, parity=parity_request(settings, ctx.result),
+                                   details=details)
+    else:
+        written = export_gguf(source, output, quant=settings.quant, name=name, modelfile=settings.modelfile,
+                              overwrite=config.overwrite, base=config.model.path, merge=_merger(ctx), log=ctx.log,
+                              parity=parity_request(settings, ctx.result), details=details)
     if details:
         if ctx.result is not None:
             ctx.result.export_details[NAME] = details
         report_parity(details, strict=config.strict_exports, log=ctx.log)
     return written
+
+
+def adapter_outputs(settings: GgufExportConfig, output: Path, base: Path) -> list[Path]:
+    """The adapter file and (unless ``base_gguf`` names one) the base's GGUF file, in the same folder."""
+    kind = "f32" if settings.quant == "f32" else "f16"
+    suffix = f"-{settings.quant}"
+    adapter = (output.with_name(f"{output.stem.removesuffix(suffix)}-lora-{kind}.gguf")
+               if output.stem.endswith(suffix) else output)   # a default name says the adapter's type instead
+    base_file = Path(settings.base_gguf) if settings.base_gguf else output.with_name(
+        f"{Path(base).name}-{settings.quant}.gguf")
+    return [adapter, base_file]
+
+
+def export_lora_gguf(adapter_dir: Path, output: Path, settings: GgufExportConfig, *, base: str | None,
+                     overwrite: bool = False, log: Callable[[str], None] = print, parity: Any = None,
+                     details: dict[str, Any] | None = None) -> list[Path]:
+    """Write the adapter in ``adapter_dir`` as a GGUF adapter file, with the base's GGUF beside it (unless
+    ``settings.base_gguf`` names one) and a Modelfile that puts them together; return the paths written."""
+    from transformers import AutoTokenizer
+
+    from ftcore_plugins.exporters.gguf import adapter as adapter_mod
+    from ftcore_plugins.exporters.gguf import arch as arch_mod
+    from ftcore_plugins.exporters.gguf import modelfile as mf
+
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ConfigError(f"gguf-export.adapter: {adapter_dir} is not a LoRA adapter folder (no "
+                          f"adapter_config.json); a full fine-tune is exported whole (gguf-export.adapter: false).")
+    base_path = ftcore.resolve_model_path(base, log) if base else _adapter_base(adapter_dir, log)
+    hparams = arch_mod.read_config(base_path)
+    arch = arch_mod.check(hparams, str(base_path))
+    adapter_mod.read_config(adapter_dir)
+    adapter_file, base_file = adapter_outputs(settings, output, base_path)
+    modelfile_path = adapter_file.parent / "Modelfile"
+    _check_free(adapter_file, modelfile_path if settings.modelfile else None, overwrite)
+    if settings.base_gguf and not base_file.is_file():
+        raise ConfigError(f"gguf-export.base_gguf: {base_file} does not exist.")
+    written = []
+    if not settings.base_gguf:
+        written += export_gguf(base_path, base_file, quant=settings.quant, modelfile=False, overwrite=overwrite,
+                               log=log)
+    kind = "f32" if settings.quant == "f32" else "f16"
+    name = settings.name or adapter_file.stem
+    written.append(adapter_mod.write(adapter_dir, adapter_file, arch, hparams, kind, name, log))
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    if settings.modelfile:
+        text = mf.modelfile_text(base_file, tokenizer, drop_bos=_adds_bos(tokenizer), adapter=adapter_file)
+        ftcore.write_text_atomic(modelfile_path, text)
+        written.append(modelfile_path)
+    log("gguf-export: wrote " + ", ".join(str(p) for p in written))
+    if parity is not None:
+        merged, _ = _peft_merge(adapter_dir, base_path)
+        found = check_parity(base_file, merged, tokenizer, parity, settings.quant, lora=adapter_file, log=log)
+        if details is not None:
+            details.update(found)
+    return written
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    probe = tokenizer("a")["input_ids"]
+    return bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
 
 
 def parity_request(settings: GgufExportConfig, result: Any) -> Any:

@@ -128,9 +128,14 @@ def stop_tokens(shape: ChatShape | None, tokenizer: Any) -> list[str]:
     return list(dict.fromkeys(stops))
 
 
-def modelfile_text(gguf_file: Path, tokenizer: Any, drop_bos: bool) -> str:
+def modelfile_text(gguf_file: Path, tokenizer: Any, drop_bos: bool, adapter: Path | None = None) -> str:
+    """The Modelfile for ``gguf_file`` (with the GGUF LoRA ``adapter`` on top, written beside the Modelfile)."""
     shape = chat_shape(tokenizer, drop_bos)
-    lines = [HEADER, "# Create the model with:  ollama create MODEL-NAME -f Modelfile", f"FROM ./{gguf_file.name}"]
+    here = adapter.parent if adapter is not None else gguf_file.parent
+    source = f"./{gguf_file.name}" if gguf_file.parent.resolve() == here.resolve() else str(gguf_file.resolve())
+    lines = [HEADER, "# Create the model with:  ollama create MODEL-NAME -f Modelfile", f"FROM {source}"]
+    if adapter is not None:
+        lines.append(f"ADAPTER ./{adapter.name}")
     if shape is not None:
         lines.append(f'TEMPLATE """{shape.go_template()}"""')
     elif getattr(tokenizer, "chat_template", None):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,14 +186,20 @@ def write(output: Path, arch: arch_mod.Arch, hparams: dict[str, Any], vocab: Voc
         shape, dtype, nbytes = t.info()
         writer.add_tensor_info(t.gguf_name, shape, np.dtype(dtype), nbytes, raw_dtype=t.qtype)
 
+    return write_atomically(writer, output, (t.array() for t in _progress(tensors, log)))
+
+
+def write_atomically(writer: Any, output: Path, arrays: Iterable[np.ndarray]) -> Path:
+    """Write a prepared GGUFWriter's header and ``arrays`` (one per tensor info, in order) to ``output``:
+    aside first, renamed only once every byte is on disk; nothing is left behind on failure."""
     tmp = partial_path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t in _progress(tensors, log):
-            writer.write_tensor_data(t.array())
+        for array in arrays:
+            writer.write_tensor_data(array)
         writer.flush()
         os.fsync(writer.fout[0].fileno())
         writer.close()
