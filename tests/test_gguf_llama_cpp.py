@@ -539,9 +539,10 @@ def test_adapter_file_is_refused_for_what_it_cannot_hold(tiny_models, tmp_path):
 
 # -- Ollama itself, where it is installed ------------------------------------------------------------
 
-@pytest.fixture()
-def ollama_server(tmp_path):
-    """`ollama serve` on a free port of 127.0.0.1 with its models in tmp_path; skipped where ollama is absent."""
+@pytest.fixture(scope="session")
+def ollama_server(tmp_path_factory):
+    """`ollama serve` on a free port of 127.0.0.1 with its models in a temporary folder; skipped where ollama
+    is absent (session-scoped, so that the skip comes before the fine-tune the test would use)."""
     import os
     import shutil
     import socket
@@ -555,7 +556,7 @@ def ollama_server(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "OLLAMA_HOST": f"127.0.0.1:{port}", "OLLAMA_MODELS": str(tmp_path / "models")}
+    env = {**os.environ, "OLLAMA_HOST": f"127.0.0.1:{port}", "OLLAMA_MODELS": str(tmp_path_factory.mktemp("ollama"))}
     server = subprocess.Popen(["ollama", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(100):
