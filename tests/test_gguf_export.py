@@ -387,3 +387,24 @@ def test_modelfile_template_with_a_closing_eos_renders_as_phi3s_own(ollama_rende
     for messages in CONVERSATIONS:
         expected = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert ollama_render(template, messages) == expected
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_large_tensors_are_converted_a_slice_at_a_time_to_the_same_bytes(llama_dir, tmp_path, monkeypatch, quant):
+    """The streaming path (benchmarks/gguf_export.py measures its memory) writes what a whole-tensor one does."""
+    whole = tmp_path / "whole.gguf"
+    export_gguf(llama_dir, whole, quant=quant, modelfile=False, **QUIET)
+    sliced_rows = []
+    real = writer_mod._lazy_rows
+
+    def counting(file, name):
+        load = real(file, name)
+        return lambda start, stop: sliced_rows.append((name, start, stop)) or load(start, stop)
+
+    monkeypatch.setattr(writer_mod, "CHUNK", 64 * 5)     # 5 rows of a 64-wide matrix at a time
+    monkeypatch.setattr(writer_mod, "_lazy_rows", counting)
+    sliced = tmp_path / "sliced.gguf"
+    export_gguf(llama_dir, sliced, quant=quant, modelfile=False, **QUIET)
+    assert ("model.embed_tokens.weight", 0, 5) in sliced_rows and len(sliced_rows) > 100
+    assert not any(".q_proj." in name for name, *_ in sliced_rows)   # reordered rows are converted whole
+    assert sliced.read_bytes() == whole.read_bytes()
