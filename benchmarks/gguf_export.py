@@ -101,14 +101,19 @@ def baseline_rss() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="4 layers instead of 16, to try the script")
+    parser.add_argument("--build", nargs=2, metavar=("FOLDER", "LAYERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build:   # in its own process: Linux hands a parent's peak memory down to the children it starts
+        build_model(Path(args.build[0]), int(args.build[1]))
+        return
     layers = 4 if args.quick else SHAPE["num_hidden_layers"]
     model = WORK / f"llama-1b-shape-{layers}l"
     if (model / "parameters.json").is_file():
         params = json.loads((model / "parameters.json").read_text())
     else:
         print(f"writing the model to {model} ...", flush=True)
-        params = build_model(model, layers)
+        subprocess.run([sys.executable, __file__, "--build", str(model), str(layers)], check=True)
+        params = json.loads((model / "parameters.json").read_text())
     base = baseline_rss()
     rows = {}
     for quant in QUANTS:
