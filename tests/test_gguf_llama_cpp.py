@@ -276,6 +276,21 @@ def test_ftcore_export_command_merges_an_adapter_on_its_own(lora_run, tmp_path):
         assert float(np.abs(got - expected).max()) <= TOLERANCE["f32"] * float(np.abs(expected).max())
 
 
+def save_updated_adapter(peft_model, base_dir: Path, folder: Path, seed: int) -> Path:
+    """Save ``peft_model``'s adapter (with the base's tokenizer) after a random non-zero update, as if trained."""
+    import torch
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    peft_model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(folder)
+    return folder
+
+
 def test_qlora_adapter_is_merged_into_the_unquantized_base(tiny_models, tmp_path):
     """An adapter trained on 4-bit NF4 weights is merged into the float32 base, never into 4-bit weights."""
     import torch
@@ -287,14 +302,7 @@ def test_qlora_adapter_is_merged_into_the_unquantized_base(tiny_models, tmp_path
         str(base_dir), quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                               bnb_4bit_compute_dtype=torch.float32))
     peft_model = get_peft_model(quantized, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(1)
-    with torch.no_grad():   # stands in for training: a non-zero update
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.2)
-    adapter = tmp_path / "adapter"
-    peft_model.save_pretrained(adapter)
-    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(adapter)
+    adapter = save_updated_adapter(peft_model, base_dir, tmp_path / "adapter", seed=1)
 
     out = tmp_path / "qlora.gguf"
     written = ftcore.tools.export.export(str(adapter), str(out), ["lora", "gguf-export"], base=str(base_dir),
@@ -503,14 +511,7 @@ def test_adapter_file_keeps_peft_scaling_rules(tiny_models, tmp_path, arch):
     targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if arch == "phi3" else "all-linear"
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=targets,
                                                   rank_pattern={"o_proj": 2}, alpha_pattern={"down_proj": 3}))
-    torch.manual_seed(2)
-    with torch.no_grad():   # stands in for training: a non-zero update
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.2)
-    adapter = tmp_path / "adapter"
-    peft_model.save_pretrained(adapter)
-    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(adapter)
+    adapter = save_updated_adapter(peft_model, base_dir, tmp_path / "adapter", seed=2)
     settings = GgufExportConfig(adapter=True, quant="f32", modelfile=False)
     [base_file, adapter_file] = export_lora_gguf(adapter, tmp_path / "out" / "m-f32.gguf", settings,
                                                  base=str(base_dir), **QUIET)
