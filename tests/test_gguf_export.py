@@ -408,3 +408,17 @@ def test_large_tensors_are_converted_a_slice_at_a_time_to_the_same_bytes(llama_d
     assert ("model.embed_tokens.weight", 0, 5) in sliced_rows and len(sliced_rows) > 100
     assert not any(".q_proj." in name for name, *_ in sliced_rows)   # reordered rows are converted whole
     assert sliced.read_bytes() == whole.read_bytes()
+
+
+def test_run_refuses_before_training_what_it_could_not_export(llama_dir, tmp_path, alpaca_file, monkeypatch):
+    """A k-quant without llama-cpp-python, an adapter file from a full fine-tune: refused when the run starts."""
+    import sys
+
+    base = {"model": str(llama_dir), "data": {"datasets": [str(alpaca_file)]}, "output_dir": str(tmp_path / "run")}
+    with pytest.raises(ftcore.ConfigError, match="writes a LoRA adapter, and this run trains no adapter"):
+        ftcore.run({**base, "plugins": ["full", "alpaca", "gguf-export"], "gguf-export": {"adapter": True}}, **QUIET)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)   # as if llama-cpp-python were not installed
+    with pytest.raises(ftcore.PluginError, match="llama.cpp's own quantizer.*pip install llama-cpp-python"):
+        ftcore.run({**base, "plugins": ["lora", "alpaca", "gguf-export"], "gguf-export": {"quant": "q4_k_m"}},
+                   **QUIET)
+    assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "model").exists()

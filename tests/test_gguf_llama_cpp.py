@@ -593,3 +593,22 @@ def test_ollama_creates_the_exported_model_and_generates_what_transformers_does(
     answer = json.loads(urllib.request.urlopen(urllib.request.Request(
         f"{url}/api/generate", data=request, headers={"Content-Type": "application/json"}), timeout=300).read())
     assert answer["response"] == text and answer["done_reason"] == "stop"
+
+
+def test_export_command_checks_with_the_prompts_it_is_given(memorizing_run, tmp_path):
+    from click.testing import CliRunner
+
+    from ftcore.cli import main
+
+    result, _ = memorizing_run
+    ran = CliRunner().invoke(main, ["export", "--plugins", "gguf-export", "--model", str(result.output_dir),
+                                    "--output", str(tmp_path / "given.gguf"), "--set", "gguf-export.modelfile=false",
+                                    "--set", 'gguf-export.parity_prompts=["Say hello.", "Count to eight."]',
+                                    "--set", "gguf-export.parity_tokens=6", "--strict-parity"])
+    assert ran.exit_code == 0, ran.output
+    details = json.loads((result.output_dir / "summary.json").read_text())["export_details"]["gguf-export"]
+    assert details["file"] == str(tmp_path / "given.gguf") and details["prompts"] == 2 and details["passed"]
+    ran = CliRunner().invoke(main, ["export", "--plugins", "gguf-export", "--model", str(result.output_dir),
+                                    "--output", str(tmp_path / "unchecked.gguf"), "--set", "gguf-export.parity=false",
+                                    "--set", "gguf-export.modelfile=false"])
+    assert ran.exit_code == 0 and "checking" not in ran.output and "parity" not in ran.output
