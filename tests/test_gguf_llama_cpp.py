@@ -464,8 +464,12 @@ def test_strict_parity_makes_a_failed_check_an_error(memorizing_run, tmp_path, b
 def test_run_records_parity_in_summary_and_report(memorizing_run):
     result, _ = memorizing_run
     details = result.export_details["gguf-export"]
-    assert details["passed"] and details["token_agreement"] == 1.0 and details["prompts"] == 3
-    assert details["stopped_at_end_of_turn"] == {"transformers": 3, "llama_cpp": 3}   # both stop at EOS
+    assert details["passed"] and details["token_agreement"] == 1.0 and details["prompts"] == len(result.sample_prompts)
+    assert details["prompts_from"] == "run"   # the Alpaca prompts the run trained on, as summary.json keeps them
+    assert all(p.startswith("### Instruction:\n") for p in result.sample_prompts)
+    assert len(set(result.sample_prompts)) == len(result.sample_prompts) >= 2
+    stopped = details["stopped_at_end_of_turn"]
+    assert stopped["transformers"] == stopped["llama_cpp"] >= 1   # the learned EOS ends answers on both sides
     html = result.report_path.read_text()
     assert 'id="exports"' in html and "token_agreement" in html and "identical_continuations" in html
 
@@ -608,6 +612,7 @@ def test_export_command_checks_with_the_prompts_it_is_given(memorizing_run, tmp_
     assert ran.exit_code == 0, ran.output
     details = json.loads((result.output_dir / "summary.json").read_text())["export_details"]["gguf-export"]
     assert details["file"] == str(tmp_path / "given.gguf") and details["prompts"] == 2 and details["passed"]
+    assert details["prompts_from"] == "given"
     ran = CliRunner().invoke(main, ["export", "--plugins", "gguf-export", "--model", str(result.output_dir),
                                     "--output", str(tmp_path / "unchecked.gguf"), "--set", "gguf-export.parity=false",
                                     "--set", "gguf-export.modelfile=false"])

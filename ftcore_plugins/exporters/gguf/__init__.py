@@ -58,9 +58,7 @@ def ftcore_config_schema():
 @ftcore.hookimpl
 def ftcore_run_started(config: Any, ctx: Any) -> None:
     """Refuse an unsupported architecture or an occupied output file before training, not after."""
-    from ftcore_plugins.exporters.gguf import arch
-
-    from ftcore_plugins.exporters.gguf import kquant
+    from ftcore_plugins.exporters.gguf import arch, kquant
 
     base = ftcore.resolve_model_path(config.model.path, ctx.log)
     arch.check(arch.read_config(base), str(base))
@@ -69,6 +67,8 @@ def ftcore_run_started(config: Any, ctx: Any) -> None:
     if settings.adapter and not ctx.plugins.hook.ftcore_merge_adapter.get_hookimpls():
         raise ConfigError("gguf-export.adapter: true writes a LoRA adapter, and this run trains no adapter "
                           f"({', '.join(ctx.plugins.names('adapter')) or 'no adapter plugin'}); set it to false.")
+    if settings.adapter and settings.base_gguf and not Path(settings.base_gguf).is_file():
+        raise ConfigError(f"gguf-export.base_gguf: {settings.base_gguf} does not exist.")
     output, _ = output_and_name(settings, Path(ctx.output_dir), None)
     written = adapter_outputs(settings, output, base)[: 1 if settings.base_gguf else 2] if settings.adapter else [output]
     for path in written:
@@ -127,7 +127,7 @@ def export_lora_gguf(adapter_dir: Path, output: Path, settings: GgufExportConfig
     base_path = ftcore.resolve_model_path(base, log) if base else _adapter_base(adapter_dir, log)
     hparams = arch_mod.read_config(base_path)
     arch = arch_mod.check(hparams, str(base_path))
-    adapter_mod.read_config(adapter_dir)
+    pairs = adapter_mod.tensors(adapter_dir, adapter_mod.read_config(adapter_dir), arch, hparams)  # refused early
     adapter_file, base_file = adapter_outputs(settings, output, base_path)
     modelfile_path = adapter_file.parent / "Modelfile"
     _check_free(adapter_file, modelfile_path if settings.modelfile else None, overwrite)
@@ -139,7 +139,7 @@ def export_lora_gguf(adapter_dir: Path, output: Path, settings: GgufExportConfig
                                log=log)
     kind = "f32" if settings.quant == "f32" else "f16"
     name = settings.name or adapter_file.stem
-    written.append(adapter_mod.write(adapter_dir, adapter_file, arch, hparams, kind, name, log))
+    written.append(adapter_mod.write(adapter_dir, pairs, adapter_file, arch, kind, name, log))
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     if settings.modelfile:
         text = mf.modelfile_text(base_file, tokenizer, drop_bos=_adds_bos(tokenizer), adapter=adapter_file)
@@ -165,11 +165,11 @@ def parity_request(settings: GgufExportConfig, result: Any) -> Any:
 
     if not settings.parity:
         return None
-    held_out = list(getattr(result, "held_out_prompts", None) or [])
-    prompts, user = ((settings.parity_prompts, True) if settings.parity_prompts
-                     else (held_out, False) if held_out else (parity.DEFAULT_PROMPTS, True))
+    held_out = list(getattr(result, "sample_prompts", None) or [])
+    prompts, user, source = ((settings.parity_prompts, True, "given") if settings.parity_prompts
+                             else (held_out, False, "run") if held_out else (parity.DEFAULT_PROMPTS, True, "built-in"))
     return parity.Request(prompts, user_messages=user, max_new_tokens=settings.parity_tokens,
-                          min_agreement=settings.parity_min_agreement)
+                          min_agreement=settings.parity_min_agreement, source=source)
 
 
 def report_parity(details: dict[str, Any], strict: bool, log: Callable[[str], None]) -> None:
@@ -280,22 +280,22 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, *, quan
 
 def check_parity(gguf_file: Path, model: Any, tokenizer: Any, request: Any, quant: str, lora: Path | None = None,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the parity check of ``gguf_file`` against ``model`` (a model, or a folder to load at float32)."""
+    """Run the parity check of ``gguf_file`` against ``model`` (a model in memory, or a folder to load)."""
     from ftcore_plugins.exporters.gguf import kquant, parity
     from ftcore_plugins.exporters.gguf.llama_cpp_worker import WorkerError
 
     if not kquant.llama_cpp_installed():
         return {"file": str(gguf_file), "quant": quant, "passed": False,
                 "skipped": f"not checked, llama-cpp-python is not installed ({kquant.INSTALL})"}
-    if isinstance(model, (str, Path)):
-        import torch
+    if isinstance(model, (str, Path)):   # in the dtype it was saved in: a 7B model at float32 would need 28 GB
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(model), dtype="auto")
     prompts = parity.render(request.prompts, tokenizer) if request.user_messages else list(request.prompts)
     try:
-        return parity.check(gguf_file, model, tokenizer, prompts, quant, max_new_tokens=request.max_new_tokens,
-                            min_agreement=request.min_agreement, lora=lora, log=log)
+        found = parity.check(gguf_file, model, tokenizer, prompts, quant, max_new_tokens=request.max_new_tokens,
+                             min_agreement=request.min_agreement, lora=lora, log=log)
+        return {**found, "prompts_from": request.source}
     except WorkerError as exc:
         return {"file": str(gguf_file), "quant": quant, "passed": False,
                 "problems": [f"llama.cpp could not run the file: {exc}"]}

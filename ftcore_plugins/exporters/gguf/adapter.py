@@ -93,15 +93,14 @@ def tensors(adapter_dir: Path, config: dict[str, Any], arch: arch_mod.Arch, hpar
     return out
 
 
-def write(adapter_dir: Path, output: Path, arch: arch_mod.Arch, hparams: dict[str, Any], kind: str, name: str,
-          log: Callable[[str], None] = print) -> Path:
-    """Write the adapter file to ``output`` (f32 or f16 matrices), atomically."""
+def write(adapter_dir: Path, pairs: list[tuple[str, np.ndarray]], output: Path, arch: arch_mod.Arch, kind: str,
+          name: str, log: Callable[[str], None] = print) -> Path:
+    """Write the adapter file (``pairs`` from ``tensors``) to ``output`` (f32 or f16 matrices), atomically."""
     import gguf
 
     from ftcore_plugins.exporters.gguf.writer import write_atomically
 
     config = read_config(adapter_dir)
-    pairs = tensors(adapter_dir, config, arch, hparams)
     dtype = np.float32 if kind == "f32" else np.float16
     writer = gguf.GGUFWriter(path=None, arch=arch.gguf_arch)
     writer.add_type(gguf.GGUFType.ADAPTER)

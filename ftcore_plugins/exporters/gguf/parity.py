@@ -1,8 +1,8 @@
 """Parity of an exported GGUF file with the model it came from: greedy generation in transformers and llama.cpp.
 
 For each prompt (a run's held-out prompts, or given ones), transformers generates greedily from the
-exported weights at float32 and llama.cpp does the same from the file, each stopping at what it treats
-as the end of a turn. Recorded:
+exported weights (a merge at float32, a saved model in its own dtype) and llama.cpp does the same
+from the file, each stopping at what it treats as the end of a turn. Recorded:
 
 - ``token_agreement``: of transformers' generated tokens, the share llama.cpp picks too when it is fed
   the same prefix (teacher forcing: one early near-tie does not count as every later token wrong);
@@ -39,6 +39,7 @@ class Request:
     user_messages: bool = False
     max_new_tokens: int = 24
     min_agreement: float | None = None
+    source: str = "given"   # where the prompts come from: given, run (its held-out prompts), built-in
 
 
 def stop_ids(tokenizer: Any, model: Any) -> set[int]:
