@@ -130,6 +130,9 @@ class RunResult:
     base_model_license: dict[str, Any] | None = None
     export_errors: list[str] = field(default_factory=list)
     export_details: dict[str, dict[str, Any]] = field(default_factory=dict)   # by exporter: what it checked
+    # prompts of a few held-out examples (training examples when nothing is held out), as text with special
+    # tokens: what exporters check their outputs with (gguf-export's parity)
+    sample_prompts: list[str] = field(default_factory=list)
     dry_run: bool = False
     exit_code: int = 0
 

@@ -1,4 +1,5 @@
-"""Tiny models for the GGUF export tests: Llama, Qwen2 (byte-level BPE) and Mistral (SentencePiece-style).
+"""Tiny models for the GGUF export tests, one per supported architecture, each with a tokenizer and chat
+template of its family: Llama, Qwen2 and Qwen3 (byte-level BPE), Mistral, Gemma 2/3 and Phi-3 (SentencePiece-style).
 
 Weights are drawn with a large spread so that attention is sharp and rotary layout
 matters: with the usual 0.02 init every logit is near zero and a wrong Q/K row order
@@ -17,6 +18,15 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
 MISTRAL_LIKE = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
                 "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
                 "{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+# Gemma's template folds a system prompt into the first user turn and calls the assistant "model".
+GEMMA_TEMPLATE = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
+         "{% set loop_messages = messages[1:] %}{% else %}{% set first = '' %}{% set loop_messages = messages %}"
+         "{% endif %}{% for message in loop_messages %}{% set role = 'model' if message['role'] == 'assistant' "
+         "else message['role'] %}{{ '<start_of_turn>' + role + '\n' + (first if loop.first else '') "
+         "+ message['content'] + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}"
+         "{{ '<start_of_turn>model\n' }}{% endif %}")
+PHI3 = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
 SAMPLES = [
     "Hello world! The quick brown fox jumps over the lazy dog.",
     "Café, naïve, résumé and Ærøskøbing: accents are text too.",
@@ -38,7 +48,8 @@ def chat_tokenizer() -> Any:
     return build_tokenizer(corpus(), chat_template=CHATML, extra_special_tokens=["<|im_start|>", "<|im_end|>"])
 
 
-def spm_tokenizer(vocab_size: int = 600) -> Any:
+def spm_tokenizer(vocab_size: int = 600, prefix_space: bool = True, specials: tuple[Any, ...] = (),
+                  template: str = MISTRAL_LIKE, eos_rstrip: bool = False) -> Any:
     """A Llama-2/Mistral-style tokenizer: BPE over pieces with a visible space, byte fallback.
 
     Laid out as the Llama 2 tokenizer.json is: <unk>, <s>, </s>, the 256 byte pieces, then the
@@ -67,14 +78,19 @@ def spm_tokenizer(vocab_size: int = 600) -> Any:
     merges = [(left, right) for *_, left, right in sorted(merges)]
 
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
+    steps = [normalizers.Prepend(SPACE)] if prefix_space else []
+    tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SPACE)])
     tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+                                     *([decoders.Strip(" ", 1, 0)] if prefix_space else [])])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    fast.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
-    fast.chat_template = MISTRAL_LIKE
+    from tokenizers import AddedToken
+
+    eos = AddedToken("</s>", rstrip=eos_rstrip, special=True)
+    fast.add_special_tokens({"bos_token": "<s>", "eos_token": eos, "unk_token": "<unk>",
+                             "additional_special_tokens": list(specials)})
+    fast.chat_template = template
     return fast
 
 
@@ -128,3 +144,47 @@ def split_tokenizer(pattern: str) -> Any:
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>", additional_special_tokens=specials[4:])
+
+
+def qwen3_tokenizer() -> Any:
+    """Qwen's byte-level BPE (its split regex) with ChatML turns."""
+    tok = split_tokenizer(QWEN2_SPLIT)
+    tok.chat_template = CHATML
+    return tok
+
+
+def gemma_tokenizer() -> Any:
+    return spm_tokenizer(prefix_space=False, specials=("<start_of_turn>", "<end_of_turn>"), template=GEMMA_TEMPLATE)
+
+
+def phi3_tokenizer() -> Any:
+    """Llama 2's SentencePiece with Phi-3's turn markers (llama.cpp's phi3 looks up <|endoftext|>), set up as
+    Phi-3's are: the turn markers and </s> eat the whitespace after them (rstrip), <|endoftext|> does not."""
+    from tokenizers import AddedToken
+
+    markers = [AddedToken(t, rstrip=True, special=True)
+               for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")]
+    return spm_tokenizer(specials=("<|endoftext|>", *markers), template=PHI3, eos_rstrip=True)
+
+
+# Gemma: head_dim and query_pre_attn_scalar as llama.cpp assumes them, a sliding window shorter than the
+# test texts (so that windowed layers differ from global ones), and for Gemma 3 six layers, the sixth global,
+# with a global rope base apart from the local one.
+GEMMA = {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 6, "tie": True}
+ARCH_MODELS: dict[str, tuple[Any, dict[str, Any]]] = {
+    "llama": (chat_tokenizer, {}),
+    "qwen2": (chat_tokenizer, {}),
+    "mistral": (spm_tokenizer, {}),
+    "qwen3": (qwen3_tokenizer, {"head_dim": 16}),
+    "gemma2": (gemma_tokenizer, GEMMA),
+    "gemma3_text": (gemma_tokenizer, {**GEMMA, "layers": 6, "rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 100000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}}}),
+    "phi3": (phi3_tokenizer, {}),
+}
+
+
+def build_arch(folder: Path, model_type: str, **overrides: Any) -> Path:
+    """The tiny model of one supported architecture, with its family's tokenizer and chat template."""
+    tokenizer, settings = ARCH_MODELS[model_type]
+    return build(folder, tokenizer(), model_type, **{**settings, **overrides})

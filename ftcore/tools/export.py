@@ -102,7 +102,8 @@ def _run_result(run_dir: Path | None, model_dir: Path, chosen: Any) -> RunResult
     result = RunResult(output_dir=run_dir, model_dir=model_dir, plugins=summary.get("plugins") or chosen.versions(),
                        metrics=summary.get("metrics") or {}, data_stats=summary.get("data_stats") or {},
                        base_model_license=summary.get("base_model_license"),
-                       export_details=summary.get("export_details") or {})
+                       export_details=summary.get("export_details") or {},
+                       sample_prompts=summary.get("sample_prompts") or [])
     for key in ("config_path", "metrics_path", "report_path"):
         if summary.get(key):
             setattr(result, key, Path(summary[key]))

@@ -140,6 +140,7 @@ def _train(ctx: RunContext, result: RunResult, guard: OutputGuard, resume_from: 
 
     from ftcore.data.pipeline import prepare
     from ftcore.training import speedups, trainer
+    from ftcore.training.callbacks import sample_prompts
     from ftcore.training.trainer import build_trainer, final_evaluation, save_final, summarize
 
     config, hook, log, out = ctx.config, ctx.plugins.hook, ctx.log, ctx.output_dir
@@ -149,6 +150,8 @@ def _train(ctx: RunContext, result: RunResult, guard: OutputGuard, resume_from: 
     with log.phase("preparing data"):
         prepared = prepare(config, ctx.plugins, ctx.tokenizer, log, ctx)
     result.data_stats = prepared.stats.as_dict()
+    source = prepared.eval if prepared.eval is not None else prepared.train
+    result.sample_prompts = list(dict.fromkeys(p["text"] for p in sample_prompts(source, ctx.tokenizer, 6)))[:3]
     trainer.log_data_stats(prepared.stats, log)
     hook.ftcore_data_prepared(train_dataset=prepared.train, eval_dataset=prepared.eval,
                               stats=result.data_stats, ctx=ctx)

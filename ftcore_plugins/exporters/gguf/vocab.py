@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ftcore import ConfigError
+from ftcore_plugins.exporters.gguf.modelfile import turn_end_token
 
 SPACE = "\u2581"   # SentencePiece's visible space
 BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
@@ -38,11 +39,12 @@ class Vocab:
     pre: str | None = None
     merges: list[str] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
-    special_ids: dict[str, int] = field(default_factory=dict)   # bos, eos, unk, pad
+    special_ids: dict[str, int] = field(default_factory=dict)   # bos, eos, unk, pad, eot
     add_bos: bool = False
     add_eos: bool = False
     add_space_prefix: bool | None = None
     chat_template: str | None = None
+    rstrip: dict[str, bool] = field(default_factory=dict)   # special token -> whether it eats the spaces after it
 
     def write(self, writer: Any) -> None:
         writer.add_tokenizer_model(self.model)
@@ -55,7 +57,7 @@ class Vocab:
         if self.merges:
             writer.add_token_merges(self.merges)
         adders = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id,
-                  "unk": writer.add_unk_token_id, "pad": writer.add_pad_token_id}
+                  "unk": writer.add_unk_token_id, "pad": writer.add_pad_token_id, "eot": writer.add_eot_token_id}
         for kind, token_id in self.special_ids.items():
             adders[kind](token_id)
         writer.add_add_bos_token(self.add_bos)
@@ -117,6 +119,10 @@ def from_tokenizer(tokenizer: Any, n_vocab: int, where: str) -> Vocab:
     probe = tokenizer("a")["input_ids"]
     vocab.add_bos = bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
     vocab.add_eos = bool(probe) and tokenizer.eos_token_id is not None and probe[-1] == tokenizer.eos_token_id
+    end = turn_end_token(tokenizer)
+    if end is not None and tokenizer.convert_tokens_to_ids(end) != tokenizer.eos_token_id:
+        vocab.special_ids["eot"] = int(tokenizer.convert_tokens_to_ids(end))   # llama.cpp stops there too
+    vocab.rstrip = {a["content"]: bool(a.get("rstrip")) for a in added.values() if a.get("special")}
     template = getattr(tokenizer, "chat_template", None)
     vocab.chat_template = template if isinstance(template, str) else None
     return vocab

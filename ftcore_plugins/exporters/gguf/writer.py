@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,8 @@ def file_type_of(quant: str) -> Any:
 # -- where tensors come from ----------------------------------------------------------
 
 Loader = Callable[[], np.ndarray]
+RowLoader = Callable[[int, int], np.ndarray]
+CHUNK = 1 << 22   # values converted at a time: a 16 MiB float32 slice, however large the tensor
 
 
 @dataclass
@@ -43,6 +45,7 @@ class SourceTensor:
     name: str                   # the transformers name
     shape: tuple[int, ...]
     load: Loader                # float32 numpy array, loaded only when written
+    load_rows: RowLoader | None = None   # rows [start, stop) as float32, for converting a large tensor in slices
 
 
 def tensors_in_folder(folder: Path) -> list[SourceTensor]:
@@ -57,7 +60,7 @@ def tensors_in_folder(folder: Path) -> list[SourceTensor]:
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():
                 shape = tuple(handle.get_slice(name).get_shape())
-                found.append(SourceTensor(name, shape, _lazy(file, name)))
+                found.append(SourceTensor(name, shape, _lazy(file, name), _lazy_rows(file, name)))
     return found
 
 
@@ -67,6 +70,15 @@ def _lazy(file: Path, name: str) -> Loader:
 
         with safe_open(str(file), framework="pt") as handle:
             return handle.get_tensor(name).float().numpy()
+    return load
+
+
+def _lazy_rows(file: Path, name: str) -> RowLoader:
+    def load(start: int, stop: int) -> np.ndarray:
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as handle:
+            return handle.get_slice(name)[start:stop].float().numpy()
     return load
 
 
@@ -93,8 +105,19 @@ class PlannedTensor:
     data: np.ndarray | None = None      # for tensors computed here (rope factors)
 
     def array(self) -> np.ndarray:
+        """The tensor as written. A large one read from a file is converted a slice of rows at a time, so
+        that its float32 copy is never whole in memory (a 128k-token embedding is 1 GiB as float32)."""
         import gguf
 
+        rows_at_once = max(1, CHUNK // int(np.prod(self.shape[1:]) or 1))
+        if (self.data is None and self.transform is None and self.source.load_rows is not None
+                and len(self.shape) >= 2 and self.shape[0] > rows_at_once):
+            shape, dtype, _ = self.info()
+            out = np.empty(shape, dtype=dtype)
+            for start in range(0, self.shape[0], rows_at_once):
+                stop = min(start + rows_at_once, self.shape[0])
+                out[start:stop] = gguf.quants.quantize(self.source.load_rows(start, stop), self.qtype)
+            return out
         values = self.data if self.data is not None else self.source.load()
         if self.transform is not None:
             values = self.transform(values)
@@ -178,7 +201,7 @@ def write(output: Path, arch: arch_mod.Arch, hparams: dict[str, Any], vocab: Voc
     writer = gguf.GGUFWriter(path=None, arch=arch.gguf_arch)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
-    arch_mod.write_metadata(writer, hparams, len(vocab.tokens))
+    arch_mod.write_metadata(writer, arch, hparams, len(vocab.tokens))
     writer.add_file_type(file_type_of(quant))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab.write(writer)
@@ -186,14 +209,20 @@ def write(output: Path, arch: arch_mod.Arch, hparams: dict[str, Any], vocab: Voc
         shape, dtype, nbytes = t.info()
         writer.add_tensor_info(t.gguf_name, shape, np.dtype(dtype), nbytes, raw_dtype=t.qtype)
 
+    return write_atomically(writer, output, (t.array() for t in _progress(tensors, log)))
+
+
+def write_atomically(writer: Any, output: Path, arrays: Iterable[np.ndarray]) -> Path:
+    """Write a prepared GGUFWriter's header and ``arrays`` (one per tensor info, in order) to ``output``:
+    aside first, renamed only once every byte is on disk; nothing is left behind on failure."""
     tmp = partial_path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t in _progress(tensors, log):
-            writer.write_tensor_data(t.array())
+        for array in arrays:
+            writer.write_tensor_data(array)
         writer.flush()
         os.fsync(writer.fout[0].fileno())
         writer.close()

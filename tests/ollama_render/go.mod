@@ -1,0 +1,3 @@
+module ftcore.test/ollamarender
+
+go 1.21
