@@ -5,8 +5,10 @@
 Writes ``train.jsonl`` (a few thousand alpaca records), ``heldout.jsonl`` (a fixed
 held-out set), ``alpaca-100k.jsonl`` (for the data-preparation benchmark) and a model
 folder built with ``ftcore.testing`` (a byte-level BPE tokenizer trained on the
-generated text, a Llama-architecture model with random weights). Everything follows
-from ``--seed``: the same seed gives byte-identical files.
+generated text, a Llama-architecture model) and then briefly pretrained on plain text of
+the same made-up language (``pretrain``: no instructions, no tasks), so that a fine-tune
+starts from a model that can learn, not from random weights at the uniform-guess loss.
+Everything follows from ``--seed``: the same seed gives the same files.
 
 The length distribution is long-tailed on purpose, as real instruction data is: most
 records are short (tens of tokens), about one in eight is long (hundreds of tokens,
@@ -121,11 +123,13 @@ def generate(out: Path, seed: int = 0, train: int = 3000, heldout: int = 200, pr
     return paths
 
 
-def build(out: Path, size: str = "small", seed: int = 0, vocab_size: int = 16384, max_positions: int = 2048) -> Path:
-    """Train the tokenizer on the generated training text and save a random Llama of ``size``."""
+def build(out: Path, size: str = "small", seed: int = 0, vocab_size: int = 16384, max_positions: int = 2048,
+          pretrain_tokens: int = 0) -> Path:
+    """Train the tokenizer on the generated training text and save a Llama of ``size``: random weights, then
+    (``pretrain_tokens`` > 0) about that many tokens of causal-LM pretraining on plain made-up text."""
     from ftcore.testing import build_model, build_tokenizer
 
-    folder = out / f"model-{size}-v{vocab_size}"
+    folder = out / (f"model-{size}-v{vocab_size}" + (f"-pt{pretrain_tokens // 1000}k" if pretrain_tokens else ""))
     if (folder / "config.json").exists():
         return folder
     texts = []
@@ -137,6 +141,8 @@ def build(out: Path, size: str = "small", seed: int = 0, vocab_size: int = 16384
     hidden, layers, heads, kv, inter = MODEL_SIZES[size]
     build_model(folder, tok, hidden_size=hidden, layers=layers, heads=heads, kv_heads=kv, intermediate_size=inter,
                 max_positions=max_positions, seed=seed)
+    if pretrain_tokens:
+        pretrain(folder, seed=seed, tokens=pretrain_tokens)
     if size in ("medium", "1b"):
         # Saved in bf16 like published checkpoints of this size (what QLoRA and the GPU runs load).
         import torch
@@ -144,6 +150,38 @@ def build(out: Path, size: str = "small", seed: int = 0, vocab_size: int = 16384
 
         AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(torch.bfloat16).save_pretrained(folder)
     return folder
+
+
+def pretrain(folder: Path, seed: int = 0, tokens: int = 200_000, block: int = 64, batch: int = 16) -> None:
+    """Causal-LM pretraining of the model in ``folder`` (in place) on plain text of the made-up language.
+
+    The text is sentences only (``text_of``), never an instruction, a task or the alpaca prompt, so the
+    fine-tune still has everything to learn about the tasks; the model just stops being a uniform guess.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rng = random.Random(seed + 1)
+    words = make_words(random.Random(seed), 12000)   # the same vocabulary as the records
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    ids: list[int] = []
+    while len(ids) < tokens:
+        ids += tok(text_of(rng, words, rng.randint(20, 120)))["input_ids"] + [tok.eos_token_id]
+    blocks = torch.tensor(ids[: len(ids) // block * block]).view(-1, block)
+    steps = max(1, len(blocks) // batch)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    model.train()
+    for i in range(steps):
+        x = blocks[i * batch:(i + 1) * batch]
+        model(input_ids=x, labels=x).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    model.save_pretrained(str(folder), safe_serialization=True)
 
 
 def main() -> None:

@@ -261,7 +261,7 @@ def test_modelfile_for_an_inst_template_drops_the_bos_llama_cpp_adds(mistral_dir
     tok = AutoTokenizer.from_pretrained(str(mistral_dir))
     shape = modelfile.chat_shape(tok, drop_bos=True)
     assert shape.head == "" and shape.prefix["user"] == "[INST] " and shape.suffix["user"] == " [/INST]"
-    assert shape.suffix["assistant"] == "</s>" and "system" not in shape.prefix or shape.prefix["system"] == ""
+    assert shape.suffix["assistant"] == "</s>" and ("system" not in shape.prefix or shape.prefix["system"] == "")
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                 {"role": "user", "content": "Café?"}]
     assert "<s>" + shape.render(messages, True) == tok.apply_chat_template(messages, tokenize=False)

@@ -176,6 +176,24 @@ def memorizing_run(tmp_path_factory):
     return result, prompts
 
 
+# Prompts the memorizing run never saw: what the exported model does off its training data.
+HELD_OUT = [f"### Instruction:\n{i}\n\n### Response:\n" for i in
+            ("Count to five.", "Name the capital of Spain.", "Say goodbye to the fox.")]
+
+
+def agreement(expected: list[list[int]], got: list[list[int]]) -> float:
+    """The share of greedy tokens llama.cpp produced as transformers did, each continuation up to its first
+    difference (after which the two continue from different text)."""
+    same = total = 0
+    for a, b in zip(expected, got):
+        total += len(a)
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            same += 1
+    return same / total
+
+
 def transformers_greedy(model_dir: Path, prompt: str, n: int) -> tuple[list[int], list[int]]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -190,14 +208,18 @@ def transformers_greedy(model_dir: Path, prompt: str, n: int) -> tuple[list[int]
 
 
 def test_full_finetune_run_exports_q8_0_that_generates_like_transformers(memorizing_run):
+    """On held-out prompts (not the memorized ones): q8_0 keeps every greedy token of the tiny model."""
     result, prompts = memorizing_run
     gguf_file, modelfile = result.exports
     assert result.model_dir.name == "model" and gguf_file == result.output_dir / "gguf" / "run-q8_0.gguf"
     assert modelfile.name == "Modelfile" and f"FROM ./{gguf_file.name}" in modelfile.read_text()
-    references = [transformers_greedy(result.model_dir, prompt, 10) for prompt in prompts]
+    references = [transformers_greedy(result.model_dir, prompt, 10) for prompt in HELD_OUT]
     results = probe(gguf_file, [{"op": "greedy", "ids": ids, "n": 10} for ids, _ in references])
-    for (_, expected), got in zip(references, results):
-        assert got == expected
+    assert agreement([e for _, e in references], results) == 1.0
+
+
+Q4_0_FLOOR = 0.75   # measured: 100% (24/24 tokens) on this tiny model. q4_0 rounds coarsely, and one early
+#                     divergence costs every token after it, so the floor allows a late divergence in each prompt
 
 
 def test_q4_0_export_of_a_trained_model_generates_like_transformers(memorizing_run, tmp_path):
@@ -208,8 +230,11 @@ def test_q4_0_export_of_a_trained_model_generates_like_transformers(memorizing_r
     assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == "Q4_0"
     assert types["token_embd.weight"] == types["output.weight"] == "Q8_0"   # kept finer, as llama.cpp does
     assert types["blk.0.attn_norm.weight"] == "F32"
-    ids, expected = transformers_greedy(result.model_dir, prompts[0], 8)
-    assert probe(out, [{"op": "greedy", "ids": ids, "n": 8}]) == [expected]
+    references = [transformers_greedy(result.model_dir, prompt, 8) for prompt in HELD_OUT]
+    results = probe(out, [{"op": "greedy", "ids": ids, "n": 8} for ids, _ in references])
+    share = agreement([e for _, e in references], results)
+    print(f"q4_0 greedy agreement with transformers on held-out prompts: {share:.0%}")
+    assert share >= Q4_0_FLOOR, f"q4_0 agrees on {share:.0%} of greedy tokens (floor {Q4_0_FLOOR:.0%})"
 
 
 @pytest.fixture(scope="session")

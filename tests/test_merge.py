@@ -105,7 +105,10 @@ def test_a_qlora_adapter_is_merged_into_the_unquantized_base(tiny_model_dir, tmp
     assert all(type(m).__name__ != "Linear4bit" for m in merged.modules())
     reference, vocab = _base_plus_adapter(tiny_model_dir, run.model_dir)
     assert merged.config.vocab_size == vocab                      # ChatML tokens the run added are kept
-    torch.testing.assert_close(_logits(merged, vocab), _logits(reference, vocab), atol=1e-4, rtol=1e-4)
+    expected = _logits(reference, vocab)
+    with reference.disable_adapter():
+        assert not torch.allclose(_logits(reference, vocab), expected, atol=1e-4), "the adapter changes nothing"
+    torch.testing.assert_close(_logits(merged, vocab), expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("case", ["missing", "not-an-adapter", "base-missing", "bad-base", "output-taken",

@@ -96,7 +96,9 @@ def test_saved_adapter_reproduces_the_4bit_logits_with_plain_peft(tiny_model_dir
     keep_cpu_layout_trainable(base)     # as in training: the same 4-bit kernels, not the CPU inference one
     probe = probe_ids(base.config.vocab_size)
     with torch.no_grad():
+        base_logits = base.eval()(input_ids=probe).logits.float()
         logits = PeftModel.from_pretrained(base, str(result.model_dir)).eval()(input_ids=probe).logits
+    assert not torch.allclose(base_logits, cap.logits, atol=1e-4), "training changed nothing: nothing to compare"
     torch.testing.assert_close(logits.float(), cap.logits, atol=1e-4, rtol=1e-4)
 
 

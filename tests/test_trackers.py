@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import pytest
 from ux_runs import metric_rows, shared_run
@@ -61,10 +62,11 @@ def test_tracker_names_are_validated(tiny_model_dir, tmp_path):
 
 
 def test_a_missing_tracker_package_is_a_config_error_naming_it(tiny_model_dir, tmp_path, monkeypatch):
-    """As a user without tensorboard installed sees it: nothing to import for tensorboard or tensorboardX."""
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a))
+    """As a user without tensorboard installed sees it: Python's own way of making a package unimportable (a None
+    entry in sys.modules, which the import system and find_spec honour) for tensorboard and tensorboardX."""
+    for module in ("tensorboard", "tensorboardX"):
+        monkeypatch.setitem(sys.modules, module, None)
+    assert importlib.util.find_spec("tensorboard") is None
     with pytest.raises(ftcore.ConfigError, match=r"pip install tensorboard"):
         _resolve(tiny_model_dir, tmp_path, ["tensorboard"])
 
