@@ -196,7 +196,7 @@ def test_quantized_adapter_is_refused_with_stage3_only(test_plugins, tiny_model_
     deepspeed_zero.check_combination(config, ctx, ds)     # stage 2 keeps 4-bit weights whole: allowed
 
 
-def test_hostfile_command_reaches_every_machine(tmp_path):
+def test_hostfile_command_names_every_machine_and_the_rendezvous(tmp_path):
     hosts = tmp_path / "hostfile"
     hosts.write_text("# two nodes, 8 GPUs each\nnode-a slots=8\nnode-b slots=8\n")
     launch = ftcore.RunConfig.model_validate({"model": "m", "launch": {

@@ -260,6 +260,30 @@ def test_zero3_lora_offloaded_on_two_machines(tiny_model_dir, alpaca_file, tmp_p
     assert_adapter_loads_with_peft(out / "adapter", tiny_model_dir)
 
 
+REMOTE_SHELL = Path(__file__).resolve().parent / "remote_shell"   # stand-ins for pdsh and ssh: every host is here
+
+
+def test_a_hostfile_of_two_machines_starts_a_rank_on_each(tiny_model_dir, alpaca_file, tmp_path):
+    """The hostfile path for real: DeepSpeed's launcher reads two hosts (this machine under two names), starts
+    each "machine" through pdsh and its launcher there, and the two ranks train together. Only the remote shell
+    (pdsh over ssh) is stood in for, since no second machine exists here."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    out = tmp_path / "two-machines"
+    path = os.pathsep.join([str(REMOTE_SHELL), os.environ.get("PATH", "")])
+    status, output = run_cli(base_args(tiny_model_dir, alpaca_file, out, "deepspeed-zero,lora,alpaca")
+                             + ["--hostfile", str(hostfile), "--main-process-ip", "127.0.0.1"],
+                             env_extra={"PATH": path})
+    assert status == 0, output
+    assert "launching on 2 host(s)" in output
+    assert "localhost: " in output and "127.0.0.1: " in output          # a "machine" each (pdsh's prefixes)
+    assert "[rank 1] trainable params:" in output
+    assert_learned(out)
+    assert_only_rank0_wrote(out)
+    one = one_process_run(tiny_model_dir, alpaca_file, tmp_path / "one")
+    assert_same_losses(train_losses(out), train_losses(one.output_dir), rel=ZERO2_REL)
+
+
 def test_zero3_full_through_a_hostfile_saves_a_normal_model(tiny_model_dir, alpaca_file, tmp_path, monkeypatch,
                                                             capfd):
     """From the library this time: ftcore.run launches, waits, and returns what rank 0 wrote."""
