@@ -53,3 +53,32 @@ def test_freeze_modules_and_first_layers_stay_unchanged(tiny_model_dir, alpaca_f
             assert torch.equal(base[name], trained[name]), f"frozen {name} changed"
         else:
             assert not torch.equal(base[name], trained[name]), f"trainable {name} did not change"
+
+
+def test_added_tokens_grow_a_full_models_vocabulary_to_a_multiple_of_64_that_consumers_load(tiny_model_dir,
+                                                                                            tmp_path):
+    """ChatML adds two tokens: the embeddings grow to a multiple of 64 rows (GPU matrix kernels run faster on
+    such shapes), the saved model says so in its config, and transformers and llama.cpp's GGUF loader take it."""
+    from conftest import write_jsonl
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    chat = [{"messages": [{"role": "user", "content": f"What is {a} plus {a}?"},
+                          {"role": "assistant", "content": f"It is {2 * a}."}]} for a in range(12)]
+    data = write_jsonl(tmp_path / "chat.jsonl", chat)
+    cfg = tiny_config(tiny_model_dir, data, tmp_path / "out", learning_rate=1e-3, max_steps=2)
+    cfg["plugins"] = ["full", "chatml", "gguf-export"]
+    result = ftcore.run(cfg, log=lambda m: None)
+    tok = AutoTokenizer.from_pretrained(str(result.model_dir))
+    base_vocab = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).config.vocab_size
+    model = AutoModelForCausalLM.from_pretrained(str(result.model_dir))
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert len(tok) > base_vocab and rows % 64 == 0 and len(tok) <= rows < len(tok) + 64
+    assert model.config.vocab_size == rows
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 3 plus 3?"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
+    gguf_file = next(p for p in result.exports if p.suffix == ".gguf")
+    fields = GGUFReader(str(gguf_file)).fields
+    assert len(fields["tokenizer.ggml.tokens"].data) == rows   # the vocabulary padded to the embedding rows
+    assert result.export_details["gguf-export"]["passed"] is True   # llama.cpp generates as transformers does

@@ -34,12 +34,18 @@ class PackedCollator:
     for every attention implementation (when no KV cache is used, hence ``use_cache=False``
     in the batch), so examples never attend to each other; the first label of each
     example is masked so no loss crosses a boundary.
+
+    ``flash_attention``: the batch also carries the examples' boundaries as flash-attn's varlen kernel takes them
+    (``cu_seq_lens_q/k``, ``max_length_q/k``), computed once here on the CPU; without them transformers derives
+    them from ``position_ids`` in every layer, each time with a wait for the GPU.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, flash_attention: bool = False) -> None:
         from transformers import DataCollatorWithFlattening
 
-        self.inner = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        self.flash_attention = flash_attention
+        self.inner = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX,
+                                                return_flash_attn_kwargs=flash_attention)
         self.counter = TokenCounter()
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
@@ -90,4 +96,8 @@ def make_collator(packing: bool, tokenizer: Any, model: Any = None,
         log(f"warning: {type(model).__name__} does not take position_ids, so examples cannot be packed without "
             f"attending to each other; padding batches instead (data.packing: false).")
         packing = False
-    return PackedCollator() if packing else PaddedCollator(tokenizer.pad_token_id)
+    if not packing:
+        return PaddedCollator(tokenizer.pad_token_id)
+    from ftcore.training.speedups import uses_flash_attention
+
+    return PackedCollator(flash_attention=model is not None and uses_flash_attention(model))

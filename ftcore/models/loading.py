@@ -95,8 +95,12 @@ def load_pretrained_tokenizer(folder: str | Path, trust_remote_code: bool = Fals
 
 
 def load_base_model(model_path: str, tokenizer: Any, config: Any, ctx: Any, quantized_on_load: bool = False,
-                    **kwargs: Any) -> Any:
+                    vocab_multiple: int | None = None, **kwargs: Any) -> Any:
     """Load safely (safetensors, no remote code unless configured) and fit embeddings to the tokenizer.
+
+    ``vocab_multiple``: where the tokenizer outgrew the embeddings (a format added tokens), give them a
+    multiple of this many rows (64 suits GPU matrix kernels). Only for a model saved whole (its config.json
+    carries the size): an adapter must load onto its base resized to ``len(tokenizer)``, as PEFT's users do.
 
     ``quantized_on_load``: the weights are converted (quantized) as they load and the checkpoint
     is never needed again. Then the checkpoint is read tensor by tensor instead of memory-mapped
@@ -114,7 +118,7 @@ def load_base_model(model_path: str, tokenizer: Any, config: Any, ctx: Any, quan
             model = AutoModelForCausalLM.from_pretrained(
                 model_path, trust_remote_code=config.model.trust_remote_code, use_safetensors=True, **kwargs)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=vocab_multiple)
     if tokenizer.pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False

@@ -64,12 +64,12 @@ def _adapter_base(adapter_dir: Path) -> Path:
 
 
 def pick_dtype(dtype: str = "auto") -> str:
-    import torch
+    from ftcore.training import devices
 
     if dtype != "auto":
         return dtype
-    if torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if devices.cuda_available():
+        return "bfloat16" if devices.native_bf16() else "float16"
     return "float32"
 
 

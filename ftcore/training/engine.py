@@ -160,10 +160,11 @@ def _train(ctx: RunContext, result: RunResult, guard: OutputGuard, resume_from: 
     model = hook.ftcore_load_model(model_path=str(ctx.model_path), tokenizer=ctx.tokenizer, config=config, ctx=ctx)
     if model is None:
         raise PluginError("no adapter plugin loaded a model: select one (lora, qlora, full) in --plugins.")
+    trainer.trainable_in_fp32(model, ctx.precision, log)
     trainer.log_parameter_counts(model, log)
     hook.ftcore_model_loaded(model=model, ctx=ctx)
 
-    attention = speedups.apply(model, config, log)
+    attention = speedups.apply(model, config, log, ctx.precision)
     built = build_trainer(model, prepared, ctx)
     hook.ftcore_trainer_created(trainer=built.trainer, ctx=ctx)
     guard.commit()

@@ -89,21 +89,22 @@ def packed_attention_supported(model: Any) -> str | None:
     return None
 
 
-def best_packed_attention(model: Any) -> str | None:
-    """The attention to use for packed rows: flash-attn varlen on CUDA when installed, else per-example SDPA."""
+def flash_attention_usable(precision: str) -> bool:
+    """Whether flash-attn's varlen kernel can serve the run's packed rows: a CUDA GPU, flash-attn installed, and
+    training in bf16 or fp16 (its kernels take no fp32).
+
+    Decided from the run's settings, not from the model's parameters: the Trainer moves a LoRA or full model to
+    the GPU only after this choice, and a QLoRA model's first parameter is its fp32 embedding.
+    """
     import importlib.util
 
-    import torch
+    from ftcore.training import devices
 
-    params = next(model.parameters(), None)
-    on_cuda = params is not None and params.device.type == "cuda"
-    if on_cuda and importlib.util.find_spec("flash_attn") is not None \
-            and params.dtype in (torch.float16, torch.bfloat16):
-        return "flash_attention_2"
-    return PACKED_ATTENTION
+    return devices.cuda_available() and precision in ("bf16", "fp16") \
+        and importlib.util.find_spec("flash_attn") is not None
 
 
-def apply(model: Any, config: Any, log: Any = print) -> str | None:
+def apply(model: Any, config: Any, log: Any = print, precision: str = "fp32") -> str | None:
     """Switch the model to per-example attention for packed rows when enabled and safe; return the name used."""
     if not (config.data.packing and config.training.packed_attention):
         return None
@@ -112,7 +113,7 @@ def apply(model: Any, config: Any, log: Any = print) -> str | None:
     if reason:
         log(f"packed attention: kept the model's own attention ({reason})")
         return None
-    name = best_packed_attention(base)
+    name = "flash_attention_2" if flash_attention_usable(precision) else PACKED_ATTENTION
     if name == PACKED_ATTENTION:
         _register_packed_attention()
     try:
@@ -120,7 +121,14 @@ def apply(model: Any, config: Any, log: Any = print) -> str | None:
     except (ValueError, ImportError) as exc:   # e.g. a flash-attn build that does not fit this torch
         log(f"packed attention: kept sdpa ({exc})")
         return None
+    if name == "flash_attention_2":
+        log("packed attention: flash-attn's varlen kernel, given each packed row's boundaries (cu_seq_lens)")
     return name
+
+
+def uses_flash_attention(model: Any) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(base, "config", None), "_attn_implementation", None) == "flash_attention_2"
 
 
 def restore(model: Any, name: str | None) -> None:

@@ -32,20 +32,45 @@ class BuiltTrainer:
 
 
 def pick_precision(precision: str) -> str:
-    """The run's precision: auto picks bf16 on a GPU that has it, else fp32; an explicit choice this machine
-    cannot run is a ConfigError (bf16 on a CPU runs, through the CPU's bf16 autocast)."""
-    import torch
+    """The run's precision: auto picks bf16 on a GPU that computes it in hardware (Ampere or newer), fp16 on an
+    older GPU, fp32 on a CPU; an explicit choice this machine cannot run is a ConfigError (bf16 on a CPU runs,
+    through the CPU's bf16 autocast)."""
+    from ftcore.training import devices
 
-    cuda = torch.cuda.is_available()
+    cuda = devices.cuda_available()
     if precision == "auto":
-        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+        if not cuda:
+            return "fp32"
+        return "bf16" if devices.native_bf16() else "fp16"
     if precision == "fp16" and not cuda:
         raise ConfigError('training.precision "fp16" needs a CUDA GPU and this machine has none: set "bf16" '
                           '(the CPU\'s bf16 autocast; slow on CPUs without bf16 instructions), "fp32", or "auto".')
-    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f'training.precision "bf16" needs an Ampere or newer GPU and this one '
-                          f'({torch.cuda.get_device_name()}) has no bf16: set "fp16", "fp32", or "auto".')
+    if precision == "bf16" and cuda and not devices.native_bf16():
+        raise ConfigError(f'training.precision "bf16": this GPU ({devices.device_name()}) has no bf16 in hardware '
+                          f'(it came with Ampere), and torch would emulate it several times slower: set "fp16" '
+                          f'(or "auto", which picks it here), or "fp32".')
     return precision
+
+
+def trainable_in_fp32(model: Any, precision: str, log: Callable[[str], None]) -> int:
+    """Under fp16 mixed precision, make every trained parameter fp32; return how many were 16-bit.
+
+    The fp16 gradient scaler refuses 16-bit gradients ("Attempting to unscale FP16 gradients"). PEFT keeps
+    its adapter weights fp32, but not its trainable copies of whole modules (``modules_to_save``) or a model
+    loaded in fp16 (``model.dtype: float16``); the frozen weights stay as loaded.
+    """
+    import torch
+
+    if precision != "fp16":
+        return 0
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+            cast += param.numel()
+    if cast:
+        log(f"fp16: {cast:,d} trained parameters kept in fp32 for the gradient scaler (autocast computes in fp16)")
+    return cast
 
 
 def log_data_stats(stats: DataStats, log: Callable[[str], None]) -> None:
@@ -104,7 +129,7 @@ def build_trainer(model: Any, prepared: PreparedData, ctx: RunContext) -> BuiltT
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
 
     from ftcore.data.batching import make_collator
-    from ftcore.training import speedups
+    from ftcore.training import devices, speedups
     from ftcore.training.callbacks import run_callbacks
     from ftcore.training.trackers import configure_trainer as configure_trackers
 
@@ -131,6 +156,7 @@ def build_trainer(model: Any, prepared: PreparedData, ctx: RunContext) -> BuiltT
                             callbacks=callbacks, optimizers=(optimizer, None))
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
+    devices.one_device_per_process(trainer, ctx.log)   # transformers gives a lone process every GPU
     return BuiltTrainer(trainer, collator, made.samples, made.early_stopping,
                         configure_trackers(trainer, ctx.output_dir))
 

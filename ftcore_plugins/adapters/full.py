@@ -10,6 +10,7 @@ from pydantic import Field
 import ftcore
 
 NAME = "full"
+VOCAB_MULTIPLE = 64
 
 
 class FullConfig(ftcore.PluginConfig):
@@ -31,7 +32,9 @@ def ftcore_load_model(model_path: str, tokenizer: Any, config: Any, ctx: Any) ->
     # Mixed precision: with model.dtype auto the trained weights stay fp32 (master weights) and the
     # trainer autocasts to bf16/fp16; pure 16-bit weights lose small updates (and fp16 cannot be unscaled).
     dtype = torch.float32 if config.model.dtype == "auto" else getattr(torch, config.model.dtype)
-    model = ftcore.load_base_model(model_path, tokenizer, config, ctx, dtype=dtype)
+    # Added tokens: the embeddings grow to a multiple of 64 rows (GPU matrix kernels run faster on such shapes);
+    # the saved model's config.json records the size, and the GGUF export pads its vocabulary to match.
+    model = ftcore.load_base_model(model_path, tokenizer, config, ctx, dtype=dtype, vocab_multiple=VOCAB_MULTIPLE)
     patterns = [re.compile(p) for p in cfg.freeze_modules]
     layer_re = re.compile(r"\.layers\.(\d+)\.")
     for name, param in model.named_parameters():
