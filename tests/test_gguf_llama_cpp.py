@@ -291,7 +291,7 @@ def test_ftcore_export_command_merges_an_adapter_on_its_own(lora_run, tmp_path):
                                        "--output", str(out), "--set", "gguf-export.quant=f32"])
     assert result.exit_code == 0, result.output
     assert result.stdout.split() == [str(out), str(out.parent / "Modelfile")]
-    assert "merging adapter" in result.stderr     # lora was taken from the run's plugins.json
+    assert "merged adapter" in result.stderr     # lora was taken from the run's plugins.json
     texts = SAMPLES[2:4]
     references = merged_reference(lora_run, texts)
     standalone = llama_cpp_logits(out, [ids for ids, _ in references])
@@ -344,6 +344,33 @@ def test_qlora_adapter_is_merged_into_the_unquantized_base(tiny_models, tmp_path
     references = transformers_logits(tmp_path / "merged", SAMPLES[:2])
     for (ids, expected), got in zip(references, llama_cpp_logits(out, [ids for ids, _ in references])):
         assert float(np.abs(got - expected).max()) <= TOLERANCE["f32"] * float(np.abs(expected).max())
+
+
+def test_an_adapter_is_merged_in_its_bf16_bases_own_dtype_not_float32(tiny_models, tmp_path):
+    """A 7B base merged in float32 would hold 28 GB of host memory for the export; in its own bf16, 14 GB."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(str(tiny_models["llama"]), dtype=torch.bfloat16).save_pretrained(base_dir)
+    AutoTokenizer.from_pretrained(str(tiny_models["llama"])).save_pretrained(base_dir)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    adapter = save_updated_adapter(peft_model, base_dir, tmp_path / "adapter", seed=2)
+    out, lines = tmp_path / "bf16.gguf", []
+    export_gguf(adapter, out, quant="f16", base=str(base_dir), log=lines.append)
+    assert any("merged adapter" in line and "(bfloat16, the base's own dtype)" in line for line in lines), lines
+
+    from ftcore.models.peft_merge import merge_peft_adapter
+
+    merged = merge_peft_adapter(str(adapter), str(base_dir), "auto")
+    assert merged.dtype == torch.bfloat16
+    merged.float().save_pretrained(tmp_path / "merged")
+    AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(tmp_path / "merged")
+    references = transformers_logits(tmp_path / "merged", SAMPLES[:2])
+    for (ids, expected), got in zip(references, llama_cpp_logits(out, [ids for ids, _ in references])):
+        assert float(np.abs(got - expected).max()) <= TOLERANCE["f16"] * float(np.abs(expected).max())
 
 
 def test_qlora_run_exports_the_adapter_merged_into_the_unquantized_base(tiny_models, tmp_path):

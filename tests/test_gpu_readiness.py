@@ -227,3 +227,24 @@ def test_a_rank_given_one_gpu_through_cuda_visible_devices_uses_device_0(monkeyp
     assert devices.local_device_index() == 0
     describe_gpu(monkeypatch, count=8)
     assert devices.local_device_index() == 3
+
+
+# -- reported peak memory ------------------------------------------------------------------------
+
+def test_a_paged_optimizers_state_counts_in_the_reported_cuda_peak(monkeypatch):
+    """bitsandbytes' paged optimizers keep their state in CUDA managed memory, which torch's peak never sees;
+    the tensors they page are registered with its page manager (a plain tensor stands in for one here)."""
+    from bitsandbytes.functional import GlobalPageManager
+
+    from ftcore.reporting.memory import peak_memory
+
+    describe_gpu(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 10_000)
+    manager = GlobalPageManager.get_instance()
+    monkeypatch.setattr(manager, "paged_tensors", [torch.zeros(1024, dtype=torch.uint8), torch.zeros(256)])
+    figures = peak_memory()
+    assert figures["paged_optimizer_bytes"] == 1024 + 4 * 256
+    assert figures["peak_cuda_bytes"] == 10_000 + 2048
+    monkeypatch.setattr(manager, "paged_tensors", [])
+    assert peak_memory()["peak_cuda_bytes"] == 10_000 and "paged_optimizer_bytes" not in peak_memory()

@@ -206,7 +206,7 @@ def output_and_name(settings: GgufExportConfig, run_dir: Path, requested: str | 
 def _merger(ctx: Any) -> Callable[[Path, Path | None], Any]:
     def merge(adapter_dir: Path, base: Path | None) -> Any:
         merged = ctx.plugins.hook.ftcore_merge_adapter(
-            adapter_dir=str(adapter_dir), base_path=str(base) if base else None, dtype="float32", ctx=ctx)
+            adapter_dir=str(adapter_dir), base_path=str(base) if base else None, dtype="auto", ctx=ctx)
         if merged is None:
             raise PluginError(f"gguf-export: {adapter_dir} is an adapter, and no selected plugin merged it. "
                               f"Add the adapter plugin it was trained with (e.g. lora, qlora) to --plugins.")
@@ -250,8 +250,9 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, *, quan
 
     model = None
     if is_adapter:
-        log(f"gguf-export: merging adapter {model_dir} into {base_path} (float32)")
         model, tokenizer = (merge or _peft_merge)(model_dir, base_path)
+        log(f"gguf-export: merged adapter {model_dir} into {base_path} ({str(model.dtype).removeprefix('torch.')}, "
+            f"the base's own dtype)")
         hparams = model.config.to_dict()
         tensors = writer.tensors_of_model(model)
     else:
@@ -342,7 +343,7 @@ def _adapter_base(adapter_dir: Path, log: Callable[[str], None]) -> Path:
 def _peft_merge(adapter_dir: Path, base: Path | None) -> Any:
     from transformers import AutoTokenizer
 
-    model = ftcore.merge_peft_adapter(str(adapter_dir), str(base) if base else None, "float32")
+    model = ftcore.merge_peft_adapter(str(adapter_dir), str(base) if base else None, "auto")
     return model, AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=False)
 
 
