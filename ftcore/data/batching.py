@@ -98,6 +98,10 @@ def make_collator(packing: bool, tokenizer: Any, model: Any = None,
         packing = False
     if not packing:
         return PaddedCollator(tokenizer.pad_token_id)
-    from ftcore.training.speedups import uses_flash_attention
+    return PackedCollator(flash_attention=model is not None and _uses_flash_attention(model))
 
-    return PackedCollator(flash_attention=model is not None and uses_flash_attention(model))
+
+def _uses_flash_attention(model: Any) -> bool:
+    # flash-attention takes packed rows' boundaries as cu_seqlens rather than position_ids
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(base, "config", None), "_attn_implementation", None) == "flash_attention_2"

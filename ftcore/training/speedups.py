@@ -126,11 +126,6 @@ def apply(model: Any, config: Any, log: Any = print, precision: str = "fp32") ->
     return name
 
 
-def uses_flash_attention(model: Any) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(getattr(base, "config", None), "_attn_implementation", None) == "flash_attention_2"
-
-
 def restore(model: Any, name: str | None) -> None:
     """Put the model back on SDPA (what a saved model and later generation expect)."""
     if name:

@@ -51,13 +51,12 @@ def quantization_config(settings: QLoraConfig, ctx: Any) -> Any:
 
 
 def device_map() -> dict[str, Any]:
-    """Each process holds the whole 4-bit model on its own device (its GPU, or the CPU)."""
-    import os
-
+    """Each process holds the whole 4-bit model on its own device (its GPU, or the CPU): ``LOCAL_RANK``'s GPU
+    where the process sees them all, its only GPU where it was given one (``CUDA_VISIBLE_DEVICES``)."""
     import torch
 
     if torch.cuda.is_available():
-        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        return {"": ftcore.local_device_index()}
     return {"": "cpu"}
 
 
