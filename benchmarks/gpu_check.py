@@ -269,7 +269,9 @@ def estimate_for(method: str, spec: dict[str, Any]) -> dict[str, Any]:
                      settings={"qlora": {"gradient_checkpointing": False}} if method == "qlora" else None,
                      log=lambda m: None)
     row = next(m for m in found["methods"] if m["method"] == method)
-    return {"total_mb": round(row["total"] / 2**20, 1), "seq_len": spec["max_length"], "batch": spec["batch_size"]}
+    # the tensors are what torch's allocator peak counts; the total adds the CUDA context and fragmentation
+    return {"tensors_mb": round(row["tensors"] / 2**20, 1), "total_mb": round(row["total"] / 2**20, 1),
+            "seq_len": spec["max_length"], "batch": spec["batch_size"]}
 
 
 # -- the driver ------------------------------------------------------------------------------
@@ -305,7 +307,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"{report['settings']['max_length']}, {report['settings']['examples']} examples, "
              f"{'bf16' if report['settings']['bf16'] else 'fp32 (smoke run)'}; flash-attn "
              f"{'installed' if report['flash_attn_installed'] else 'not installed'}.", "",
-             "| method | trainer | tokens/s | MFU | peak CUDA MiB | ftcore estimate MiB | attention | last loss |",
+             "| method | trainer | tokens/s | MFU | peak CUDA MiB (allocated) | ftcore estimate MiB: tensors "
+             "(with context and allocator) | attention | last loss |",
              "|---|---|---:|---:|---:|---:|---|---:|"]
     for method in METHODS:
         for trainer in TRAINERS:
@@ -313,7 +316,8 @@ def markdown(report: dict[str, Any]) -> str:
             if "error" in r:
                 lines.append(f"| {method} | {trainer} | failed: see gpu_check.json | | | | | |")
                 continue
-            est = (r.get("estimate") or {}).get("total_mb")
+            found = r.get("estimate") or {}
+            est = found and f"{found['tensors_mb']} ({found['total_mb']})"
             mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
             lines.append(f"| {method} | {trainer} | {r.get('real_tokens_per_s', 0):,.0f} | {mfu} | "
                          f"{r.get('peak_cuda_mb') or 'n/a'} | {est or 'n/a'} | {r.get('attention')} | "

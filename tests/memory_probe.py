@@ -10,7 +10,10 @@ before the run, plus the frozen tensors of the model that are views into its map
 safetensors file (never written, they never become anonymous memory). The rest of a mapped model file is page cache, not counted
 (the qlora plugin reads its checkpoint instead of mapping it, so there none is mapped). The
 kernel's peak is reset when training starts (Linux clear_refs) and a thread samples as well.
-Run with MALLOC_MMAP_THRESHOLD_ set so freed tensors go back to the system at once.
+The allocator is left as a user has it (no MALLOC_* settings): before each run the memory glibc's
+malloc keeps after earlier frees is handed back (malloc_trim), so the baseline holds only live memory
+and the run's growth over it is at least its own peak (freed memory malloc keeps during the run is
+counted, as the user's machine pays it too).
 CUDA: the allocator's peak, reset when training starts.
 """
 
@@ -30,6 +33,18 @@ def status() -> dict[str, int]:
 
     found = proc_status()
     return {key: found[key] for key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem")}
+
+
+def trim() -> None:
+    """Collect garbage and give malloc's free memory back to the system (glibc's malloc_trim)."""
+    import ctypes
+    import ctypes.util
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass                                 # not glibc: the baseline then includes malloc's free memory
 
 
 def reset_peak() -> bool:
@@ -121,7 +136,7 @@ class Probe:
 
 def measure(config: dict) -> dict:
     probe = Probe()
-    gc.collect()
+    trim()
     baseline = status()["RssAnon"]
     ftcore.run(config, plugins=[probe], log=lambda m: None)
     r = probe.result

@@ -9,7 +9,7 @@ import click
 
 from ftcore.cli.options import echo_err, plugin_names, user_errors
 from ftcore.config.layering import parse_set
-from ftcore.tools.estimate import BYTES, GB
+from ftcore.tools.estimate import BYTES, DEVICES, GB
 
 
 def _gb(n: int) -> str:
@@ -22,16 +22,18 @@ def print_table(result: dict[str, Any]) -> None:
 
     title = (f"{result['model']}: {result['params'] / 1e9:.2f}B params, batch {result['batch']} x seq "
              f"{result['seq_len']}, {result['precision']}, {result['optimizer']}, gradient checkpointing "
-             f"{'on' if result['gradient_checkpointing'] else 'off'}")
+             f"{'on' if result['gradient_checkpointing'] else 'off'}, {result['device']}")
     marked = len(result["selected"]) < len(result["methods"])
     table = Table(title=title, caption="* the method named with --plugins" if marked else None)
-    for col in ("method", "weights GB", "gradients GB", "optimizer GB", "activations GB", "total GB", "trainable"):
+    for col in ("method", "weights GB", "gradients GB", "optimizer GB", "activations GB",
+                *(("overhead GB",) if result["device"] == "cuda" else ()), "total GB", "trainable"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in result["methods"]:
         name = r["method"] + (" (ckpt)" if r["gradient_checkpointing"] and not result["gradient_checkpointing"] else "")
         if marked and r["selected"]:
             name = f"[bold]* {name}[/bold]"
         table.add_row(name, _gb(r["weights"]), _gb(r["gradients"]), _gb(r["optimizer"]), _gb(r["activations"]),
+                      *((_gb(r["overhead"]),) if result["device"] == "cuda" else ()),
                       f"[bold]{_gb(r['total'])}[/bold]", f"{r['trainable_params']:,d}")
     console = Console(width=max(110, Console().width))
     console.print(table)
@@ -54,13 +56,16 @@ def print_table(result: dict[str, Any]) -> None:
               help="As training.gradient_checkpointing (a method may always checkpoint).")
 @click.option("--precision", type=click.Choice(sorted(BYTES)), default="bf16", show_default=True,
               help="Training precision of the target machine (fp32 on a CPU).")
+@click.option("--device", type=click.Choice(DEVICES), default="cuda", show_default=True,
+              help="The target device: cuda adds the framework's overhead per process (the CUDA context, the "
+                   "allocator's fragmentation), cpu leaves it out.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a config key as for ftcore run, dotted for sections (repeatable): a plugin's own "
                    "settings, e.g. --set lora.r=8")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (bytes) instead of a table.")
 @user_errors
 def estimate_command(model: str, plugins: str, seq_len: int, batch: int, gradient_checkpointing: bool,
-                     precision: str, sets: tuple[str, ...], as_json: bool) -> None:
+                     precision: str, device: str, sets: tuple[str, ...], as_json: bool) -> None:
     """Estimate the memory a fine-tune needs, for every installed adapter method, from the model's config alone."""
     from ftcore.quiet import quiet_libraries
     from ftcore.tools.estimate import estimate
@@ -68,7 +73,7 @@ def estimate_command(model: str, plugins: str, seq_len: int, batch: int, gradien
     quiet_libraries()
     # building the builtin model (once) is logged to stderr: stdout may be --json
     result = estimate(model, plugin_names(plugins), seq_len, batch, gradient_checkpointing, precision,
-                      settings=parse_set(sets), log=echo_err)
+                      settings=parse_set(sets), log=echo_err, device=device)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:

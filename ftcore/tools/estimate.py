@@ -35,6 +35,9 @@ from ftcore.registry.selection import check_installed, load_all
 from ftcore.types import MemoryProfile, OptimizerProfile, RunContext
 
 GB = 10**9
+CUDA_CONTEXT = GB // 2       # per process: driver context, cuBLAS/cuDNN handles and the kernels they load
+ALLOCATOR_SHARE = 0.05       # PyTorch's caching allocator: reserved blocks beyond the tensors they hold
+DEVICES = ("cuda", "cpu")
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 BLOCK_4BIT = 64              # 4-bit quantization block (one absmax per block)
 DOUBLE_QUANT_BLOCK = 256     # absmax quantized to 8 bits in blocks of 256 (one fp32 constant each)
@@ -51,10 +54,14 @@ ASSUMPTIONS = [
     "training adapters only ~8H+2K+3I plus the dropout input and rank-r output of each adapted layer (H hidden, "
     "K key/value width, I MLP width), in the precision's dtype; memory-efficient attention (no seq x seq matrix).",
     "gradient checkpointing keeps each layer's input (H per token) and recomputes one layer at a time.",
+    "with 4-bit base weights the residual stream (one layer input, H per token and layer) is fp32 whatever the "
+    "precision: the embeddings and norms are fp32 and bitsandbytes' 4-bit layers return their input's dtype.",
     "the loss keeps fp32 log-probabilities over the vocabulary and, in backward, two more such tensors "
     "(3 x tokens x vocab x 4 bytes).",
-    "total = the sum of the parts (conservative: gradients and activations peak at different moments); "
-    "framework overhead (CUDA context, allocator caching, the data pipeline) is not included.",
+    "total = the sum of the parts (conservative: gradients and activations peak at different moments), plus, "
+    "on a CUDA device, the framework's overhead: the CUDA context (~0.5 GB per process: the driver, cuBLAS and "
+    "the kernels loaded) and the caching allocator's fragmentation (~5% of the tensors); --device cpu leaves "
+    "the overhead out.",
 ]
 
 
@@ -89,13 +96,18 @@ class Estimate:
     selected: bool = True        # named with --plugins (every method is, when none is named)
     adapter_rank: int | None = None                  # for a method that trains adapters only
     adapter_targets: list[str] | str | None = None
+    overhead: int = 0            # the framework's own memory on a CUDA device (context, allocator)
+
+    @property
+    def tensors(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.tensors + self.overhead
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "total": self.total}
+        return {**asdict(self), "tensors": self.tensors, "total": self.total}
 
 
 # -- reading the model's config ------------------------------------------------------
@@ -190,10 +202,12 @@ def base_weight_bytes(shape: ModelShape, profile: MemoryProfile, precision: str)
 
 def estimate_method(shape: ModelShape, profile: MemoryProfile, name: str = "method", seq_len: int = 2048,
                     batch: int = 4, gradient_checkpointing: bool = False, precision: str = "bf16",
-                    optimizer: OptimizerProfile = DEFAULT_OPTIMIZER) -> Estimate:
+                    optimizer: OptimizerProfile = DEFAULT_OPTIMIZER, device: str = "cuda") -> Estimate:
     """Memory for one method, from its profile alone; see ASSUMPTIONS."""
     if precision not in BYTES:
         raise ConfigError(f"precision {precision!r}: choose one of {', '.join(BYTES)}.")
+    if device not in DEVICES:
+        raise ConfigError(f"device {device!r}: choose one of {', '.join(DEVICES)}.")
     b = BYTES[precision]
     tokens = seq_len * batch
     H, K, I, L = shape.hidden, shape.kv_width, shape.intermediate, shape.layers
@@ -218,14 +232,19 @@ def estimate_method(shape: ModelShape, profile: MemoryProfile, name: str = "meth
     n_trained = sum(trained)
     gradients = 4 * n_trained
     layers = (L * H + per_layer) if checkpointing else L * per_layer
-    activations = tokens * b * layers + 3 * tokens * shape.vocab * 4
+    # 4-bit bases: the residual stream between the fp32 norms and bitsandbytes' layers stays fp32
+    stream_extra = (4 - b) * L * H if profile.base_storage == "4bit" else 0
+    activations = tokens * (b * layers + stream_extra) + 3 * tokens * shape.vocab * 4
     if checkpointing and not gradient_checkpointing:
         notes.append("gradient checkpointing is always on for this method")
     adapters = profile.trains == "adapters"
-    return Estimate(method=name, weights=weights, gradients=gradients, optimizer=optimizer.bytes_for(trained),
-                    activations=activations, trainable_params=n_trained, gradient_checkpointing=checkpointing,
-                    notes=notes, adapter_rank=profile.adapter_rank if adapters else None,
-                    adapter_targets=_targets(profile.adapter_targets) if adapters else None)
+    row = Estimate(method=name, weights=weights, gradients=gradients, optimizer=optimizer.bytes_for(trained),
+                   activations=activations, trainable_params=n_trained, gradient_checkpointing=checkpointing,
+                   notes=notes, adapter_rank=profile.adapter_rank if adapters else None,
+                   adapter_targets=_targets(profile.adapter_targets) if adapters else None)
+    if device == "cuda":
+        row.overhead = CUDA_CONTEXT + int(ALLOCATOR_SHARE * row.tensors)
+    return row
 
 
 def _targets(targets: tuple[str, ...] | str) -> list[str] | str:
@@ -234,10 +253,10 @@ def _targets(targets: tuple[str, ...] | str) -> list[str] | str:
 
 def estimate_profiles(shape: ModelShape, profiles: dict[str, MemoryProfile], seq_len: int = 2048, batch: int = 4,
                       gradient_checkpointing: bool = False, precision: str = "bf16",
-                      optimizer: OptimizerProfile = DEFAULT_OPTIMIZER) -> list[Estimate]:
+                      optimizer: OptimizerProfile = DEFAULT_OPTIMIZER, device: str = "cuda") -> list[Estimate]:
     """One row per method, in the order given, from the profiles alone (no plugin is called)."""
-    return [estimate_method(shape, profile, name, seq_len, batch, gradient_checkpointing, precision, optimizer)
-            for name, profile in profiles.items()]
+    return [estimate_method(shape, profile, name, seq_len, batch, gradient_checkpointing, precision, optimizer,
+                            device) for name, profile in profiles.items()]
 
 
 @dataclass
@@ -307,7 +326,7 @@ def gather_profiles(model_name: str, plugins: list[str] | tuple = (), settings: 
 def estimate(model: str | Path | dict[str, Any], plugins: list[str] | tuple = (), seq_len: int = 2048,
              batch: int = 4, gradient_checkpointing: bool = False, precision: str = "bf16",
              settings: dict[str, Any] | None = None, plugin_objects: list[Any] | tuple = (),
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+             log: Callable[[str], None] = print, device: str = "cuda") -> dict[str, Any]:
     """Estimate every installed adapter method: the library behind `ftcore estimate`.
 
     Every method whose plugin describes its memory is estimated, side by side; the ones named
@@ -315,7 +334,8 @@ def estimate(model: str | Path | dict[str, Any], plugins: list[str] | tuple = ()
     keys as ``--set`` does (a plugin's own section, e.g. its rank; ``training.batch_size``,
     ``training.gradient_checkpointing`` and ``training.precision`` override the arguments).
     ``plugin_objects`` are plugin objects used in addition to the installed ones, as in
-    ``ftcore.run(plugins=...)``.
+    ``ftcore.run(plugins=...)``. ``device`` is the target: ``cuda`` adds the framework's overhead (the CUDA
+    context, the allocator), ``cpu`` does not.
     """
     if seq_len < 1 or batch < 1:
         raise ConfigError("--seq-len and --batch must be positive.")
@@ -330,7 +350,7 @@ def estimate(model: str | Path | dict[str, Any], plugins: list[str] | tuple = ()
     config = load_config(model, log)
     shape = model_shape(config, name=name)
     rows = estimate_profiles(shape, found.methods, seq_len, batch, gradient_checkpointing, precision,
-                             found.optimizer)
+                             found.optimizer, device)
     selected = [r.method for r in rows if r.method in found.run_plugins] or [r.method for r in rows]
     for row in rows:
         row.selected = row.method in selected
@@ -338,7 +358,7 @@ def estimate(model: str | Path | dict[str, Any], plugins: list[str] | tuple = ()
     return {
         "model": shape.name, "params": shape.params, "layers": shape.layers, "hidden": shape.hidden,
         "vocab": shape.vocab, "seq_len": seq_len, "batch": batch, "precision": precision,
-        "gradient_checkpointing": gradient_checkpointing, "optimizer": found.optimizer.label,
+        "gradient_checkpointing": gradient_checkpointing, "optimizer": found.optimizer.label, "device": device,
         "selected": selected, "methods": [r.as_dict() for r in rows],
         "assumptions": [*ASSUMPTIONS[:2], *(f"{n}: {p.assumptions}" for n, p in found.methods.items() if p.assumptions),
                         *([optimizer_line] if optimizer_line else []), *ASSUMPTIONS[2:]],
