@@ -23,7 +23,7 @@ from ftcore.tools.estimate import estimate
 from ftcore.tools.export import export
 from ftcore.tools.generate import load as load_for_generation
 from ftcore.tools.prepare import prepare_data
-from ftcore.training.devices import local_device_index
+from ftcore.training.devices import local_device_index, rank_device_map
 from ftcore.training.engine import run
 from ftcore.types import Example, MemoryProfile, OptimizerProfile, RunContext, RunResult
 from ftcore.version import __version__
@@ -36,7 +36,7 @@ __all__ = [
     "FtcoreError", "ConfigError", "DataError", "PluginError", "OutputError",
     # helpers plugins use
     "write_text_atomic", "write_json_atomic", "atomic_folder", "deep_merge", "resolve_model_path", "load_base_model",
-    "merge_peft_adapter", "merge_adapter", "write_model_card", "local_device_index",
+    "merge_peft_adapter", "merge_adapter", "write_model_card", "local_device_index", "rank_device_map",
     # the library behind each command
     "run", "resolve", "prepare_data", "export", "estimate", "load_for_generation", "generate_ids", "complete",
     "ChatSession", "Reporter", "make_reporter",

@@ -122,11 +122,16 @@ def test_flash_attention_is_chosen_from_the_runs_settings_not_the_cpu_weights(mo
     assert speedups.flash_attention_usable(precision) is expected
 
 
-def test_flash_attention_needs_a_gpu_and_the_package(monkeypatch, flash_attn_installed):
+def test_flash_attention_needs_a_gpu_and_the_package(monkeypatch, flash_attn_installed, tmp_path):
+    import importlib
+    import sys
+
     assert not speedups.flash_attention_usable("bf16") or torch.cuda.is_available()   # this machine: no GPU
     describe_gpu(monkeypatch)
     assert speedups.flash_attention_usable("bf16")
-    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "flash_attn" else object())
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path / "site")])   # uninstalled
+    importlib.invalidate_caches()
+    assert importlib.util.find_spec("flash_attn") is None
     assert not speedups.flash_attention_usable("bf16")
 
 
@@ -248,3 +253,69 @@ def test_a_paged_optimizers_state_counts_in_the_reported_cuda_peak(monkeypatch):
     assert figures["peak_cuda_bytes"] == 10_000 + 2048
     monkeypatch.setattr(manager, "paged_tensors", [])
     assert peak_memory()["peak_cuda_bytes"] == 10_000 and "paged_optimizer_bytes" not in peak_memory()
+
+
+def test_a_launched_rank_loads_its_model_straight_onto_its_own_gpu(monkeypatch):
+    """Under ZeRO-1/2 a rank that loaded onto the CPU would hold the whole model in host memory before DeepSpeed
+    moved it (eight ranks, eight copies); ZeRO-3 builds the model sharded and takes no device map."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    describe_gpu(monkeypatch, count=8)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert devices.rank_device_map() is None            # one process: the Trainer moves its model
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert devices.rank_device_map() == {"": 3}
+    describe_gpu(monkeypatch, count=1)                  # given its GPU through CUDA_VISIBLE_DEVICES
+    assert devices.rank_device_map() == {"": 0}
+    keep = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+    try:
+        assert devices.rank_device_map() is None
+    finally:
+        unset_hf_deepspeed_config()
+        del keep
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert devices.rank_device_map() is None            # CPU ranks (gloo): transformers' default
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_the_lora_and_full_plugins_load_a_ranks_model_with_its_device_map(monkeypatch, tiny_model_dir, adapter):
+    """The map reaches transformers' from_pretrained (recorded there; the load itself stays on this CPU)."""
+    import peft  # noqa: F401  (imported before torch.cuda is described: bitsandbytes picks its backend on import)
+    from transformers import AutoModelForCausalLM
+
+    from ftcore.models.tokenizer import load_tokenizer
+
+    real = AutoModelForCausalLM.from_pretrained.__func__
+    asked = []
+
+    def from_pretrained(cls, *args, **kwargs):
+        asked.append(kwargs.get("device_map"))
+        return real(cls, *args, **(kwargs | {"device_map": None}))
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(from_pretrained))
+    config, plugins = ftcore.resolve({"model": str(tiny_model_dir), "plugins": [adapter, "alpaca"]},
+                                     log=lambda m: None)
+    ctx = ftcore.RunContext(config=config, plugins=plugins, output_dir=tiny_model_dir.parent / "out",
+                            log=lambda m: None)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    describe_gpu(monkeypatch, count=4)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    plugins.hook.ftcore_load_model(model_path=str(tiny_model_dir), tokenizer=tokenizer, config=config, ctx=ctx)
+    assert asked == [{"": 2}]
+
+
+def test_more_processes_than_the_machine_has_gpus_are_refused_before_launch(monkeypatch, tiny_model_dir,
+                                                                           alpaca_file, tmp_path):
+    describe_gpu(monkeypatch, count=2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    cfg = tiny_config(tiny_model_dir, alpaca_file, tmp_path / "run", max_steps=1)
+    cfg["plugins"] = ["deepspeed-zero", "lora", "alpaca"]
+    cfg["launch"] = {"num_processes": 4}
+    with pytest.raises(ConfigError, match=r"4 process\(es\) on this machine, but it has 2 GPU") as err:
+        ftcore.run(cfg, log=lambda m: None)
+    assert "at most 2" in str(err.value)
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES=0,1"):
+        ftcore.run(cfg, log=lambda m: None)

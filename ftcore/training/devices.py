@@ -60,6 +60,45 @@ def local_device_index() -> int:
     return rank if rank < count else 0
 
 
+def rank_device_map() -> dict[str, int] | None:
+    """Where a launched rank loads its model: straight onto its own GPU, or None (transformers' default).
+
+    A rank of a ZeRO-1/2 (or DDP-style) run otherwise builds the whole model in host memory before DeepSpeed
+    moves it to the GPU: eight ranks of a 7B bf16 model hold 8 x 14 GB of host RAM at once. Loaded with this
+    map, each tensor goes from the checkpoint to the rank's GPU. None on a CPU machine, in a process no launcher
+    started (the Trainer moves its model), and under ZeRO-3, where transformers builds the model inside
+    ``deepspeed.zero.Init`` (each rank holds its shard only) and refuses a device map.
+    """
+    if not cuda_available() or "LOCAL_RANK" not in os.environ:
+        return None
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return None
+    return {"": local_device_index()}
+
+
+def check_processes_fit(per_machine: int) -> None:
+    """Refuse, before anything starts, more processes on this machine than it has GPUs (one GPU per rank).
+
+    Two NCCL ranks on one GPU fail only after every rank has loaded its model ("Duplicate GPU detected"), and
+    fewer processes than GPUs is allowed (the rest stay free). On a machine without a GPU any number of CPU
+    ranks (gloo) may run.
+    """
+    from ftcore.errors import ConfigError
+
+    gpus = visible_gpus()
+    if gpus and per_machine > gpus:
+        raise ConfigError(f"launch.num_processes asks for {per_machine} process(es) on this machine, but it has "
+                          f"{gpus} GPU(s){_visible_note()}; each process trains on a GPU of its own. Set "
+                          f"launch.num_processes to at most {gpus} per machine (--num-processes).")
+
+
+def _visible_note() -> str:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f" visible (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+
+
 def visible_gpus() -> int:
     import torch
 

@@ -35,7 +35,7 @@ from ftcore.registry.resolution import resolve
 from ftcore.reporting.card import ensure_model_card
 from ftcore.reporting.progress import as_reporter
 from ftcore.reporting.report import write_report
-from ftcore.training import checkpoints, processes
+from ftcore.training import checkpoints, devices, processes
 from ftcore.training.outputs import (
     LOCK_ENV,
     OutputGuard,
@@ -261,6 +261,8 @@ def launch(config: RunConfig, plugins: PluginSet, log: Callable[[str], None]) ->
                               f"and none of the selected plugins does. Add one to --plugins (`ftcore plugins` "
                               f"lists the strategy plugins), or run with one process.")
         return None
+    if not config.launch.hostfile:   # a hostfile names each host's slots; only this machine's GPUs are known
+        devices.check_processes_fit(config.launch.num_processes // config.launch.num_machines)
     installed = installed_entry_points()
     passed = [n for n in plugins.names() if n not in installed]
     if passed:

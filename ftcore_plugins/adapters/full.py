@@ -34,7 +34,8 @@ def ftcore_load_model(model_path: str, tokenizer: Any, config: Any, ctx: Any) ->
     dtype = torch.float32 if config.model.dtype == "auto" else getattr(torch, config.model.dtype)
     # Added tokens: the embeddings grow to a multiple of 64 rows (GPU matrix kernels run faster on such shapes);
     # the saved model's config.json records the size, and the GGUF export pads its vocabulary to match.
-    model = ftcore.load_base_model(model_path, tokenizer, config, ctx, dtype=dtype, vocab_multiple=VOCAB_MULTIPLE)
+    model = ftcore.load_base_model(model_path, tokenizer, config, ctx, dtype=dtype, vocab_multiple=VOCAB_MULTIPLE,
+                                   device_map=ftcore.rank_device_map())   # a launched rank: onto its GPU
     patterns = [re.compile(p) for p in cfg.freeze_modules]
     layer_re = re.compile(r"\.layers\.(\d+)\.")
     for name, param in model.named_parameters():

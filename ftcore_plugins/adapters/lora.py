@@ -69,7 +69,8 @@ def new_token_ids(ctx: Any) -> list[int]:
 def ftcore_load_model(model_path: str, tokenizer: Any, config: Any, ctx: Any) -> Any:
     from peft import get_peft_model
 
-    model = ftcore.load_base_model(model_path, tokenizer, config, ctx)
+    # a launched rank on a GPU machine loads straight onto its GPU (not the whole model in host RAM first)
+    model = ftcore.load_base_model(model_path, tokenizer, config, ctx, device_map=ftcore.rank_device_map())
     if config.training.gradient_checkpointing:
         model.enable_input_require_grads()
     return get_peft_model(model, lora_config(config.section(NAME), ctx, model))
