@@ -212,3 +212,20 @@ def test_every_public_name_is_documented_and_every_documented_name_exported():
     for name in ftcore.__all__:
         assert hasattr(ftcore, name), name
 
+
+
+def test_the_run_folders_file_names_are_spelled_in_runfolder_alone():
+    """A run folder's layout has one home (ftcore/runfolder.py): no other module spells its files' names."""
+    from ftcore import runfolder
+
+    names = {runfolder.MARKER, runfolder.CONFIG, runfolder.PLUGINS, runfolder.METRICS, runfolder.SUMMARY,
+             runfolder.REPORT}
+    spelled = []
+    for root in (CORE, PLUGINS):
+        for path in sorted(root.rglob("*.py")):
+            if path == CORE / "runfolder.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Constant) and node.value in names:
+                    spelled.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.value!r}")
+    assert spelled == [], "use ftcore.runfolder's names instead:\n" + "\n".join(spelled)

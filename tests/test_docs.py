@@ -98,3 +98,9 @@ def test_readme_shows_the_latest_benchmark_tables_and_command():
     assert len(rows) == 2 + 3 + 2 + 2          # both tables: headers, separators, three trainers, two ratios
     for line in rows:
         assert line in readme.splitlines(), f"README.md does not show the latest benchmark row: {line}"
+
+
+def test_no_section_of_the_configuration_reference_appears_twice():
+    headings = [line for line in config_reference_text().splitlines() if line.startswith("#")]
+    assert len(headings) > 10
+    assert sorted(h for h in set(headings) if headings.count(h) > 1) == []

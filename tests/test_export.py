@@ -12,6 +12,7 @@ from conftest import tiny_config
 
 import ftcore
 from ftcore.cli import main
+from ftcore.errors import PluginFailure
 from ftcore.testing import finished_run, run_exporter
 
 
@@ -112,16 +113,33 @@ class Failing:
         raise ftcore.ConfigError("failing: the destination is full (a user error the exporter reports)")
 
 
-def test_a_failing_exporter_leaves_summary_and_report_that_record_it(tiny_model_dir, alpaca_file, tmp_path):
+class Buggy:
+    name = "buggy"
+
+    @ftcore.hookimpl
+    def ftcore_export(self, run_dir):
+        raise RuntimeError("index out of range in buggy's writer (a bug of the exporter's)")
+
+
+@pytest.mark.parametrize("exporter,error,recorded,status", [
+    (Failing, ftcore.ConfigError, "failing: the destination is full (a user error the exporter reports)", 2),
+    (Buggy, PluginFailure, 'plugin "buggy" (module test_export) failed in ftcore_export: RuntimeError: index out '
+                           "of range in buggy's writer (a bug of the exporter's)", 1),
+])
+def test_a_failing_exporter_leaves_summary_and_report_that_record_it(tiny_model_dir, alpaca_file, tmp_path,
+                                                                     exporter, error, recorded, status):
+    """A user error (exit 2) or a bug (exit 1, its type named): either way the trained adapter is kept and the
+    summary and report say what failed."""
     out = tmp_path / "out"
-    with pytest.raises(ftcore.ConfigError, match="destination is full"):
-        ftcore.run(tiny_config(tiny_model_dir, alpaca_file, out), plugins=[Failing()], log=lambda m: None)
+    with pytest.raises(error):
+        ftcore.run(tiny_config(tiny_model_dir, alpaca_file, out), plugins=[exporter()], log=lambda m: None)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["export_errors"] == ["failing: the destination is full (a user error the exporter reports)"]
-    assert summary["exit_code"] == 2 and summary["metrics"]["steps"] > 0
+    assert len(summary["export_errors"]) == 1 and summary["export_errors"][0].startswith(recorded)
+    assert summary["exit_code"] == status and summary["metrics"]["steps"] > 0
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     report = (out / "report.html").read_text()
-    assert 'id="export-errors"' in report and "the destination is full" in report
+    assert 'id="export-errors"' in report and ("destination is full" in report or "buggy&#x27;s writer" in report
+                                               or "buggy's writer" in report)
 
 
 def test_a_failing_exporter_exits_with_its_status_from_the_cli(tmp_path):

@@ -422,3 +422,22 @@ def test_run_refuses_before_training_what_it_could_not_export(llama_dir, tmp_pat
         ftcore.run({**base, "plugins": ["lora", "alpaca", "gguf-export"], "gguf-export": {"quant": "q4_k_m"}},
                    **QUIET)
     assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "model").exists()
+
+
+def test_parity_judges_an_answer_that_never_stops_and_a_prompt_tokenized_differently(tmp_path):
+    """The failures parity exists for: the same tokens, but one side goes on past the end of the turn (a GGUF
+    file whose end-of-turn token llama.cpp does not know); a prompt llama.cpp splits into other tokens."""
+    from ftcore_plugins.exporters.gguf.parity import judge
+
+    ids, new = [1, 5, 9], [7, 8, 2]
+    same = {"prompt_ids": ids, "tokens": new, "forced_choices": new, "stopped": True}
+    ok = judge([(ids, new, True)], [same], "f16", None, tmp_path / "m.gguf", None)
+    assert ok["passed"] and ok["problems"] == [] and ok["stopped_at_end_of_turn"] == {"transformers": 1,
+                                                                                      "llama_cpp": 1}
+    runs_on = same | {"tokens": new + [11, 12], "stopped": False}
+    bad = judge([(ids, new, True)], [runs_on], "f16", None, tmp_path / "m.gguf", None)
+    assert not bad["passed"] and bad["token_agreement"] == 1.0   # agreement alone would not see it
+    assert bad["problems"] == ["prompt 1: transformers stops at the end of the turn and the other goes on"]
+    split = judge([(ids, new, True)], [same | {"prompt_ids": [1, 5, 4, 3]}], "f16", None, tmp_path / "m.gguf", None)
+    assert not split["passed"] and not split["prompt_tokens_identical"]
+    assert split["problems"] == ["prompt 1 is tokenized differently by llama.cpp"]

@@ -522,8 +522,11 @@ def test_run_records_parity_in_summary_and_report(memorizing_run):
     assert len(set(result.sample_prompts)) == len(result.sample_prompts) >= 2
     stopped = details["stopped_at_end_of_turn"]
     assert stopped["transformers"] == stopped["llama_cpp"] >= 1   # the learned EOS ends answers on both sides
+    saved = json.loads((result.output_dir / "summary.json").read_text())["export_details"]["gguf-export"]
+    assert saved["stopped_at_end_of_turn"] == stopped and saved["token_agreement"] == 1.0   # what a user reads back
     html = result.report_path.read_text()
     assert 'id="exports"' in html and "token_agreement" in html and "identical_continuations" in html
+    assert "stopped_at_end_of_turn" in html
 
 
 # -- adapter-only GGUF ------------------------------------------------------------------------------

@@ -66,6 +66,9 @@ def test_from_a_hub_id_to_a_pushed_adapter_that_peft_loads_by_id_then_repeated_o
     metric = card["model-index"][0]["results"][0]["metrics"][0]
     assert metric["type"] == "loss" and metric["value"] == round(result.metrics["eval_loss"], 4)
     assert hub.head("alice/tiny-facts").message == "ftcore run run"
+    leaked = [str(f) for f in out.rglob("*") if f.is_file() and TOKEN.encode() in f.read_bytes()]
+    assert leaked == []                    # config.yaml, summary.json, report.html, the log, the card: no token
+    assert TOKEN not in "\n".join(lines)
 
     ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
     base = AutoModelForCausalLM.from_pretrained("acme/tiny", revision=base_commit.oid)   # plain transformers, by id

@@ -103,6 +103,31 @@ def test_the_lock_refuses_a_second_holder_in_process(tmp_path):
         pass
 
 
+def test_a_filesystem_without_locks_runs_unlocked_and_says_so(tmp_path, monkeypatch):
+    """Some network filesystems refuse flock (ENOLCK): the run goes on, and the user learns nothing guards it."""
+    import errno
+
+    import ftcore
+    from ftcore.training import engine, outputs
+    from ftcore.training.outputs import OutputLock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(outputs.fcntl, "flock", no_locks)
+    out = tmp_path / "out"
+    with OutputLock(out) as lock:
+        assert lock.unlocked == "No locks available"
+        with OutputLock(out):   # nothing can refuse a second holder here
+            pass
+    config = ftcore.RunConfig.model_validate({"model": "m", "output_dir": str(out)})
+    lines = []
+    with engine.output_lock(config, lines.append):
+        pass
+    assert any(line.startswith("warning:") and "cannot be locked (No locks available" in line
+               and "its own --output" in line and "docs/safety.md" in line for line in lines)
+
+
 # -- --overwrite: the previous run comes back when the new one stops before training ------------
 
 PAUSE_BEFORE_TRAINING = textwrap.dedent("""

@@ -94,6 +94,10 @@ def output_lock(config: RunConfig, log: Callable[[str], None]) -> Iterator[None]
         return
     out = Path(config.output_dir)
     with OutputLock(out) as lock:
+        if lock.unlocked:
+            log(f"warning: {out.parent} cannot be locked ({lock.unlocked}; some network filesystems have no "
+                f"locks), so nothing stops a second run from writing {out.name} at the same time: give each job "
+                f"its own --output (docs/safety.md).")
         if lock.taken_over:
             log(f"note: took over the lock of {out} from a run that ended without releasing it "
                 f"(process {lock.taken_over.get('pid')} on {lock.taken_over.get('host')})")

@@ -42,6 +42,7 @@ class OutputLock:
         self.path = self.out.parent / f".{self.out.name}.lock"
         self.fd: int | None = None
         self.taken_over: dict | None = None
+        self.unlocked: str | None = None   # why the folder could not be locked (a filesystem without locks)
 
     def __enter__(self) -> OutputLock:
         self.acquire()
@@ -78,8 +79,9 @@ class OutputLock:
                 raise ConfigError(f"output directory {self.out} is in use by another ftcore run ({_describe(holder)}): "
                                   f"one run writes an output directory at a time. Wait for it to end, or choose "
                                   f"another --output.") from None
-            except OSError:   # a filesystem without locks (some network mounts): see docs/safety.md
+            except OSError as exc:   # a filesystem without locks (some network mounts): see docs/safety.md
                 self.fd = fd
+                self.unlocked = exc.strerror or type(exc).__name__
                 return
             if _same_file(fd, self.path):
                 break
