@@ -26,14 +26,14 @@ def print_table(result: dict[str, Any]) -> None:
     marked = len(result["selected"]) < len(result["methods"])
     table = Table(title=title, caption="* the method named with --plugins" if marked else None)
     for col in ("method", "weights GB", "gradients GB", "optimizer GB", "activations GB",
-                *(("overhead GB",) if result["device"] == "cuda" else ()), "total GB", "trainable"):
+                "overhead GB", "total GB", "trainable"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in result["methods"]:
         name = r["method"] + (" (ckpt)" if r["gradient_checkpointing"] and not result["gradient_checkpointing"] else "")
         if marked and r["selected"]:
             name = f"[bold]* {name}[/bold]"
         table.add_row(name, _gb(r["weights"]), _gb(r["gradients"]), _gb(r["optimizer"]), _gb(r["activations"]),
-                      *((_gb(r["overhead"]),) if result["device"] == "cuda" else ()),
+                      _gb(r["overhead"]),
                       f"[bold]{_gb(r['total'])}[/bold]", f"{r['trainable_params']:,d}")
     console = Console(width=max(110, Console().width))
     console.print(table)
@@ -57,8 +57,8 @@ def print_table(result: dict[str, Any]) -> None:
 @click.option("--precision", type=click.Choice(sorted(BYTES)), default="bf16", show_default=True,
               help="Training precision of the target machine (fp32 on a CPU).")
 @click.option("--device", type=click.Choice(DEVICES), default="cuda", show_default=True,
-              help="The target device: cuda adds the framework's overhead per process (the CUDA context, the "
-                   "allocator's fragmentation), cpu leaves it out.")
+              help="The target device, for the framework's overhead per process: on cuda the CUDA context and the "
+                   "allocator's fragmentation, on cpu the training loop's own heap memory.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a config key as for ftcore run, dotted for sections (repeatable): a plugin's own "
                    "settings, e.g. --set lora.r=8")
