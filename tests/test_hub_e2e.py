@@ -172,3 +172,13 @@ def test_the_recipe_a_pushed_adapter_with_its_gguf_file_then_the_merged_model(hu
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(main, ["generate", "--model", "acme/tiny", "-n", "3", "Add 1 and 2."])
     assert result.exit_code == 0, result.output
+    # The base named by id on the command line, as a user merging someone else's adapter would.
+    assert CliRunner().invoke(main, ["merge", "--adapter", str(out / "adapter"), "--base", "acme/tiny", "--output",
+                                     str(tmp_path / "merged-by-id")]).exit_code == 0
+    by_id = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged-by-id")).eval()
+    assert torch.equal(logits(by_id, ids), logits(local, ids))
+    # chat resolves the id as every command does; this base has no chat template, and chat says what to do.
+    result = CliRunner().invoke(main, ["chat", "--model", "acme/tiny", "-n", "3"], input="Add 1 and 2.\n/exit\n")
+    assert "base model acme/tiny (commit " in result.output and "in the Hugging Face cache" in result.output
+    assert result.exit_code == 2 and "has no chat template" in result.output and "ftcore generate" in result.output
+    assert "Traceback" not in result.output

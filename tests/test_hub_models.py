@@ -155,6 +155,21 @@ def test_a_repository_that_does_not_exist_names_the_closest_cached_one(hub, tiny
     assert "Traceback" not in result.output
 
 
+def test_a_repository_that_does_not_exist_names_the_closest_local_folder(hub, tiny_repo, tmp_path, alpaca_file,
+                                                                         monkeypatch):
+    """A typo in a local folder's name reads as a Hub id (org/name): the folder it was meant to be is named."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_repo, work / "models" / "tiny-llama")
+    monkeypatch.chdir(work)
+    result = run_cli(tmp_path, alpaca_file, "models/tiny-lama")
+    assert result.exit_code == 2, result.output
+    assert "model models/tiny-lama: no such repository on the Hub" in result.output
+    assert 'Did you mean "models/tiny-llama" (a local folder)?' in result.output
+    assert "Traceback" not in result.output
+
+
 def test_a_revision_that_does_not_exist(hub, tiny_repo, tmp_path, alpaca_file):
     result = run_cli(tmp_path, alpaca_file, "acme/tiny@no-such-branch")
     assert result.exit_code == 2 and "model acme/tiny has no revision 'no-such-branch'" in result.output

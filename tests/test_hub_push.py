@@ -4,6 +4,7 @@ what is uploaded, branches, no empty commits, the large-file (LFS) path, and fai
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 from click.testing import CliRunner
@@ -115,6 +116,26 @@ def test_a_refused_push_keeps_the_run_and_says_how_to_retry(hub, run_dir, token)
     assert weights_and_summary(run_dir) == before and "Traceback" not in result.output
 
     hub.refuse_commits = None                                     # the advice works
+    assert export_cli(run_dir, "alice/tiny-adapter").exit_code == 0
+    assert pushed(hub, "alice/tiny-adapter") == ADAPTER_FILES
+
+
+def test_a_hub_that_cannot_be_reached_keeps_the_run_and_says_how_to_retry(hub, run_dir, token,
+                                                                                     monkeypatch):
+    from hub_server import patch_client
+
+    before = weights_and_summary(run_dir)
+    with socket.socket() as closed:                 # a port nothing listens on: the connection is refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    patch_client(monkeypatch, f"http://127.0.0.1:{port}", hub.home)
+    result = export_cli(run_dir, "alice/tiny-adapter")
+    assert result.exit_code == 2, result.output
+    assert f"hub-push: could not push to alice/tiny-adapter: the Hub (http://127.0.0.1:{port}) could not be " \
+           f"reached" in result.output
+    assert f"The run is intact in {run_dir}; push it again with: ftcore export --model {run_dir}" in result.output
+    assert weights_and_summary(run_dir) == before and "Traceback" not in result.output and TOKEN not in result.output
+    patch_client(monkeypatch, hub.url, hub.home)    # reachable again: the advice works
     assert export_cli(run_dir, "alice/tiny-adapter").exit_code == 0
     assert pushed(hub, "alice/tiny-adapter") == ADAPTER_FILES
 

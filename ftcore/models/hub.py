@@ -310,8 +310,8 @@ def closest(repo_id: str, kind: str = "model") -> str:
 
     prefix = f"{kind}s--"
     cached = [p.name[len(prefix):].replace("--", "/", 1) for p in Path(constants.HF_HUB_CACHE).glob(prefix + "*")]
-    local = [str(p.parent) for p in Path.cwd().glob("*/*/config.json")] + \
-            [str(p.parent) for p in Path.cwd().glob("*/config.json")]
+    here = Path.cwd()   # folders named as the user would type them: relative to the working directory
+    local = [p.parent.relative_to(here).as_posix() for p in [*here.glob("*/*/config.json"), *here.glob("*/config.json")]]
     match = difflib.get_close_matches(repo_id, cached + local, n=1, cutoff=0.6)
     if not match:
         return ""
