@@ -238,7 +238,8 @@ def test_the_cli_honours_hf_endpoint_hf_home_hf_token_and_hf_hub_offline_from_th
     hub.add_folder("acme/gated", tiny_repo, gated="manual")
     hub.repos[("model", "acme/gated")].approved.add("alice")
     home = tmp_path / "elsewhere"
-    env = {**os.environ, **hub.env, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HF_TOKEN": TOKEN}
+    env = {k: v for k, v in {**os.environ, **hub.env}.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
+    env.update(HF_HOME=str(home), HF_TOKEN=TOKEN)      # HF_HOME alone: the cache is its hub/ folder
     proc = subprocess.run([sys.executable, "-m", "ftcore.cli", "estimate", "--model", "acme/gated", "--json"],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
