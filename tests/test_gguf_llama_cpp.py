@@ -333,7 +333,6 @@ def test_qlora_adapter_is_merged_into_the_unquantized_base(tiny_models, tmp_path
     written = ftcore.tools.export.export(str(adapter), str(out), ["lora", "gguf-export"], base=str(base_dir),
                                    sets={"gguf-export": {"quant": "f32"}}, **QUIET)
     assert written[0] == out
-    from transformers import AutoTokenizer
 
     from ftcore.models.peft_merge import merge_peft_adapter
 
@@ -511,6 +510,38 @@ def test_strict_parity_makes_a_failed_check_an_error(memorizing_run, tmp_path, b
     ran = CliRunner().invoke(main, ["export", "--plugins", "gguf-export", "--model", str(result.output_dir),
                                     "--output", str(out), "--strict-parity", "--set", "gguf-export.modelfile=false"])
     assert ran.exit_code == 2 and "parity check of bad.gguf failed" in ran.output and "Traceback" not in ran.output
+
+
+def test_ftcore_run_with_strict_parity_fails_on_a_bad_file_checked_on_held_out_prompts(tmp_path, broken_rope):
+    """The run's own flag, as the export command's: the model is saved, the failed check exits 2 and is recorded;
+    with a held-out split the check uses its prompts, not the ones the model trained on."""
+    import yaml
+    from click.testing import CliRunner
+
+    from ftcore.cli import main
+
+    base = build(tmp_path / "base", chat_tokenizer(), "llama", std=0.02)
+    records = [{"instruction": f"Add {a} and {a + 1}.", "input": "", "output": str(2 * a + 1)} for a in range(20)]
+    data, held = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records[:16]))
+    held.write_text("".join(json.dumps(r) + "\n" for r in records[16:]))
+    out = tmp_path / "run"
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({
+        "plugins": ["full", "alpaca", "gguf-export"], "model": str(base),
+        "data": {"datasets": [str(data)], "eval_datasets": [str(held)], "max_length": 64},
+        "training": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "save_strategy": "no"},
+        "gguf-export": {"quant": "f32", "modelfile": False}, "output_dir": str(out)}))
+    ran = CliRunner().invoke(main, ["run", str(tmp_path / "run.yaml"), "--strict-parity", "--no-progress"])
+    assert ran.exit_code == 2, ran.output
+    assert "parity check" in ran.output and "Traceback" not in ran.output
+    assert (out / "model" / "model.safetensors").is_file()                       # the trained model is kept
+    summary = json.loads((out / "summary.json").read_text())
+    details = summary["export_details"]["gguf-export"]
+    assert details["passed"] is False and details["prompts_from"] == "run"
+    assert details["prompts"] == len(summary["sample_prompts"]) >= 2
+    assert summary["export_errors"] and "parity" in summary["export_errors"][0]
+    held_out = {f"### Instruction:\n{r['instruction']}\n\n### Response:\n" for r in records[16:]}
+    assert set(summary["sample_prompts"]) <= held_out                           # never a prompt it trained on
 
 
 def test_run_records_parity_in_summary_and_report(memorizing_run):
