@@ -455,6 +455,38 @@ def test_k_quants_are_made_by_llama_cpp_and_report_their_agreement(model_256, tm
     assert details["passed"] == (details["token_agreement"] >= details["min_agreement"])
 
 
+def test_a_bf16_model_is_k_quantized_from_a_bf16_source_not_f16(model_256, tmp_path, monkeypatch):
+    """bf16 weights can exceed f16's range: llama.cpp quantizes them from a bf16 file ftcore writes."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ftcore_plugins.exporters.gguf import kquant
+
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(str(model_256), dtype=torch.bfloat16).save_pretrained(str(bf16))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (model_256 / name).is_file():
+            shutil.copy(model_256 / name, bf16 / name)
+    sources, real = [], kquant.quantize
+
+    def quantize(source, output, quant, log):
+        sources.append({t.name: t.tensor_type.name for t in GGUFReader(source).tensors})
+        return real(source, output, quant, log)
+
+    monkeypatch.setattr(kquant, "quantize", quantize)
+    out = tmp_path / "out" / "m-q4_k_m.gguf"
+    out.parent.mkdir()
+    details = {}
+    export_gguf(bf16, out, quant="q4_k_m", modelfile=False, parity=parity_request(), details=details, **QUIET)
+    assert sources and sources[0]["blk.0.attn_q.weight"] == "BF16"
+    types = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_K"
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]          # the bf16 source is gone
+    assert 0.0 <= details["token_agreement"] <= 1.0 and details["quant"] == "q4_k_m"
+
+
 def test_k_quant_needs_llama_cpp_python_and_says_how_to_get_it(model_256, tmp_path, monkeypatch):
     import sys
 
