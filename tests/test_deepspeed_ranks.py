@@ -144,6 +144,9 @@ def test_zero2_lora_two_ranks_match_one_rank(tiny_model_dir, alpaca_file, tmp_pa
     assert_same_losses(train_losses(out), train_losses(one.output_dir), rel=ZERO2_REL)
     assert_same_losses([json.loads((out / "summary.json").read_text())["metrics"]["eval_loss"]],
                        [one.metrics["eval_loss"]], rel=ZERO2_REL)
+    # both with the chunked loss (the default): under ZeRO the model runs up to its output layer in the engine
+    assert json.loads((out / "summary.json").read_text())["metrics"]["loss"]["path"] == "chunked"
+    assert one.metrics["loss"]["path"] == "chunked"
 
 
 
