@@ -156,6 +156,7 @@ def fast_loss_trainer_class() -> type:
 
     class FastLossTrainer(Trainer):
         loss_plan = LossPlan("sparse", sparse=True)
+        sparse_logits = True        # whether logits are computed at supervised positions only (benchmarks read it)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
             plan = self.loss_plan

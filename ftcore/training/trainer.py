@@ -154,7 +154,7 @@ def build_trainer(model: Any, prepared: PreparedData, ctx: RunContext) -> BuiltT
     trainer_class = Trainer
     if plan.path != "plain":
         trainer_class = speedups.fast_loss_trainer_class()
-        trainer_class.loss_plan = plan
+        trainer_class.loss_plan, trainer_class.sparse_logits = plan, plan.sparse
     trainer = trainer_class(model=model, args=training_args, train_dataset=prepared.train,
                             eval_dataset=prepared.eval, data_collator=collator, processing_class=ctx.tokenizer,
                             callbacks=callbacks, optimizers=(optimizer, None))
