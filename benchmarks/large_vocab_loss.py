@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 LOSSES = ("plain", "chunked")
 MIB = 2**20
 FULL = dict(vocabs=(1024, 128_256), hidden=256, layers=4, heads=4, kv_heads=2, intermediate=688, examples=48,
-            batch=8, words=70, steps=3, rounds=3)
+            batch=8, words=16, steps=3, rounds=3)
 SMOKE = dict(vocabs=(512, 8192), hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, examples=8,
              batch=4, words=12, steps=2, rounds=1)
 
