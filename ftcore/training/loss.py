@@ -246,8 +246,8 @@ class _ChunkedCrossEntropy:
                     end = min(start + chunk, hidden.shape[0])
                     with torch.enable_grad():
                         part = hidden[start:end].detach().requires_grad_(hidden.requires_grad)
-                        logits = head(part).float()
-                        loss = F.cross_entropy(logits, targets[start:end], ignore_index=IGNORE_INDEX,
+                        # the logits are not held: backward needs only the log-probabilities cross-entropy keeps
+                        loss = F.cross_entropy(head(part).float(), targets[start:end], ignore_index=IGNORE_INDEX,
                                                reduction="sum", label_smoothing=smoothing)
                     wrt = ([part] if grad_hidden is not None else []) + list(params)
                     if wrt and loss.requires_grad:
@@ -258,7 +258,7 @@ class _ChunkedCrossEntropy:
                             if g is not None:
                                 grad_params[i] = g if grad_params[i] is None else grad_params[i] + g
                     total += loss.detach()
-                    del logits, loss
+                    del loss
                 ctx.grads = (grad_hidden, grad_params)
                 return total
 
