@@ -144,6 +144,9 @@ def test_zero2_lora_two_ranks_match_one_rank(tiny_model_dir, alpaca_file, tmp_pa
     assert_same_losses(train_losses(out), train_losses(one.output_dir), rel=ZERO2_REL)
     assert_same_losses([json.loads((out / "summary.json").read_text())["metrics"]["eval_loss"]],
                        [one.metrics["eval_loss"]], rel=ZERO2_REL)
+    # both with the chunked loss (the default): under ZeRO the model runs up to its output layer in the engine
+    assert json.loads((out / "summary.json").read_text())["metrics"]["loss"]["path"] == "chunked"
+    assert one.metrics["loss"]["path"] == "chunked"
 
 
 
@@ -244,6 +247,7 @@ def test_zero3_lora_offloaded_on_two_machines(tiny_model_dir, alpaca_file, tmp_p
     args = base_args(tiny_model_dir, alpaca_file, out, "deepspeed-zero,lora,alpaca") + [
         "--set", "deepspeed-zero.stage=3", "--set", "deepspeed-zero.offload_optimizer=cpu",
         "--set", "deepspeed-zero.offload_param=cpu", "--set", f"deepspeed-zero.config_file={own}",
+        "--set", "training.loss_chunk_size=16",      # the chunked loss in many chunks, under sharded parameters
         "--num-processes", "2", "--num-machines", "2",
         "--main-process-ip", "127.0.0.1", "--main-process-port", str(port)]
     machines = [ftcore_cli(args + ["--machine-rank", str(rank)]) for rank in (0, 1)]
@@ -255,6 +259,7 @@ def test_zero3_lora_offloaded_on_two_machines(tiny_model_dir, alpaca_file, tmp_p
     zero = ds["zero_optimization"]
     assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
     assert ds["zero_force_ds_cpu_optimizer"] is False and "optimizer" not in ds
+    assert json.loads((out / "summary.json").read_text())["metrics"]["loss"]["chunk_size"] == 16
     assert_learned(out)
     assert_only_rank0_wrote(out)
     assert_adapter_loads_with_peft(out / "adapter", tiny_model_dir)
@@ -299,6 +304,8 @@ def test_zero3_full_through_a_hostfile_saves_a_normal_model(tiny_model_dir, alpa
     cfg["plugins"] = ["deepspeed-zero", "full", "alpaca", "dstest-probe-export"]
     cfg["deepspeed-zero"] = {"stage": 3}
     cfg["launch"] = {"hostfile": str(hostfile)}
+    # the chunked loss in chunks of 16 positions, its trained output layer sharded: each chunk recomputed in backward
+    cfg["training"]["loss_chunk_size"] = 16
     logged: list[str] = []
     result = ftcore.run(cfg, log=logged.append)
     output = capfd.readouterr()
@@ -307,6 +314,7 @@ def test_zero3_full_through_a_hostfile_saves_a_normal_model(tiny_model_dir, alpa
     assert "[rank 1] trainable params:" in output.out + output.err
     assert_learned(out)
     assert result.model_dir == out / "model" and result.metrics["steps"] == 10
+    assert (result.metrics["loss"]["path"], result.metrics["loss"]["chunk_size"]) == ("chunked", 16)
     saved = load_file(str(out / "model" / "model.safetensors"))
     base = load_file(str(tiny_model_dir / "model.safetensors"))
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in base.items()}   # gathered, not shards

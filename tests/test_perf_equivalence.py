@@ -183,12 +183,13 @@ def test_a_run_with_speedups_has_the_same_losses_as_without(tiny_model_dir, tmp_
     for name, switch in (("fast", True), ("plain", False)):
         probe = EvalCounter()
         cfg = tiny_config(tiny_model_dir, data, tmp_path / name, sparse_logits=switch, packed_attention=switch,
-                          eval_strategy="epoch")
+                          eval_strategy="epoch", loss="auto" if switch else "plain")
         result = ftcore.run(cfg, plugins=[probe], log=lambda m: None)
         runs[name] = (result, probe)
     fast, plain = runs["fast"], runs["plain"]
     assert fast[1].seen == {"trainer": "FastLossTrainer", "attention": speedups.PACKED_ATTENTION}
     assert plain[1].seen == {"trainer": "Trainer", "attention": "sdpa"}
+    assert fast[0].metrics["loss"]["path"] == "chunked" and plain[0].metrics["loss"]["path"] == "plain"
     fast_losses = [r["loss"] for r in metrics_rows(fast[0].output_dir) if "loss" in r]
     plain_losses = [r["loss"] for r in metrics_rows(plain[0].output_dir) if "loss" in r]
     assert len(fast_losses) == len(plain_losses) >= 8

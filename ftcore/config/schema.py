@@ -90,6 +90,13 @@ class TrainingConfig(Section):
                                  description="Experiment trackers: tensorboard, trackio, mlflow, wandb (or none).")
     sparse_logits: bool = Field(True, description="Compute logits and loss only where the next token is supervised "
                                 "(same loss, less work); false: the model's own full-logits loss.")
+    loss: Literal["auto", "chunked", "fused", "plain"] = Field(
+        "auto", description="How the loss meets the vocabulary: chunked runs the output layer and cross-entropy over "
+        "chunks of positions (never all logits at once), fused uses liger-kernel or cut-cross-entropy on a CUDA GPU, "
+        "plain computes all logits at once; auto: fused where installed and usable, else chunked, else plain.")
+    loss_chunk_size: int | None = Field(
+        None, ge=1, description="Positions per chunk of the chunked loss (default: about 16M logits per chunk, "
+        "16,777,216 / vocabulary size, at least 64).")
     packed_attention: bool = Field(True, description="With packing, attend within each example instead of over the "
                                    "whole packed row with a mask (same result, less work); false: the model's attention.")
     early_stopping_patience: int | None = Field(

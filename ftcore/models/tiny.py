@@ -55,14 +55,17 @@ def build_tokenizer(texts: Iterable[str] = (), vocab_size: int = 512, chat_templ
 
 def build_model(folder: str | Path, tokenizer: Any, hidden_size: int = 64, layers: int = 2, heads: int = 4,
                 kv_heads: int = 2, intermediate_size: int | None = None, max_positions: int = 2048,
-                seed: int = 0, tie_word_embeddings: bool = False) -> Path:
-    """Save a random Llama-architecture model and the tokenizer to ``folder``; return the folder."""
+                seed: int = 0, tie_word_embeddings: bool = False, vocab_size: int | None = None) -> Path:
+    """Save a random Llama-architecture model and the tokenizer to ``folder``; return the folder.
+
+    ``vocab_size`` (at least the tokenizer's) gives the model more vocabulary rows than the tokenizer has
+    tokens, e.g. a 128k-row output layer as Llama 3's."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=layers,
+        vocab_size=max(vocab_size or 0, len(tokenizer)), hidden_size=hidden_size, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads,
         intermediate_size=intermediate_size or hidden_size * 3, max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

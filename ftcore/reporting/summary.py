@@ -48,6 +48,8 @@ def summary_rows(result: Any) -> list[tuple[str, str]]:
          else f"{s.get('packing_efficiency', 1.0):.1%}"),
         ("peak memory", peak_memory_text(m)),
     ]
+    if isinstance(m.get("loss"), dict):
+        rows.append(("loss", m["loss"].get("described", m["loss"].get("path"))))
     if m.get("stopped_early"):
         rows.append(("early stopping", f"stopped at step {m.get('steps')}; kept the best checkpoint "
                                        f"({m.get('best_checkpoint')})"))

@@ -50,6 +50,8 @@ DOUBLE_QUANT_BLOCK = 256     # absmax quantized to 8 bits in blocks of 256 (one 
 # Without an optimizer plugin that says otherwise, the trainer builds torch's AdamW.
 DEFAULT_OPTIMIZER = OptimizerProfile(label="AdamW", state_bytes=8)
 
+LOSS_ASSUMPTION = "the loss ({loss})."
+
 ASSUMPTIONS = [
     "GB = 10^9 bytes; every sequence is seq_len tokens long (the worst case), batch sequences per step.",
     "trained parameters (all weights, or the adapters) and their gradients are fp32; without an optimizer "
@@ -60,8 +62,7 @@ ASSUMPTIONS = [
     "gradient checkpointing keeps each layer's input (H per token) and recomputes one layer at a time.",
     "with 4-bit base weights the residual stream (one layer input, H per token and layer) is fp32 whatever the "
     "precision: the embeddings and norms are fp32 and bitsandbytes' 4-bit layers return their input's dtype.",
-    "the loss keeps fp32 log-probabilities over the vocabulary and, in backward, two more such tensors "
-    "(3 x tokens x vocab x 4 bytes).",
+    LOSS_ASSUMPTION,
     "total = the sum of the parts (conservative: gradients and activations peak at different moments), plus, "
     "the framework's overhead: on a CUDA device the CUDA context (~0.5 GB per process: the driver, cuBLAS and "
     "the kernels loaded) and the caching allocator's fragmentation (~5% of the tensors); on a CPU (--device "
@@ -179,6 +180,39 @@ def model_shape(config: Any, name: str = "model") -> ModelShape:
 
 # -- the estimate --------------------------------------------------------------------
 
+@dataclass
+class LossTerm:
+    """The loss's memory: which path, over how many positions (rows), in chunks of how many."""
+
+    path: str                   # "chunked" or "plain"
+    rows: int                   # positions whose logits are computed
+    chunk_size: int | None      # positions per chunk (chunked)
+    bytes: int
+
+    def describe(self) -> str:
+        if self.path == "plain":
+            return (f"plain: logits for all {self.rows:,d} positions at once; fp32 log-probabilities and, in backward, "
+                    f"two more such tensors: 3 x {self.rows:,d} x vocab x 4 bytes")
+        return (f"chunked: the output layer and cross-entropy over {self.rows:,d} positions in chunks of "
+                f"{self.chunk_size:,d}; one chunk's logits, log-probabilities and gradient at a time (3 x chunk x vocab "
+                f"x 4 bytes) plus the rows' hidden states and their gradient (2 x rows x hidden x 4 bytes); a fused "
+                f"kernel (liger-kernel, cut-cross-entropy) keeps as much or less")
+
+
+def loss_term(shape: ModelShape, tokens: int, loss: str = "auto", chunk_size: int | None = None,
+              sparse_logits: bool = True, supervised_share: float = 1.0) -> LossTerm:
+    """The loss's memory as ftcore computes it (ftcore.training.loss): ``loss`` as training.loss (auto, chunked
+    and fused are counted as chunked), ``chunk_size`` as training.loss_chunk_size, and with ``sparse_logits``
+    only the supervised share of the positions."""
+    from ftcore.training.loss import auto_chunk_size
+
+    rows = max(1, math.ceil(tokens * supervised_share)) if sparse_logits else tokens
+    if loss == "plain":
+        return LossTerm("plain", rows, None, 3 * rows * shape.vocab * 4)
+    chunk = chunk_size or auto_chunk_size(shape.vocab)
+    return LossTerm("chunked", rows, chunk, 3 * min(rows, chunk) * shape.vocab * 4 + 2 * rows * shape.hidden * 4)
+
+
 def adapted_layers(shape: ModelShape, targets: tuple[str, ...] | list[str] | str) -> dict[str, tuple[int, int]]:
     """The linear layers (name -> (in, out)) whose last name part is a target, or all of them for all-linear."""
     if targets == "all-linear":
@@ -206,8 +240,10 @@ def base_weight_bytes(shape: ModelShape, profile: MemoryProfile, precision: str)
 
 def estimate_method(shape: ModelShape, profile: MemoryProfile, name: str = "method", seq_len: int = 2048,
                     batch: int = 4, gradient_checkpointing: bool = False, precision: str = "bf16",
-                    optimizer: OptimizerProfile = DEFAULT_OPTIMIZER, device: str = "cuda") -> Estimate:
-    """Memory for one method, from its profile alone; see ASSUMPTIONS."""
+                    optimizer: OptimizerProfile = DEFAULT_OPTIMIZER, device: str = "cuda",
+                    loss: LossTerm | None = None) -> Estimate:
+    """Memory for one method, from its profile alone; see ASSUMPTIONS. ``loss`` defaults to the chunked loss
+    with every position supervised."""
     if precision not in BYTES:
         raise ConfigError(f"precision {precision!r}: choose one of {', '.join(BYTES)}.")
     if device not in DEVICES:
@@ -238,7 +274,8 @@ def estimate_method(shape: ModelShape, profile: MemoryProfile, name: str = "meth
     layers = (L * H + per_layer) if checkpointing else L * per_layer
     # 4-bit bases: the residual stream between the fp32 norms and bitsandbytes' layers stays fp32
     stream_extra = (4 - b) * L * H if profile.base_storage == "4bit" else 0
-    activations = tokens * (b * layers + stream_extra) + 3 * tokens * shape.vocab * 4
+    loss = loss or loss_term(shape, tokens)
+    activations = tokens * (b * layers + stream_extra) + loss.bytes
     if checkpointing and not gradient_checkpointing:
         notes.append("gradient checkpointing is always on for this method")
     adapters = profile.trains == "adapters"
@@ -256,10 +293,11 @@ def _targets(targets: tuple[str, ...] | str) -> list[str] | str:
 
 def estimate_profiles(shape: ModelShape, profiles: dict[str, MemoryProfile], seq_len: int = 2048, batch: int = 4,
                       gradient_checkpointing: bool = False, precision: str = "bf16",
-                      optimizer: OptimizerProfile = DEFAULT_OPTIMIZER, device: str = "cuda") -> list[Estimate]:
+                      optimizer: OptimizerProfile = DEFAULT_OPTIMIZER, device: str = "cuda",
+                      loss: LossTerm | None = None) -> list[Estimate]:
     """One row per method, in the order given, from the profiles alone (no plugin is called)."""
     return [estimate_method(shape, profile, name, seq_len, batch, gradient_checkpointing, precision, optimizer,
-                            device) for name, profile in profiles.items()]
+                            device, loss) for name, profile in profiles.items()]
 
 
 @dataclass
@@ -329,7 +367,8 @@ def gather_profiles(model_name: str, plugins: list[str] | tuple = (), settings: 
 def estimate(model: str | Path | dict[str, Any], plugins: list[str] | tuple = (), seq_len: int = 2048,
              batch: int = 4, gradient_checkpointing: bool = False, precision: str = "bf16",
              settings: dict[str, Any] | None = None, plugin_objects: list[Any] | tuple = (),
-             log: Callable[[str], None] = print, device: str = "cuda") -> dict[str, Any]:
+             log: Callable[[str], None] = print, device: str = "cuda",
+             supervised_share: float = 1.0) -> dict[str, Any]:
     """Estimate every installed adapter method: the library behind `ftcore estimate`.
 
     Every method whose plugin describes its memory is estimated, side by side; the ones named
@@ -338,10 +377,16 @@ def estimate(model: str | Path | dict[str, Any], plugins: list[str] | tuple = ()
     ``training.gradient_checkpointing`` and ``training.precision`` override the arguments).
     ``plugin_objects`` are plugin objects used in addition to the installed ones, as in
     ``ftcore.run(plugins=...)``. ``device`` is the target: ``cuda`` adds the framework's overhead (the CUDA
-    context, the allocator), ``cpu`` does not.
+    context, the allocator), ``cpu`` does not. The loss is counted as the run would compute it
+    (``training.loss``, ``training.loss_chunk_size``, ``training.sparse_logits`` from ``settings``);
+    ``supervised_share`` is the share of positions whose next token is supervised (with sparse logits only
+    they get logits; 1.0, the default, is the worst case: every token, as for pretraining-style data).
     """
     if seq_len < 1 or batch < 1:
         raise ConfigError("--seq-len and --batch must be positive.")
+    if not 0 < supervised_share <= 1:
+        raise ConfigError(f"--supervised-share {supervised_share}: the share of supervised tokens is above 0 and at "
+                          f"most 1 (0.3 for answers that are 30% of each example's tokens).")
     name = str(model) if not isinstance(model, dict) else "config"
     training = {"batch_size": batch, "gradient_checkpointing": gradient_checkpointing, "precision": precision}
     found = gather_profiles(name, plugins, settings, training, plugin_objects)
@@ -352,8 +397,10 @@ def estimate(model: str | Path | dict[str, Any], plugins: list[str] | tuple = ()
                           f"one of {', '.join(BYTES)}.")
     config = load_config(model, log)
     shape = model_shape(config, name=name)
+    loss = loss_term(shape, seq_len * batch, train.loss, train.loss_chunk_size, train.sparse_logits,
+                     supervised_share)
     rows = estimate_profiles(shape, found.methods, seq_len, batch, gradient_checkpointing, precision,
-                             found.optimizer, device)
+                             found.optimizer, device, loss)
     selected = [r.method for r in rows if r.method in found.run_plugins] or [r.method for r in rows]
     for row in rows:
         row.selected = row.method in selected
@@ -362,8 +409,11 @@ def estimate(model: str | Path | dict[str, Any], plugins: list[str] | tuple = ()
         "model": shape.name, "params": shape.params, "layers": shape.layers, "hidden": shape.hidden,
         "vocab": shape.vocab, "seq_len": seq_len, "batch": batch, "precision": precision,
         "gradient_checkpointing": gradient_checkpointing, "optimizer": found.optimizer.label, "device": device,
+        "loss": {"path": loss.path, "rows": loss.rows, "chunk_size": loss.chunk_size, "bytes": loss.bytes,
+                 "supervised_share": supervised_share if train.sparse_logits else 1.0},
         "selected": selected, "methods": [r.as_dict() for r in rows],
         "assumptions": [*ASSUMPTIONS[:2], *(f"{n}: {p.assumptions}" for n, p in found.methods.items() if p.assumptions),
-                        *([optimizer_line] if optimizer_line else []), *ASSUMPTIONS[2:]],
+                        *([optimizer_line] if optimizer_line else []),
+                        *(a.format(loss=loss.describe()) for a in ASSUMPTIONS[2:])],
         "notes": found.notes,
     }

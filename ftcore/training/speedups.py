@@ -13,14 +13,12 @@ Each is on by default where it is safe and can be turned off in the config:
   score. On CUDA with flash-attn installed, its varlen kernel does the same job.
 
 The switches are applied by :func:`apply` (attention) and :class:`FastLossTrainer`
-(the loss), both called from the engine.
+(the loss, whose paths are in :mod:`ftcore.training.loss`), both called from the engine.
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-from ftcore.data.labels import IGNORE_INDEX
 
 PACKED_ATTENTION = "ftcore_packed_sdpa"
 
@@ -133,68 +131,45 @@ def restore(model: Any, name: str | None) -> None:
         base.set_attn_implementation("sdpa")
 
 
-# -- loss at supervised positions only ------------------------------------------------
+# -- the loss: logits only where needed, and never all at once --------------------------
 
 def supports_sparse_logits(model: Any) -> bool:
-    import inspect
+    from ftcore.training.loss import supports_logits_to_keep
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        params = inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    loss_type = getattr(base, "loss_type", None) or "ForCausalLM"
-    return "logits_to_keep" in params and loss_type == "ForCausalLM" \
-        and not getattr(base.config, "is_encoder_decoder", False)
+    return supports_logits_to_keep(model)
 
 
 def sparse_causal_lm_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> tuple[Any, Any]:
-    """The causal-LM loss, computing logits only where the next token is supervised.
+    """The causal-LM loss with logits (all at once) only where the next token is supervised."""
+    from ftcore.training.loss import sparse_causal_lm_loss as computed
 
-    Same result as transformers' ``ForCausalLMLoss``: the sum of token cross-entropies over
-    shifted labels, divided by ``num_items_in_batch`` when given, else averaged.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    inputs = dict(inputs)
-    labels = inputs.pop("labels")
-    shifted = torch.full_like(labels, IGNORE_INDEX)
-    shifted[:, :-1] = labels[:, 1:]
-    keep = (shifted != IGNORE_INDEX).any(dim=0).nonzero().flatten()
-    if keep.numel() == 0:   # nothing supervised in this batch: a zero loss that still has a graph
-        keep = torch.zeros(1, dtype=torch.long, device=labels.device)
-    outputs = model(**inputs, logits_to_keep=keep)
-    logits = outputs.logits.float()
-    targets = shifted[:, keep]
-    reduction = "sum" if num_items_in_batch is not None else "mean"
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device),
-                           ignore_index=IGNORE_INDEX, reduction=reduction)
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    elif (targets == IGNORE_INDEX).all():
-        loss = logits.sum() * 0.0
-    outputs.loss = loss
-    return loss, outputs
+    return computed(model, inputs, num_items_in_batch)
 
 
 def fast_loss_trainer_class() -> type:
-    """A transformers ``Trainer`` whose loss computes logits only at supervised positions."""
+    """A transformers ``Trainer`` whose loss follows the run's :class:`ftcore.training.loss.LossPlan`: logits
+    only at supervised positions (``sparse_logits``), over chunks of positions (``chunked``) or through a
+    fused kernel (``fused``); transformers' own loss on the plain path without sparse logits."""
     from transformers import Trainer
 
+    from ftcore.training.loss import LossPlan, causal_lm_loss
+
     class FastLossTrainer(Trainer):
-        sparse_logits = True
+        loss_plan = LossPlan("sparse", sparse=True)
+        sparse_logits = True        # whether logits are computed at supervised positions only (benchmarks read it)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
-            if not (self.sparse_logits and "labels" in inputs and self.compute_loss_func is None
-                    and self.label_smoother is None):
+            plan = self.loss_plan
+            if not ("labels" in inputs and self.compute_loss_func is None and plan.path != "plain"):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if not self.model_accepts_loss_kwargs:
+            smoothing = 0.0
+            if self.label_smoother is not None:
+                smoothing = self.label_smoother.epsilon   # transformers passes the count to its smoother always
+            elif not self.model_accepts_loss_kwargs:
                 num_items_in_batch = None   # as the model's own loss would: a per-batch mean
-            loss, outputs = sparse_causal_lm_loss(model, inputs, num_items_in_batch)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss, outputs = causal_lm_loss(model, inputs, plan, num_items_in_batch, smoothing)
+            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs \
+                    and num_items_in_batch is not None:
                 # Mirrors Trainer.compute_loss: the count was summed over processes.
                 scale = self.accelerator.num_processes // (self.get_tp_size() if hasattr(self, "get_tp_size") else 1)
                 loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)

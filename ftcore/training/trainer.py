@@ -29,6 +29,7 @@ class BuiltTrainer:
     samples: dict[str, Any] = field(default_factory=dict)
     early_stopping: Any = None
     tracker_dirs: dict[str, Path] = field(default_factory=dict)
+    loss_plan: Any = None        # ftcore.training.loss.LossPlan: how the loss was computed
 
 
 def pick_precision(precision: str) -> str:
@@ -129,7 +130,7 @@ def build_trainer(model: Any, prepared: PreparedData, ctx: RunContext) -> BuiltT
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
 
     from ftcore.data.batching import make_collator
-    from ftcore.training import devices, speedups
+    from ftcore.training import devices, loss, speedups
     from ftcore.training.callbacks import run_callbacks
     from ftcore.training.trackers import configure_trainer as configure_trackers
 
@@ -148,9 +149,12 @@ def build_trainer(model: Any, prepared: PreparedData, ctx: RunContext) -> BuiltT
     callbacks = list(made.callbacks)
     for extra in hook.ftcore_trainer_callbacks(ctx=ctx):
         callbacks += list(extra or [])
+    plan = loss.choose(model, ctx.config.training)
+    ctx.log(f"loss: {plan.describe()}")
     trainer_class = Trainer
-    if ctx.config.training.sparse_logits and speedups.supports_sparse_logits(model):
+    if plan.path != "plain":
         trainer_class = speedups.fast_loss_trainer_class()
+        trainer_class.loss_plan, trainer_class.sparse_logits = plan, plan.sparse
     trainer = trainer_class(model=model, args=training_args, train_dataset=prepared.train,
                             eval_dataset=prepared.eval, data_collator=collator, processing_class=ctx.tokenizer,
                             callbacks=callbacks, optimizers=(optimizer, None))
@@ -158,7 +162,7 @@ def build_trainer(model: Any, prepared: PreparedData, ctx: RunContext) -> BuiltT
         trainer.remove_callback(cb)
     devices.one_device_per_process(trainer, ctx.log)   # transformers gives a lone process every GPU
     return BuiltTrainer(trainer, collator, made.samples, made.early_stopping,
-                        configure_trackers(trainer, ctx.output_dir))
+                        configure_trackers(trainer, ctx.output_dir), plan)
 
 
 def train(built: BuiltTrainer, resume_from: Path | None, ctx: RunContext) -> Any:
@@ -346,6 +350,8 @@ def summarize(built: BuiltTrainer, train_output: Any, final_eval: dict[str, Any]
         "runtime_s": round(time.time() - started, 2),
     }
     metrics.update(peak_memory())
+    if built.loss_plan is not None:
+        metrics["loss"] = built.loss_plan.as_dict()
     stopper = built.early_stopping
     metrics["stopped_early"] = bool(stopper is not None and stopper.early_stopping_patience_counter
                                     >= stopper.early_stopping_patience)
