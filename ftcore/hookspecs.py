@@ -39,9 +39,10 @@ KIND_HOOKS: dict[str, str] = {
     "optimizer": "ftcore_build_optimizer",
     "strategy": "ftcore_launch",
     "exporter": "ftcore_export",
+    "objective": "ftcore_build_trainer",
 }
 EXTENSION = "extension"   # the kind of a plugin that implements none of them
-SINGLE_KINDS = ("adapter", "optimizer", "strategy")   # a run uses at most one plugin of each
+SINGLE_KINDS = ("adapter", "optimizer", "strategy", "objective")   # a run uses at most one plugin of each
 
 
 # -- configuration ----------------------------------------------------------------
@@ -116,6 +117,25 @@ def ftcore_launch(argv: list[str], config: RunConfig, ctx: RunContext) -> int | 
 def ftcore_training_arguments(args: dict[str, Any], config: RunConfig, ctx: RunContext) -> None:
     """Adjust the dict of ``transformers.TrainingArguments`` keyword arguments in place
     (a DeepSpeed config, a tracker's settings, ...). An adjustment: it makes no plugin a strategy."""
+
+
+# -- objective ---------------------------------------------------------------------------
+
+@hookspec(firstresult=True)
+def ftcore_prepare_data(config: RunConfig, tokenizer: Any, ctx: RunContext) -> Any:
+    """The objective's own data path: read ``config.data`` (``ftcore.read_datasets`` reads, validates and splits
+    records as the supervised path does) and return an ``ftcore.PreparedData`` whose datasets the objective's
+    trainer takes; None for the supervised path (format plugins, tokens and labels). Called on every plugin
+    until one answers, before the model is loaded."""
+
+
+@hookspec(firstresult=True)
+def ftcore_build_trainer(model: Any, args: dict[str, Any], train_dataset: Any, eval_dataset: Any,
+                         callbacks: list[Any], optimizer: Any, config: RunConfig, ctx: RunContext) -> Any:
+    """Build the run's trainer (a ``transformers.Trainer`` or subclass, e.g. TRL's ``DPOTrainer``) for what
+    training optimises. ``args`` is the dict of ``TrainingArguments`` keyword arguments, already adjusted by
+    every ``ftcore_training_arguments``; ``optimizer`` is the optimizer plugin's (None: the trainer's default);
+    ``callbacks`` must be passed on. Kind hook: *objective*. The bundled ``sft`` answers last (``trylast``)."""
 
 
 # -- exporter ---------------------------------------------------------------------------

@@ -24,7 +24,10 @@ class TokenCounter:
         mask = batch.get("attention_mask")
         self.computed += int(ids.numel())
         self.real += int(mask.sum()) if mask is not None else int(ids.numel())
-        self.supervised += int((batch["labels"] != IGNORE_INDEX).sum()) if "labels" in batch else 0
+        if "labels" in batch:
+            self.supervised += int((batch["labels"] != IGNORE_INDEX).sum())
+        elif "completion_mask" in batch:   # a preference batch (TRL): the scored answer tokens
+            self.supervised += int(batch["completion_mask"].sum())
 
 
 class PackedCollator:

@@ -1,7 +1,7 @@
 """The run pipeline. It calls hooks; it never names a plugin.
 
-    resolve config + plugins -> output folder -> tokenizer -> data (format hooks)
-    -> model (adapter hook) -> trainer (strategy and optimizer hooks, callbacks)
+    resolve config + plugins -> output folder -> tokenizer -> data (the objective's, else format hooks)
+    -> model (adapter hook) -> trainer (objective, strategy and optimizer hooks, callbacks)
     -> train + evaluate -> save -> summary -> exporters -> report -> run_finished
 
 A strategy plugin may start the run's processes instead (``ftcore_launch``); each of them
@@ -148,7 +148,9 @@ def _train(ctx: RunContext, result: RunResult, guard: OutputGuard, resume_from: 
     for added in hook.ftcore_prepare_tokenizer(tokenizer=ctx.tokenizer, config=config, ctx=ctx):
         ctx.added_tokens += list(added or [])
     with log.phase("preparing data"):
-        prepared = prepare(config, ctx.plugins, ctx.tokenizer, log, ctx)
+        prepared = hook.ftcore_prepare_data(config=config, tokenizer=ctx.tokenizer, ctx=ctx)   # the objective's
+        if prepared is None:
+            prepared = prepare(config, ctx.plugins, ctx.tokenizer, log, ctx)   # the supervised path
     result.data_stats = prepared.stats.as_dict()
     source = prepared.eval if prepared.eval is not None else prepared.train
     result.sample_prompts = list(dict.fromkeys(p["text"] for p in sample_prompts(source, ctx.tokenizer, 6)))[:3]
