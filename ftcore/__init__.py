@@ -28,13 +28,13 @@ from ftcore.tools.prepare import prepare_data
 from ftcore.training.devices import local_device_index
 from ftcore.training.engine import run
 from ftcore.training.trainer import supervised_trainer
-from ftcore.types import Example, MemoryProfile, OptimizerProfile, RunContext, RunResult
+from ftcore.types import Example, MemoryProfile, ObjectiveProfile, OptimizerProfile, RunContext, RunResult
 from ftcore.version import __version__
 
 __all__ = [
     # writing a plugin
     "hookimpl", "hookspec", "PluginConfig", "RunConfig", "RunContext", "RunResult", "Example", "PluginSet",
-    "MemoryProfile", "OptimizerProfile",
+    "MemoryProfile", "OptimizerProfile", "ObjectiveProfile",
     # errors a plugin raises for the user (exit status 2, no traceback)
     "FtcoreError", "ConfigError", "DataError", "PluginError", "OutputError",
     # helpers plugins use

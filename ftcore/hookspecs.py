@@ -9,7 +9,7 @@ collect their non-None answers in a list.
 A plugin's kind is set by the one kind hook it implements (``KIND_HOOKS``); the other hooks
 (configuration, lifecycle, adjustments, merging, memory) never decide a kind, so a plugin that
 only adjusts the training arguments or adds callbacks is an ``extension`` and runs beside any
-strategy. A run uses at most one adapter, optimizer and strategy.
+strategy. A run uses at most one adapter, optimizer, strategy and objective.
 
 Ranks: in a multi-process run every process ("rank") runs the whole pipeline, so each hook
 below runs in every rank unless it says otherwise; ``ctx.is_main_process`` tells rank 0, the
@@ -27,7 +27,7 @@ import pluggy
 
 if TYPE_CHECKING:   # annotations only
     from ftcore.config.schema import PluginConfig, RunConfig
-    from ftcore.types import Example, MemoryProfile, OptimizerProfile, RunContext, RunResult
+    from ftcore.types import Example, MemoryProfile, ObjectiveProfile, OptimizerProfile, RunContext, RunResult
 
 hookspec = pluggy.HookspecMarker("ftcore")
 hookimpl = pluggy.HookimplMarker("ftcore")
@@ -151,10 +151,11 @@ def ftcore_export(run_dir: Path, model_dir: Path, config: RunConfig, ctx: RunCon
 # -- memory estimate ----------------------------------------------------------------------
 
 @hookspec
-def ftcore_memory_profile(config: RunConfig, ctx: RunContext) -> MemoryProfile | OptimizerProfile | None:
+def ftcore_memory_profile(config: RunConfig, ctx: RunContext
+                          ) -> MemoryProfile | OptimizerProfile | ObjectiveProfile | None:
     """Describe what this plugin keeps in memory, for ``ftcore estimate`` and for strategies that must
     know how the base weights are stored: an adapter method returns a ``ftcore.MemoryProfile``, an
-    optimizer a ``ftcore.OptimizerProfile``."""
+    optimizer a ``ftcore.OptimizerProfile``, an objective a ``ftcore.ObjectiveProfile``."""
 
 
 # -- lifecycle ----------------------------------------------------------------------------

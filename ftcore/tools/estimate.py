@@ -32,7 +32,7 @@ from ftcore.models.paths import resolve_model_path
 from ftcore.registry.discovery import identify, installed_entry_points
 from ftcore.registry.resolution import plugin_schemas
 from ftcore.registry.selection import check_installed, load_all
-from ftcore.types import MemoryProfile, OptimizerProfile, RunContext
+from ftcore.types import MemoryProfile, ObjectiveProfile, OptimizerProfile, RunContext
 
 GB = 10**9
 CUDA_CONTEXT = GB // 2       # per process: driver context, cuBLAS/cuDNN handles and the kernels they load
@@ -202,14 +202,16 @@ def base_weight_bytes(shape: ModelShape, profile: MemoryProfile, precision: str)
 
 def estimate_method(shape: ModelShape, profile: MemoryProfile, name: str = "method", seq_len: int = 2048,
                     batch: int = 4, gradient_checkpointing: bool = False, precision: str = "bf16",
-                    optimizer: OptimizerProfile = DEFAULT_OPTIMIZER, device: str = "cuda") -> Estimate:
-    """Memory for one method, from its profile alone; see ASSUMPTIONS."""
+                    optimizer: OptimizerProfile = DEFAULT_OPTIMIZER, device: str = "cuda",
+                    objective: ObjectiveProfile | None = None) -> Estimate:
+    """Memory for one method, from its profile alone; see ASSUMPTIONS. ``objective``: what a preference
+    objective adds (its sequences per example; a frozen reference copy of a fully trained model)."""
     if precision not in BYTES:
         raise ConfigError(f"precision {precision!r}: choose one of {', '.join(BYTES)}.")
     if device not in DEVICES:
         raise ConfigError(f"device {device!r}: choose one of {', '.join(DEVICES)}.")
     b = BYTES[precision]
-    tokens = seq_len * batch
+    tokens = seq_len * batch * (objective.sequences_per_example if objective else 1)
     H, K, I, L = shape.hidden, shape.kv_width, shape.intermediate, shape.layers
     checkpointing = gradient_checkpointing or profile.always_checkpointing
     notes = []
@@ -237,6 +239,13 @@ def estimate_method(shape: ModelShape, profile: MemoryProfile, name: str = "meth
     activations = tokens * (b * layers + stream_extra) + 3 * tokens * shape.vocab * 4
     if checkpointing and not gradient_checkpointing:
         notes.append("gradient checkpointing is always on for this method")
+    if objective is not None and objective.reference_copy and profile.trains == "all":
+        weights += b * shape.params
+        notes.append(f"{objective.label}: a frozen reference copy of the model ({b * shape.params / GB:.2f} GB "
+                     f"in {precision}) is counted in the weights")
+    if objective is not None and objective.sequences_per_example > 1:
+        notes.append(f"{objective.label}: {objective.sequences_per_example} sequences per example "
+                     f"({seq_len * batch * objective.sequences_per_example} tokens a step)")
     adapters = profile.trains == "adapters"
     row = Estimate(method=name, weights=weights, gradients=gradients, optimizer=optimizer.bytes_for(trained),
                    activations=activations, trainable_params=n_trained, gradient_checkpointing=checkpointing,
@@ -253,10 +262,11 @@ def _targets(targets: tuple[str, ...] | str) -> list[str] | str:
 
 def estimate_profiles(shape: ModelShape, profiles: dict[str, MemoryProfile], seq_len: int = 2048, batch: int = 4,
                       gradient_checkpointing: bool = False, precision: str = "bf16",
-                      optimizer: OptimizerProfile = DEFAULT_OPTIMIZER, device: str = "cuda") -> list[Estimate]:
+                      optimizer: OptimizerProfile = DEFAULT_OPTIMIZER, device: str = "cuda",
+                      objective: ObjectiveProfile | None = None) -> list[Estimate]:
     """One row per method, in the order given, from the profiles alone (no plugin is called)."""
     return [estimate_method(shape, profile, name, seq_len, batch, gradient_checkpointing, precision, optimizer,
-                            device) for name, profile in profiles.items()]
+                            device, objective) for name, profile in profiles.items()]
 
 
 @dataclass
@@ -266,6 +276,7 @@ class Profiles:
     methods: dict[str, MemoryProfile]                   # plugin name -> profile, in table order
     optimizer: OptimizerProfile = DEFAULT_OPTIMIZER
     optimizer_plugin: str | None = None
+    objective: ObjectiveProfile | None = None           # the named objective's, when it describes one
     config: Any = None                                  # the validated RunConfig the plugins were asked with
     run_plugins: list[str] = field(default_factory=list)   # named, and objects passed: the run's plugins
     notes: list[str] = field(default_factory=list)
@@ -303,10 +314,13 @@ def gather_profiles(model_name: str, plugins: list[str] | tuple = (), settings: 
             elif isinstance(answer, OptimizerProfile):
                 if name in run_plugins and found.optimizer_plugin is None:
                     found.optimizer, found.optimizer_plugin = answer, name
+            elif isinstance(answer, ObjectiveProfile):
+                if name in run_plugins and found.objective is None:
+                    found.objective = answer
             elif answer is not None:
                 raise PluginError(f'plugin "{name}" ({chosen.origin(name)}) returned {type(answer).__name__} '
                                   f"from ftcore_memory_profile; expected an ftcore.MemoryProfile, an "
-                                  f"ftcore.OptimizerProfile or None.")
+                                  f"ftcore.OptimizerProfile, an ftcore.ObjectiveProfile or None.")
     for name in run_plugins:
         kind = chosen.kind(name) if name in chosen.names() else None
         if kind == "adapter" and name not in found.methods:
@@ -350,7 +364,7 @@ def estimate(model: str | Path | dict[str, Any], plugins: list[str] | tuple = ()
     config = load_config(model, log)
     shape = model_shape(config, name=name)
     rows = estimate_profiles(shape, found.methods, seq_len, batch, gradient_checkpointing, precision,
-                             found.optimizer, device)
+                             found.optimizer, device, found.objective)
     selected = [r.method for r in rows if r.method in found.run_plugins] or [r.method for r in rows]
     for row in rows:
         row.selected = row.method in selected
@@ -359,6 +373,7 @@ def estimate(model: str | Path | dict[str, Any], plugins: list[str] | tuple = ()
         "model": shape.name, "params": shape.params, "layers": shape.layers, "hidden": shape.hidden,
         "vocab": shape.vocab, "seq_len": seq_len, "batch": batch, "precision": precision,
         "gradient_checkpointing": gradient_checkpointing, "optimizer": found.optimizer.label, "device": device,
+        "objective": found.objective.label if found.objective else "sft",
         "selected": selected, "methods": [r.as_dict() for r in rows],
         "assumptions": [*ASSUMPTIONS[:2], *(f"{n}: {p.assumptions}" for n, p in found.methods.items() if p.assumptions),
                         *([optimizer_line] if optimizer_line else []), *ASSUMPTIONS[2:]],

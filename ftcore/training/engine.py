@@ -35,7 +35,7 @@ from ftcore.registry.resolution import resolve
 from ftcore.reporting.card import ensure_model_card
 from ftcore.reporting.progress import as_reporter
 from ftcore.reporting.report import write_report
-from ftcore.training import checkpoints, processes
+from ftcore.training import chain, checkpoints, processes
 from ftcore.training.outputs import (
     LOCK_ENV,
     OutputGuard,
@@ -104,6 +104,10 @@ def output_lock(config: RunConfig, log: Callable[[str], None]) -> Iterator[None]
 def _execute(config: RunConfig, plugins: PluginSet, log: Callable[[str], None], guard: OutputGuard) -> RunResult:
     from ftcore.quiet import quiet_libraries
 
+    if chain.is_run_model(config.model.path) and plugins.hook.ftcore_launch.get_hookimpls() \
+            and not processes.in_launched_rank():   # merge the run's adapter once, before the ranks start
+        chain.resolve_from_run(RunContext(config=config, plugins=plugins, output_dir=Path(config.output_dir),
+                                          log=log))
     status = launch(config, plugins, log)
     if status is not None:
         return launched_result(config, plugins, status)
@@ -114,7 +118,10 @@ def _execute(config: RunConfig, plugins: PluginSet, log: Callable[[str], None], 
                      rank=processes.rank(), world_size=processes.world_size())
     if not ctx.is_main_process:
         ctx.log = as_reporter(processes.rank_prefixed(log))
-    ctx.model_path = resolve_run_model(config.model, ctx.log)   # a Hub model's commit is pinned in config.model
+    if chain.is_run_model(config.model.path):   # a finished run: its model, its adapter merged, or continued
+        ctx.model_path = chain.resolve_from_run(ctx)
+    else:
+        ctx.model_path = resolve_run_model(config.model, ctx.log)   # a Hub model's commit is pinned in config.model
     ctx.base_model_license = base_model_licence(ctx.model_path)
     ctx.log(describe_licence(ctx.base_model_license, ctx.model_path))
     out = ctx.output_dir

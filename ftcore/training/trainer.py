@@ -371,6 +371,7 @@ def summarize(built: BuiltTrainer, train_output: Any, final_eval: dict[str, Any]
         "packing_efficiency": (counter.real / counter.computed) if counter.computed else None,
         "runtime_s": round(time.time() - started, 2),
     }
+    metrics.update(preference_metrics(history, final_eval))
     metrics.update(peak_memory())
     stopper = built.early_stopping
     metrics["stopped_early"] = bool(stopper is not None and stopper.early_stopping_patience_counter
@@ -381,3 +382,22 @@ def summarize(built: BuiltTrainer, train_output: Any, final_eval: dict[str, Any]
     if built.tracker_dirs:
         metrics["tracker_dirs"] = {k: str(v) for k, v in built.tracker_dirs.items()}
     return metrics
+
+
+PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+def preference_metrics(history: list[dict[str, Any]], final_eval: dict[str, Any]) -> dict[str, Any]:
+    """A preference objective's reward metrics (TRL logs them): the last training values, and the held-out ones at
+    the end and at the start (``eval_rewards/margins_start``), so a summary shows what training changed."""
+    out: dict[str, Any] = {}
+    for key in PREFERENCE_METRICS:
+        logged = [h[key] for h in history if key in h]
+        if logged:
+            out[key] = logged[-1]
+        evals = [h[f"eval_{key}"] for h in history if f"eval_{key}" in h]
+        if f"eval_{key}" in final_eval:
+            out[f"eval_{key}"] = final_eval[f"eval_{key}"]
+        if evals:
+            out[f"eval_{key}_start"] = evals[0]
+    return out

@@ -40,6 +40,11 @@ def ftcore_config_schema():
 
 
 @ftcore.hookimpl
+def ftcore_memory_profile(config: Any) -> ftcore.ObjectiveProfile:
+    return preference.memory_profile(NAME, config)
+
+
+@ftcore.hookimpl
 def ftcore_prepare_data(config: Any, tokenizer: Any, ctx: Any) -> ftcore.PreparedData:
     return preference.read(config, tokenizer, ctx, preference.check_pair, KEYS, tokenize)
 
@@ -58,9 +63,9 @@ def ftcore_build_trainer(model: Any, args: dict[str, Any], train_dataset: Any, e
     settings: DpoSettings = config.section(NAME)
     dpo_args = DPOConfig(**preference.trl_arguments(args, config, settings), loss_type=[settings.loss_type],
                          label_smoothing=settings.label_smoothing)
-    trainer = preference.without_trl_model_card(DPOTrainer)(
-        model=model, ref_model=preference.reference_model(model, settings), args=dpo_args,
+    trainer = preference.ftcore_trainer_class(DPOTrainer)(
+        model=model, ref_model=preference.reference_model(model, settings, ctx.precision), args=dpo_args,
         train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=ctx.tokenizer,
         callbacks=callbacks, optimizers=(optimizer, None))
-    preference.adapter_disabled_for_reference(trainer)
+    preference.adapter_disabled_for_reference(trainer, ctx)
     return trainer

@@ -41,6 +41,11 @@ def ftcore_run_started(config: Any, ctx: Any) -> None:
 
 
 @ftcore.hookimpl
+def ftcore_memory_profile(config: Any) -> ftcore.ObjectiveProfile:
+    return preference.memory_profile(NAME, config)
+
+
+@ftcore.hookimpl
 def ftcore_prepare_data(config: Any, tokenizer: Any, ctx: Any) -> ftcore.PreparedData:
     return preference.read(config, tokenizer, ctx, preference.check_unpaired, KEYS, tokenize)
 
@@ -60,9 +65,9 @@ def ftcore_build_trainer(model: Any, args: dict[str, Any], train_dataset: Any, e
     kto_args = KTOConfig(**preference.trl_arguments(args, config, settings), loss_type=settings.loss_type,
                          desirable_weight=settings.desirable_weight, undesirable_weight=settings.undesirable_weight,
                          train_sampling_strategy="sequential")   # ftcore shuffled the records; TRL pairs neighbours
-    trainer = preference.without_trl_model_card(KTOTrainer)(
-        model=model, ref_model=preference.reference_model(model, settings), args=kto_args,
+    trainer = preference.ftcore_trainer_class(KTOTrainer)(
+        model=model, ref_model=preference.reference_model(model, settings, ctx.precision), args=kto_args,
         train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=ctx.tokenizer,
         callbacks=callbacks, optimizers=(optimizer, None))
-    preference.adapter_disabled_for_reference(trainer)
+    preference.adapter_disabled_for_reference(trainer, ctx)
     return trainer

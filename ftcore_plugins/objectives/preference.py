@@ -222,35 +222,57 @@ def trl_arguments(args: dict[str, Any], config: Any, settings: ReferenceSettings
     return out
 
 
-def reference_model(model: Any, settings: ReferenceSettings) -> Any:
-    """A frozen copy of a fully fine-tuned model to score against; None with an adapter (disabled for the
-    reference) or with precomputed reference scores."""
+def reference_model(model: Any, settings: ReferenceSettings, precision: str = "fp32") -> Any:
+    """A frozen copy of a fully fine-tuned model to score against, in the training precision's dtype (autocast
+    computes in it anyway); None with an adapter (disabled for the reference) or with precomputed scores."""
     import copy
+
+    import torch
 
     if settings.reference == "precompute" or hasattr(model, "peft_config"):
         return None
     ref = copy.deepcopy(model)
+    if precision in ("bf16", "fp16"):
+        ref.to(torch.bfloat16 if precision == "bf16" else torch.float16)
     ref.eval()
     ref.requires_grad_(False)
     return ref
 
 
-def adapter_disabled_for_reference(trainer: Any) -> None:
-    """With an adapter, the reference is the base with the adapter disabled: TRL keeps a frozen copy of a passed-in
-    adapter as its reference (named "ref"); ftcore's adapter is new, so the base is that same reference without
-    the copy, and the saved adapter holds the trained one alone."""
+def adapter_disabled_for_reference(trainer: Any, ctx: Any) -> None:
+    """With a new adapter, the reference is the base with the adapter disabled. TRL keeps a frozen copy of an
+    adapter it is given (named "ref") as the reference, which is right for an adapter a run continues (the
+    reference is then the model the run starts from, e.g. the SFT adapter: a copy of the adapter, not of the
+    model); a new adapter is the base itself, so its copy is dropped."""
     model = trainer.model
-    if hasattr(model, "peft_config") and "ref" in model.peft_config:
+    if ctx.continue_adapter is None and hasattr(model, "peft_config") and "ref" in model.peft_config:
         model.delete_adapter("ref")
         model.set_adapter("default")
 
 
-def without_trl_model_card(trainer_class: type) -> type:
-    """The TRL trainer class, but leaving the model card to ftcore (TRL writes a README into every checkpoint)."""
+def ftcore_trainer_class(trainer_class: type) -> type:
+    """The TRL trainer class, saving the trained adapter alone (not TRL's frozen reference copy of a continued
+    adapter, which PEFT would save beside it) and leaving the model card to ftcore (TRL writes a README into every
+    checkpoint)."""
+    import shutil
+    from pathlib import Path
 
     class Trainer(trainer_class):
         def create_model_card(self, *args: Any, **kwargs: Any) -> None:
             return None
 
+        def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+            super()._save(output_dir, state_dict)
+            shutil.rmtree(Path(output_dir or self.args.output_dir) / "ref", ignore_errors=True)
+
     Trainer.__name__ = Trainer.__qualname__ = trainer_class.__name__
     return Trainer
+
+
+def memory_profile(label: str, config: Any) -> ftcore.ObjectiveProfile:
+    """Two sequences per example; with full fine-tuning and ``reference: auto``, the frozen reference copy."""
+    settings = config.section(label)
+    return ftcore.ObjectiveProfile(
+        label=label, sequences_per_example=2, reference_copy=settings.reference == "auto",
+        assumptions="two sequences per example; the reference scores them without gradients (no activations kept); "
+                    "full fine-tuning keeps a frozen copy of the model in the precision's dtype, adapters none.")
