@@ -57,6 +57,8 @@ class TrainerSpy:
     @ftcore.hookimpl
     def ftcore_trainer_created(self, trainer):
         self.trainer = trainer
+        model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+        self.attention = model.config._attn_implementation   # as training starts
 
 
 def held_out_reward_accuracy(model_dir: Path, adapter_dir: Path, pairs: list[dict[str, str]]) -> float:
@@ -443,3 +445,33 @@ def test_a_finished_sft_run_is_the_model_of_a_dpo_run_merged_or_continued(tiny_m
     saved = json.loads((result.model_dir / "adapter_config.json").read_text())
     assert saved["r"] == json.loads((sft.model_dir / "adapter_config.json").read_text())["r"]
     assert not [p for p in result.model_dir.iterdir() if p.is_dir()]   # the trained adapter alone, no "ref"
+
+
+# -- padding-free preference batches -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_packed_preference_batches_give_the_padded_runs_losses(tiny_model_dir, tmp_path, objective):
+    """data.packing: the batch's real tokens in one row, per-example attention on plain SDPA: every step's loss,
+    reward margin and gradient norm as TRL's padded batches give them, and no padding computed."""
+    pairs = preference_pairs(16, seed=10)
+    for i, p in enumerate(pairs):   # answers of different lengths, so padded batches really pad
+        p["chosen"] += " Sure." * (i % 4)
+    data = write_jsonl(tmp_path / "data.jsonl", pairs if objective == "dpo" else unpaired(pairs))
+    results, spies = {}, {}
+    for packing in (True, False):
+        spies[packing] = TrainerSpy()
+        cfg = preference_config(tiny_model_dir, data, tmp_path / f"packed-{packing}", objective, max_steps=4,
+                                learning_rate=1e-3)
+        cfg["data"]["packing"] = packing
+        results[packing] = ftcore.run(cfg, plugins=[spies[packing]], **QUIET)
+    assert spies[True].attention == "ftcore_packed_sdpa"   # ftcore's per-example attention, on SDPA
+    packed, padded = (rows(results[k].output_dir) for k in (True, False))
+    keys = ("loss", "grad_norm", "rewards/margins", "eval_loss", "eval_rewards/margins")
+    compared = 0
+    for a, b in zip(packed, padded):
+        for key in keys:
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+                compared += 1
+    assert compared >= 10 and len(packed) == len(padded)
+    assert results[True].metrics["packing_efficiency"] == 1.0 > results[False].metrics["packing_efficiency"]

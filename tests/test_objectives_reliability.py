@@ -59,3 +59,27 @@ def test_dpo_sigterm_saves_a_checkpoint_and_exits_3(dpo_resumable, tmp_path):
     rc, log = finish(proc)
     assert rc == EXIT_INTERRUPTED, log
     assert "--resume auto" in log and checkpoints.newest_complete(out) is not None
+
+
+@pytest.mark.slow
+def test_dpo_zero2_on_two_cpu_ranks_matches_one_process(tiny_model_dir, tmp_path):
+    """deepspeed-zero (ZeRO-2, two CPU ranks of 2 pairs each) against one process of 4 pairs: the same losses."""
+    import ftcore
+    from conftest import tiny_config
+    from test_deepspeed_ranks import ZERO2_REL, assert_same_losses, base_args, run_cli, train_losses
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", preference_pairs(20, seed=9))
+    settings = ["training.epochs=1", "training.batch_size=2", "training.gradient_accumulation=1",
+                "training.logging_steps=1", "training.learning_rate=1e-3", "training.save_strategy='no'",
+                "data.val_size=4", "data.max_length=128", "lora.dropout=0"]
+    out = tmp_path / "zero2"
+    status, output = run_cli(base_args(tiny_model_dir, data, out, "deepspeed-zero,lora,dpo", settings)
+                             + ["--num-processes", "2"])
+    assert status == 0, output
+    assert "DeepSpeed ZeRO stage 2" in output
+    cfg = tiny_config(tiny_model_dir, data, tmp_path / "one", epochs=1, batch_size=4, learning_rate=1e-3)
+    cfg["plugins"] = ["lora", "dpo"]
+    cfg["lora"] = {"dropout": 0}
+    one = ftcore.run(cfg, log=lambda m: None)
+    assert_same_losses(train_losses(out), train_losses(one.output_dir), ZERO2_REL)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

@@ -68,4 +68,5 @@ def ftcore_build_trainer(model: Any, args: dict[str, Any], train_dataset: Any, e
         train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=ctx.tokenizer,
         callbacks=callbacks, optimizers=(optimizer, None))
     preference.adapter_disabled_for_reference(trainer, ctx)
+    preference.padding_free(trainer, config, ctx)
     return trainer

@@ -276,3 +276,73 @@ def memory_profile(label: str, config: Any) -> ftcore.ObjectiveProfile:
         label=label, sequences_per_example=2, reference_copy=settings.reference == "auto",
         assumptions="two sequences per example; the reference scores them without gradients (no activations kept); "
                     "full fine-tuning keeps a frozen copy of the model in the precision's dtype, adapters none.")
+
+
+# -- padding-free (packed) preference batches --------------------------------------------------------------------
+
+def pack_forward(model: Any) -> None:
+    """Run the model padding-free on preference batches: TRL's padded batch (chosen and rejected rows, right-padded)
+    is packed into one row of real tokens with positions restarting per sequence, so nothing is computed for
+    padding, and the per-token outputs are put back in the padded layout TRL's loss reads. The loss, the reference
+    scoring and the metrics are TRL's, unchanged.
+
+    Sequences stay apart inside the packed row as in supervised packing: restarting ``position_ids`` make
+    transformers mask across sequences, and ftcore's per-example attention (``training.packed_attention``, on plain
+    SDPA) runs one causal attention per sequence. Wraps the forward TRL gave the model (its fused LM head); a call
+    without ``fused_lm_head`` (generation) is left alone.
+    """
+    import functools
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    fused = base.forward
+
+    @functools.wraps(fused)
+    def packed(*args: Any, fused_lm_head: bool = False, labels: Any = None, **kwargs: Any) -> Any:
+        mask = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids")
+        if not fused_lm_head or args or mask is None or ids is None or mask.dim() != 2 \
+                or kwargs.get("position_ids") is not None:
+            return fused(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
+        return packed_call(fused, ids, mask, labels, kwargs)
+
+    base.forward = packed
+
+
+def packed_call(fused: Any, ids: Any, mask: Any, labels: Any, kwargs: dict[str, Any]) -> Any:
+    """One fused forward over the batch's real tokens; its per-token outputs unpacked to the padded layout."""
+    import torch
+
+    real = mask.bool()
+    lengths = real.sum(dim=1)
+    starts = torch.cumsum(lengths, 0) - lengths
+    position_ids = (torch.arange(real.shape[1], device=ids.device)[None, :].expand_as(real))[real][None, :]
+    packed_labels = labels[real].clone()
+    packed_labels[starts[lengths > 0]] = -100   # a sequence's first token: the one before it is another sequence's
+    rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask")}
+    out = fused(input_ids=ids[real][None, :], position_ids=position_ids, labels=packed_labels[None, :],
+                fused_lm_head=True, **rest)
+    # padded position (i, j) scores token j + 1 of row i: in the packed row, the output at token (i, j)'s place
+    place = (torch.cumsum(real.flatten(), 0) - 1).view_as(real)[:, :-1]
+    scored = real[:, 1:]
+    source = place[scored]
+    for name in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask"):
+        value = getattr(out, name, None)
+        if value is None:
+            continue
+        padded = value.new_zeros(scored.shape)
+        padded[scored] = value[0, source]
+        setattr(out, name, padded)
+    return out
+
+
+def padding_free(trainer: Any, config: Any, ctx: Any) -> None:
+    """With ``data.packing`` (the default), the policy and a frozen reference copy run padding-free
+    (``pack_forward``); ``trainer.ftcore_padding_free`` tells ftcore's token count that only real tokens are
+    computed. ``data.packing: false`` keeps TRL's padded batches."""
+    if not config.data.packing:
+        return
+    pack_forward(trainer.model)
+    if trainer.ref_model is not None:
+        pack_forward(trainer.accelerator.unwrap_model(trainer.ref_model))
+    trainer.ftcore_padding_free = True
+    ctx.log("packing: preference batches run padding-free (positions restart per sequence)")
