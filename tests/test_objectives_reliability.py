@@ -7,10 +7,12 @@ import signal
 
 import pytest
 import yaml
-from conftest import write_jsonl
+from conftest import tiny_config, write_jsonl
 from procs import assert_same_training, finish, losses, run, send, start, wait_for_step, write_config
+from test_deepspeed_ranks import ZERO2_REL, assert_same_losses, base_args, run_cli, train_losses
 from test_objectives import preference_pairs
 
+import ftcore
 from ftcore.errors import EXIT_INTERRUPTED
 from ftcore.training import checkpoints
 
@@ -64,10 +66,6 @@ def test_dpo_sigterm_saves_a_checkpoint_and_exits_3(dpo_resumable, tmp_path):
 @pytest.mark.slow
 def test_dpo_zero2_on_two_cpu_ranks_matches_one_process(tiny_model_dir, tmp_path):
     """deepspeed-zero (ZeRO-2, two CPU ranks of 2 pairs each) against one process of 4 pairs: the same losses."""
-    import ftcore
-    from conftest import tiny_config
-    from test_deepspeed_ranks import ZERO2_REL, assert_same_losses, base_args, run_cli, train_losses
-
     data = write_jsonl(tmp_path / "pairs.jsonl", preference_pairs(20, seed=9))
     settings = ["training.epochs=1", "training.batch_size=2", "training.gradient_accumulation=1",
                 "training.logging_steps=1", "training.learning_rate=1e-3", "training.save_strategy='no'",
