@@ -169,7 +169,8 @@ def ftcore_run_started(config: RunConfig, ctx: RunContext) -> None:
 @hookspec
 def ftcore_data_prepared(train_dataset: Any, eval_dataset: Any, stats: dict[str, Any], ctx: RunContext) -> None:
     """The data is validated, tokenized and split: ``datasets.Dataset`` objects of ``input_ids`` and
-    ``labels`` (``eval_dataset`` None without a held-out set) and a dict of counts."""
+    ``labels`` (``eval_dataset`` None without a held-out set), or an objective's own (``ftcore_prepare_data``),
+    and a dict of counts."""
 
 
 @hookspec

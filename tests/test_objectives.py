@@ -335,6 +335,8 @@ def test_dpo_learns_the_preferred_answer(tiny_model_dir, tmp_path):
     assert (result.output_dir / "plots" / "rewards.png").stat().st_size > 1000
     assert sorted(p.name for p in result.model_dir.iterdir() if p.is_dir()) == []   # the trained adapter alone
     assert "identical_pairs" in result.data_stats["preference"]
+    card = (result.model_dir / "README.md").read_text()
+    assert "preference training: DPO" in card and "held-out reward accuracy" in card and "- dpo" in card
 
 
 def test_kto_learns_from_unpaired_judgements(tiny_model_dir, tmp_path):
@@ -360,9 +362,11 @@ def test_full_fine_tuning_scores_against_a_frozen_copy(tiny_model_dir, tmp_path)
     data = write_jsonl(tmp_path / "pairs.jsonl", preference_pairs(12, seed=5))
     spy = TrainerSpy()
     cfg = preference_config(tiny_model_dir, data, tmp_path / "out", "dpo", max_steps=2, learning_rate=1e-4)
-    cfg["plugins"] = ["full", "dpo"]
+    cfg["plugins"] = ["full", "dpo", "gguf-export"]   # and gguf-export works on a DPO run as on any
     cfg["dpo"] = {"loss_type": "ipo", "beta": 0.5}
     result = ftcore.run(cfg, plugins=[spy], **QUIET)
+    assert any(p.suffix == ".gguf" for p in result.exports)
+    assert result.export_details["gguf-export"]["passed"] is True   # llama.cpp generates as transformers does
     trainer = spy.trainer
     assert trainer.loss_types == ["ipo"] and trainer.beta == 0.5
     ref = trainer.accelerator.unwrap_model(trainer.ref_model)
@@ -428,6 +432,8 @@ def test_a_finished_sft_run_is_the_model_of_a_dpo_run_merged_or_continued(tiny_m
     again = ftcore.run(dict(cfg, output_dir=str(tmp_path / "dpo-merged-2")), plugins=[ModelSpy()],
                        log=(seen := []).append)
     assert again.exit_code == 0 and any("from the cache" in line for line in seen)
+    report = ftcore.prepare_data(dict(cfg, output_dir=str(tmp_path / "prep")), **QUIET)   # the run's tokenizer
+    assert report.stats.preference["pairs"] == report.stats.train_examples > 0
 
     # continue: the SFT adapter itself keeps training on the SFT run's base
     spy = ModelSpy()
@@ -475,3 +481,18 @@ def test_packed_preference_batches_give_the_padded_runs_losses(tiny_model_dir, t
                 compared += 1
     assert compared >= 10 and len(packed) == len(padded)
     assert results[True].metrics["packing_efficiency"] == 1.0 > results[False].metrics["packing_efficiency"]
+
+
+def test_qlora_with_kto_scores_against_the_4bit_base_with_the_adapter_disabled(tiny_model_dir, tmp_path):
+    """`--plugins qlora,kto`: TRL's KTOTrainer on the 4-bit base, no copy of the model for the reference."""
+    data = write_jsonl(tmp_path / "kto.jsonl", unpaired(preference_pairs(8, seed=11)))
+    spy = TrainerSpy()
+    cfg = preference_config(tiny_model_dir, data, tmp_path / "out", "kto", max_steps=2)
+    cfg["plugins"] = ["qlora", "kto"]
+    result = ftcore.run(cfg, plugins=[spy], **QUIET)
+    from trl import KTOTrainer
+
+    assert isinstance(spy.trainer, KTOTrainer) and spy.trainer.ref_model is None
+    assert getattr(spy.trainer.model.get_base_model(), "is_loaded_in_4bit", False)
+    assert list(spy.trainer.model.peft_config) == ["default"]
+    assert result.metrics["steps"] == 2 and (result.model_dir / "adapter_model.safetensors").is_file()

@@ -9,14 +9,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftcore import runfolder
 from ftcore.config.layering import deep_merge
 from ftcore.data.labels import IGNORE_INDEX
 from ftcore.data.pipeline import prepare
 from ftcore.data.prepared import DataStats, PreparedData
+from ftcore.errors import ConfigError
 from ftcore.models.paths import resolve_model_path
 from ftcore.models.tokenizer import load_tokenizer
 from ftcore.quiet import quiet_libraries
 from ftcore.registry.resolution import resolve
+from ftcore.training.chain import is_run_model
 from ftcore.types import RunContext
 
 
@@ -62,8 +65,14 @@ def prepare_data(source: Any = None, *, flags: dict[str, Any] | None = None, plu
     log = log or _stderr
     quiet_libraries()
     config, chosen = resolve(source, deep_merge(flags or {}, overrides), plugins, log)
-    model_path = resolve_model_path(config.model.path, log, revision=config.model.revision,
-                                    trust_remote_code=config.model.trust_remote_code, weights=False)
+    if is_run_model(config.model.path):   # a finished run: the tokenizer it saved with its adapter or model
+        model_path = runfolder.saved_model_dir(Path(config.model.path).expanduser())
+        if model_path is None:
+            raise ConfigError(f"model {config.model.path} is an ftcore run that has not finished (no adapter/ or "
+                              f"model/ folder): finish it (the same command with --resume auto), or use another model.")
+    else:
+        model_path = resolve_model_path(config.model.path, log, revision=config.model.revision,
+                                        trust_remote_code=config.model.trust_remote_code, weights=False)
     tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
     ctx = RunContext(config=config, plugins=chosen, output_dir=Path(config.output_dir), log=log,
                      model_path=model_path, tokenizer=tokenizer)
