@@ -43,7 +43,7 @@ def test_dpo_killed_mid_epoch_resumes_to_the_uninterrupted_runs_steps_and_adapte
     assert not (out / "adapter").exists()
     newest = checkpoints.newest_complete(out)
     assert newest is not None and checkpoints.step_of(newest) >= 4
-    assert not (newest / "README.md").exists()   # TRL's model card is left to ftcore
+    assert not (out / "checkpoints" / "README.md").exists()   # TRL's model card is left to ftcore
     rc, log = run(config, out, "--resume", "auto", log_name="resume.log")
     assert rc == 0, log
     assert f"resuming from {newest}" in log
