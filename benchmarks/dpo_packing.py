@@ -17,8 +17,8 @@ steps, fp32, gradient checkpointing off everywhere, the trainer's default AdamW,
 
 Measured alike for all: train time is the Trainer's ``train_runtime``; tokens are the real (non-padding) tokens of
 the batches trained on, counted when a training step takes a batch (as ftcore counts them); tokens/s = tokens /
-train time. The trainers shuffle the pairs each with its own sampler, so their batches differ; the counts are
-the batches each really trained on. ``tests/test_objectives.py::test_packed_preference_batches_give_the_padded_runs_losses`` checks that the
+train time. Every trainer takes the same batches in the same order (the pairs shuffled as ftcore reads them, the
+same sampler seed), so the real token counts agree across the table. ``tests/test_objectives.py::test_packed_preference_batches_give_the_padded_runs_losses`` checks that the
 packed run's losses equal the padded run's.
 """
 
@@ -38,6 +38,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 TRAINERS = ("trl_padded", "ftcore_padded", "ftcore_packed")
+SEED = 42   # ftcore's default training.seed: every trainer takes the same batches in the same order
 WORDS = ("the quick brown fox jumps over lazy dogs while models learn which answer people prefer and why some "
          "replies are polite helpful short long kind curt clear vague").split()
 
@@ -101,8 +102,10 @@ def run_trl(model_dir: Path, data: Path, s: dict[str, Any], out: Path) -> dict[s
     args = DPOConfig(output_dir=str(out), max_steps=s["steps"], per_device_train_batch_size=s["batch"],
                      learning_rate=5e-5, lr_scheduler_type="cosine", warmup_steps=0.03, logging_steps=1,
                      save_strategy="no", report_to="none", max_length=s["max_length"], bf16=False,
-                     gradient_checkpointing=False, use_cpu=True, seed=0, disable_tqdm=True)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_json(str(data)),
+                     gradient_checkpointing=False, use_cpu=True, seed=SEED, data_seed=SEED, disable_tqdm=True)
+    pairs = [json.loads(line) for line in data.read_text().splitlines()]
+    random.Random(SEED).shuffle(pairs)   # the order ftcore reads them in (data.seed defaults to training.seed)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(pairs),
                          processing_class=tok)
     step = trainer.training_step
 
@@ -126,7 +129,7 @@ def run_ftcore(model_dir: Path, data: Path, s: dict[str, Any], out: Path, packin
                     "cache": False},
            "training": {"max_steps": s["steps"], "batch_size": s["batch"], "gradient_accumulation": 1,
                         "learning_rate": 5e-5, "logging_steps": 1, "save_strategy": "no", "precision": "fp32",
-                        "gradient_checkpointing": False},
+                        "gradient_checkpointing": False, "seed": SEED},
            "report": {"samples": 0}}
     result = ftcore.run(cfg, log=lambda m: None)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

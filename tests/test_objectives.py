@@ -262,15 +262,23 @@ def test_conversations_are_rendered_with_the_chat_template_as_chatml_renders_the
         assert tok.decode(row["prompt_ids"]).endswith("<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_a_dataset_of_the_datasets_library_works_as_for_sft(tiny_model_dir, tmp_path):
+def test_a_dataset_of_the_datasets_library_works_as_for_sft(hub, tiny_model_dir, tmp_path):
+    """A Hub id (through the datasets library and a local Hub) and a saved datasets folder, as for SFT."""
     import datasets
 
+    folder = tmp_path / "prefs"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", preference_pairs(10, seed=3))
+    hub.add_folder("acme/prefs", folder, kind="dataset")
     saved = tmp_path / "saved-pairs"
     datasets.Dataset.from_list(preference_pairs(8, seed=3)).save_to_disk(str(saved))
-    cfg = tiny_config(tiny_model_dir, saved, tmp_path / "out")
-    cfg["plugins"] = ["dpo"]
-    report = ftcore.prepare_data(cfg, **QUIET)
-    assert report.stats.records == 8 and report.stats.train_examples == 4 and report.stats.eval_examples == 4
+    for spec, records in (("acme/prefs", 10), (str(saved), 8)):
+        cfg = {"model": str(tiny_model_dir), "plugins": ["dpo"], "output_dir": str(tmp_path / "out"),
+               "data": {"datasets": [spec], "max_length": 128, "val_size": 2}}
+        report = ftcore.prepare_data(cfg, **QUIET)
+        assert report.stats.records == records and report.stats.per_dataset == {spec: records}
+        assert report.stats.train_examples == records - 2 and report.stats.eval_examples == 2
+        assert report.data.train[0]["chosen_ids"] and report.data.train[0]["rejected_ids"]
 
 
 # -- settings ------------------------------------------------------------------------------------------------------

@@ -174,10 +174,22 @@ def trl_tokenized(trainer_class: Any, dataset: Any, tokenizer: Any, config: Any,
     """The dataset with TRL's own token ids (``prompt_ids`` and the answers'), made by the trainer's own
     ``_prepare_dataset``, so the statistics and ``ftcore prepare`` show exactly what the trainer scores. TRL drops
     records whose prompt alone fills ``max_length``."""
+    import contextlib
+    import sys
+
     owner = SimpleNamespace(_tokenizer=tokenizer, **attributes)
     args = SimpleNamespace(dataset_num_proc=None, max_length=config.data.max_length, truncation_mode="keep_start",
                            per_device_train_batch_size=config.training.batch_size)
-    return trainer_class._prepare_dataset(owner, dataset, tokenizer, args, "ftcore")
+    # TRL orders the processes around its tokenization (main process first) through accelerate's PartialState,
+    # which would set up the distributed state before the trainer's arguments do (a DeepSpeed run then fails). The
+    # data here is in memory and every rank tokenizes its own copy: no ordering is wanted.
+    module = sys.modules[trainer_class.__module__]
+    ordering = module.global_then_local_main_first
+    module.global_then_local_main_first = contextlib.nullcontext
+    try:
+        return trainer_class._prepare_dataset(owner, dataset, tokenizer, args, "ftcore")
+    finally:
+        module.global_then_local_main_first = ordering
 
 
 def pair_stats(dataset: Any, max_length: int) -> dict[str, Any]:
