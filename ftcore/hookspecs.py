@@ -130,12 +130,15 @@ def ftcore_prepare_data(config: RunConfig, tokenizer: Any, ctx: RunContext) -> A
 
 
 @hookspec(firstresult=True)
-def ftcore_build_trainer(model: Any, args: dict[str, Any], train_dataset: Any, eval_dataset: Any,
-                         callbacks: list[Any], optimizer: Any, config: RunConfig, ctx: RunContext) -> Any:
+def ftcore_build_trainer(model: Any, args: dict[str, Any], training_args: Any, train_dataset: Any,
+                         eval_dataset: Any, callbacks: list[Any], optimizer: Any, config: RunConfig,
+                         ctx: RunContext) -> Any:
     """Build the run's trainer (a ``transformers.Trainer`` or subclass, e.g. TRL's ``DPOTrainer``) for what
     training optimises. ``args`` is the dict of ``TrainingArguments`` keyword arguments, already adjusted by
-    every ``ftcore_training_arguments``; ``optimizer`` is the optimizer plugin's (None: the trainer's default);
-    ``callbacks`` must be passed on. Kind hook: *objective*. The bundled ``sft`` answers last (``trylast``)."""
+    every ``ftcore_training_arguments`` (build another arguments class from it, e.g. ``trl.DPOConfig``);
+    ``training_args`` the ``transformers.TrainingArguments`` made from it (the optimizer plugin got it);
+    ``optimizer`` is the optimizer plugin's (None: the trainer's default); ``callbacks`` must be passed on.
+    Kind hook: *objective*. The bundled ``sft`` answers last (``trylast``)."""
 
 
 # -- exporter ---------------------------------------------------------------------------

@@ -156,9 +156,9 @@ def build_trainer(model: Any, prepared: PreparedData, ctx: RunContext) -> BuiltT
         from ftcore.registry.selection import fallback
 
         hook = fallback("objective").hook
-    trainer = hook.ftcore_build_trainer(model=model, args=args, train_dataset=prepared.train,
-                                        eval_dataset=prepared.eval, callbacks=callbacks, optimizer=optimizer,
-                                        config=ctx.config, ctx=ctx)
+    trainer = hook.ftcore_build_trainer(model=model, args=args, training_args=training_args,
+                                        train_dataset=prepared.train, eval_dataset=prepared.eval,
+                                        callbacks=callbacks, optimizer=optimizer, config=ctx.config, ctx=ctx)
     if trainer is None:
         raise PluginError("no objective plugin built a trainer: select one (sft, dpo, kto) in --plugins.")
     for cb in (PrinterCallback, ProgressCallback):
@@ -168,11 +168,12 @@ def build_trainer(model: Any, prepared: PreparedData, ctx: RunContext) -> BuiltT
                         configure_trackers(trainer, ctx.output_dir))
 
 
-def supervised_trainer(model: Any, args: dict[str, Any], train_dataset: Any, eval_dataset: Any,
+def supervised_trainer(model: Any, args: Any, train_dataset: Any, eval_dataset: Any,
                        callbacks: list[Any], optimizer: Any, ctx: RunContext) -> Any:
     """The supervised fine-tuning trainer (what the ``sft`` objective returns): a ``transformers.Trainer`` over
     token ids and labels, with ftcore's collator (padding-free packing, flash-attention's boundaries) and, where
-    the model allows, the loss computed at supervised positions only (``training.sparse_logits``)."""
+    the model allows, the loss computed at supervised positions only (``training.sparse_logits``). ``args``: a
+    ``TrainingArguments``, or the dict of its keyword arguments."""
     from transformers import Trainer, TrainingArguments
 
     from ftcore.data.batching import make_collator
@@ -182,7 +183,9 @@ def supervised_trainer(model: Any, args: dict[str, Any], train_dataset: Any, eva
     trainer_class = Trainer
     if ctx.config.training.sparse_logits and speedups.supports_sparse_logits(model):
         trainer_class = speedups.fast_loss_trainer_class()
-    return trainer_class(model=model, args=TrainingArguments(**args), train_dataset=train_dataset,
+    if isinstance(args, dict):
+        args = TrainingArguments(**args)
+    return trainer_class(model=model, args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, data_collator=collator, processing_class=ctx.tokenizer,
                          callbacks=callbacks, optimizers=(optimizer, None))
 

@@ -13,6 +13,6 @@ import ftcore
 
 
 @ftcore.hookimpl(trylast=True)
-def ftcore_build_trainer(model: Any, args: dict[str, Any], train_dataset: Any, eval_dataset: Any,
+def ftcore_build_trainer(model: Any, training_args: Any, train_dataset: Any, eval_dataset: Any,
                          callbacks: list[Any], optimizer: Any, ctx: ftcore.RunContext) -> Any:
-    return ftcore.supervised_trainer(model, args, train_dataset, eval_dataset, callbacks, optimizer, ctx)
+    return ftcore.supervised_trainer(model, training_args, train_dataset, eval_dataset, callbacks, optimizer, ctx)
