@@ -180,6 +180,8 @@ class RunContext:
     - ``export_output``: where ``ftcore export --output`` asked an exporter to write (None in a run);
     - ``merged_dir``: the folder of the merged model once an exporter merged the adapter (the bundled
       ``merge``), so later exporters reuse it instead of merging again;
+    - ``model_run``: the finished ftcore run ``config.model.path`` names, when it names one (``model_path`` is
+      then the folder the run trains on: that run's model, its adapter merged into its base, or its base);
     - ``continue_adapter``: when the model is a finished run whose adapter the run keeps training
       (``model.from_run: continue``), that adapter's folder; an adapter plugin loads it trainable on
       ``model_path`` (the run's base) instead of making a new adapter;
@@ -202,6 +204,7 @@ class RunContext:
     export_output: Path | None = None
     merged_dir: Path | None = None
     continue_adapter: Path | None = None
+    model_run: Path | None = None
     state: dict[str, Any] = field(default_factory=dict)
 
     @property

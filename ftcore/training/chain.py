@@ -31,6 +31,7 @@ def resolve_from_run(ctx: RunContext) -> Path:
     """The local model folder for a run whose ``model.path`` is a finished run (setting ``ctx.continue_adapter``
     when it keeps training the run's adapter)."""
     run = Path(str(ctx.config.model.path)).expanduser()
+    ctx.model_run = run
     saved = runfolder.saved_model_dir(run)
     if saved is None:
         raise ConfigError(f"model {run} is an ftcore run that has not finished (no adapter/ or model/ folder): "
