@@ -1,6 +1,6 @@
 """Packed (padding-free) DPO against TRL's padded default, side by side, on the same model, pairs and settings.
 
-    python benchmarks/dpo_packing.py                       # CPU, 2 interleaved rounds (~20 min on 2 busy cores)
+    python benchmarks/dpo_packing.py                       # CPU, 3 interleaved rounds (~10 min on 2 cores)
     python benchmarks/dpo_packing.py --quick               # a smoke run of the same path (tiny model, few steps)
 
 Every trainer runs in its own process, on the same Llama-shaped model (built here, random weights: speed does not
@@ -15,7 +15,9 @@ steps, fp32, gradient checkpointing off everywhere, the trainer's default AdamW,
 - ``ftcore_packed``: the same with ftcore's default ``data.packing: true``: each batch's real tokens in one row,
   positions restarting per sequence, ftcore's per-example attention on plain SDPA.
 
-Measured alike for all: train time is the Trainer's ``train_runtime``; tokens are the real (non-padding) tokens of
+Measured alike for all: each optimizer step is timed (a callback, step begin to end), and the table's first
+column is the median over every step of every round of that step's real tokens / its time; train time is the
+Trainer's ``train_runtime``; tokens are the real (non-padding) tokens of
 the batches trained on, counted when a training step takes a batch (as ftcore counts them); tokens/s = tokens /
 train time. Every trainer takes the same batches in the same order (the pairs shuffled as ftcore reads them, the
 same sampler seed), so the real token counts agree across the table. ``tests/test_objectives.py::test_packed_preference_batches_give_the_padded_runs_losses`` checks that the
@@ -46,7 +48,7 @@ WORDS = ("the quick brown fox jumps over lazy dogs while models learn which answ
 def settings(quick: bool) -> dict[str, Any]:
     if quick:
         return {"hidden": 64, "layers": 2, "pairs": 24, "steps": 4, "batch": 4, "max_length": 256}
-    return {"hidden": 256, "layers": 2, "pairs": 64, "steps": 8, "batch": 4, "max_length": 768}
+    return {"hidden": 384, "layers": 2, "pairs": 64, "steps": 12, "batch": 4, "max_length": 768}
 
 
 def sentence(rng: random.Random, n: int) -> str:
@@ -89,6 +91,30 @@ def lora_config() -> Any:
                       task_type="CAUSAL_LM")
 
 
+def step_timer() -> Any:
+    """A callback that times every optimizer step (the three trainers take the same batches, step for step)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.started = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            self.times.append(time.perf_counter() - self.started)
+
+    return StepTimer()
+
+
+def per_step(tokens: list[int], times: list[float]) -> dict[str, Any]:
+    """Each step's tokens/s, and their median: robust to a slow spell of the shared machine."""
+    speeds = [n / t for n, t in zip(tokens, times) if t > 0]
+    return {"step_tokens": tokens, "step_times": times, "median_step_tokens_per_s": statistics.median(speeds)}
+
+
 def run_trl(model_dir: Path, data: Path, s: dict[str, Any], out: Path) -> dict[str, Any]:
     import datasets
     from peft import get_peft_model
@@ -108,16 +134,21 @@ def run_trl(model_dir: Path, data: Path, s: dict[str, Any], out: Path) -> dict[s
     trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(pairs),
                          processing_class=tok)
     step = trainer.training_step
+    step_tokens: list[int] = []
 
     def counting(model, inputs, *args, **kwargs):   # noqa: ANN001 - counted when a step takes the batch, as ftcore
         counted["real"] += int(inputs["attention_mask"].sum())
         counted["computed"] += int(inputs["input_ids"].numel())
+        step_tokens.append(int(inputs["attention_mask"].sum()))
         return step(model, inputs, *args, **kwargs)
 
     trainer.training_step = counting
+    timer = step_timer()
+    trainer.add_callback(timer)
     output = trainer.train()
     return {"train_runtime": output.metrics["train_runtime"], "tokens": counted["real"],
-            "computed_positions": counted["computed"], "loss": output.training_loss}
+            "computed_positions": counted["computed"], "loss": output.training_loss,
+            **per_step(step_tokens, timer.times)}
 
 
 def run_ftcore(model_dir: Path, data: Path, s: dict[str, Any], out: Path, packing: bool) -> dict[str, Any]:
@@ -131,11 +162,22 @@ def run_ftcore(model_dir: Path, data: Path, s: dict[str, Any], out: Path, packin
                         "learning_rate": 5e-5, "logging_steps": 1, "save_strategy": "no", "precision": "fp32",
                         "gradient_checkpointing": False, "seed": SEED},
            "report": {"samples": 0}}
-    result = ftcore.run(cfg, log=lambda m: None)
+    timer = step_timer()
+
+    class Timing:
+        name = "step-timer"
+
+        @ftcore.hookimpl
+        def ftcore_trainer_callbacks(self):
+            return [timer]
+
+    result = ftcore.run(cfg, plugins=[Timing()], log=lambda m: None)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     runtime = next(r["train_runtime"] for r in rows if "train_runtime" in r)
+    seen = [r["tokens"] for r in rows if "loss" in r]   # cumulative real tokens at each step's log row
     return {"train_runtime": runtime, "tokens": result.metrics["tokens"],
-            "computed_positions": result.metrics["computed_positions"], "loss": result.metrics["train_loss_mean"]}
+            "computed_positions": result.metrics["computed_positions"], "loss": result.metrics["train_loss_mean"],
+            **per_step([b - a for a, b in zip([0, *seen], seen)], timer.times)}
 
 
 def worker(name: str, spec_path: Path, result_path: Path) -> None:
@@ -166,7 +208,8 @@ def measure(work: Path, s: dict[str, Any], rounds: int) -> dict[str, list[dict[s
             if proc.returncode != 0:
                 raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
             found[name].append(json.loads(result.read_text()))
-            print(f"round {r + 1} {name}: {found[name][-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+            print(f"round {r + 1} {name}: {found[name][-1]['tokens_per_s']:.0f} tokens/s (median step "
+                  f"{found[name][-1]['median_step_tokens_per_s']:.0f})", file=sys.stderr)
     return found
 
 
@@ -186,24 +229,32 @@ def markdown(found: dict[str, list[dict[str, Any]]], s: dict[str, Any], command:
              f"pairs with answers of 5-240 words, LoRA r=16 on q/k/v/o, batch {s['batch']} pairs, {s['steps']} "
              f"steps, fp32, SDPA, gradient checkpointing off; {len(found[TRAINERS[0]])} interleaved rounds, median "
              f"(range).", "",
-             "| trainer | tokens/s | train time (s) | real tokens | computed positions | padding computed |",
-             "|---|---|---|---|---|---|"]
+             "| trainer | tokens/s (median step) | tokens/s (whole run) | train time (s) | real tokens | "
+             "computed positions | padding computed |",
+             "|---|---|---|---|---|---|---|"]
     for name in TRAINERS:
+        steps = [v for r in found[name] for v in (n / t for n, t in zip(r["step_tokens"], r["step_times"]) if t)]
         speeds = [r["tokens_per_s"] for r in found[name]]
         real, computed = med(name, "tokens"), med(name, "computed_positions")
-        lines.append(f"| {name} | {med(name, 'tokens_per_s'):.0f} ({min(speeds):.0f}-{max(speeds):.0f}) | "
-                     f"{med(name, 'train_runtime'):.1f} | {real:.0f} | {computed:.0f} | "
-                     f"{1 - real / computed:.0%} |")
-    base = med("trl_padded", "tokens_per_s")
-    lines += ["", f"ftcore_packed / trl_padded: {med('ftcore_packed', 'tokens_per_s') / base:.2f}x tokens/s; "
-              f"ftcore_padded / trl_padded: {med('ftcore_padded', 'tokens_per_s') / base:.2f}x.", ""]
+        lines.append(f"| {name} | {statistics.median(steps):.0f} | {med(name, 'tokens_per_s'):.0f} "
+                     f"({min(speeds):.0f}-{max(speeds):.0f}) | {med(name, 'train_runtime'):.1f} | {real:.0f} | "
+                     f"{computed:.0f} | {1 - real / computed:.0%} |")
+
+    def step_median(name: str) -> float:
+        return statistics.median(n / t for r in found[name] for n, t in zip(r["step_tokens"], r["step_times"]) if t)
+
+    base = step_median("trl_padded")
+    lines += ["", f"Median step tokens/s, ftcore_packed / trl_padded: {step_median('ftcore_packed') / base:.2f}x; "
+              f"ftcore_padded / trl_padded: {step_median('ftcore_padded') / base:.2f}x. The median over every "
+              f"step of every round is the measure: the machine is shared and whole-run times swing with its load "
+              f"(the range column).", ""]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", default=str(HERE / ".work-dpo"))
     parser.add_argument("--json", dest="json_path")
     parser.add_argument("--markdown")
