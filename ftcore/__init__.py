@@ -7,6 +7,8 @@ submodules are grouped by layer (docs/architecture.md) and may change between ve
 
 from ftcore.config.layering import deep_merge
 from ftcore.config.schema import PluginConfig, RunConfig
+from ftcore.data.pipeline import read_datasets
+from ftcore.data.prepared import DataStats, PreparedData
 from ftcore.errors import ConfigError, DataError, FtcoreError, OutputError, PluginError
 from ftcore.files import atomic_folder, write_json_atomic, write_text_atomic
 from ftcore.hookspecs import hookimpl, hookspec
@@ -25,18 +27,21 @@ from ftcore.tools.generate import load as load_for_generation
 from ftcore.tools.prepare import prepare_data
 from ftcore.training.devices import local_device_index, rank_device_map
 from ftcore.training.engine import run
-from ftcore.types import Example, MemoryProfile, OptimizerProfile, RunContext, RunResult
+from ftcore.training.trainer import supervised_trainer
+from ftcore.types import Example, MemoryProfile, ObjectiveProfile, OptimizerProfile, RunContext, RunResult
 from ftcore.version import __version__
 
 __all__ = [
     # writing a plugin
     "hookimpl", "hookspec", "PluginConfig", "RunConfig", "RunContext", "RunResult", "Example", "PluginSet",
-    "MemoryProfile", "OptimizerProfile",
+    "MemoryProfile", "OptimizerProfile", "ObjectiveProfile",
     # errors a plugin raises for the user (exit status 2, no traceback)
     "FtcoreError", "ConfigError", "DataError", "PluginError", "OutputError",
     # helpers plugins use
     "write_text_atomic", "write_json_atomic", "atomic_folder", "deep_merge", "resolve_model_path", "load_base_model",
     "merge_peft_adapter", "merge_adapter", "write_model_card", "local_device_index", "rank_device_map",
+    # objectives: their data path and the supervised trainer
+    "read_datasets", "PreparedData", "DataStats", "supervised_trainer",
     # the library behind each command
     "run", "resolve", "prepare_data", "export", "estimate", "load_for_generation", "generate_ids", "complete",
     "ChatSession", "Reporter", "make_reporter",

@@ -9,7 +9,7 @@ collect their non-None answers in a list.
 A plugin's kind is set by the one kind hook it implements (``KIND_HOOKS``); the other hooks
 (configuration, lifecycle, adjustments, merging, memory) never decide a kind, so a plugin that
 only adjusts the training arguments or adds callbacks is an ``extension`` and runs beside any
-strategy. A run uses at most one adapter, optimizer and strategy.
+strategy. A run uses at most one adapter, optimizer, strategy and objective.
 
 Ranks: in a multi-process run every process ("rank") runs the whole pipeline, so each hook
 below runs in every rank unless it says otherwise; ``ctx.is_main_process`` tells rank 0, the
@@ -27,7 +27,7 @@ import pluggy
 
 if TYPE_CHECKING:   # annotations only
     from ftcore.config.schema import PluginConfig, RunConfig
-    from ftcore.types import Example, MemoryProfile, OptimizerProfile, RunContext, RunResult
+    from ftcore.types import Example, MemoryProfile, ObjectiveProfile, OptimizerProfile, RunContext, RunResult
 
 hookspec = pluggy.HookspecMarker("ftcore")
 hookimpl = pluggy.HookimplMarker("ftcore")
@@ -39,9 +39,10 @@ KIND_HOOKS: dict[str, str] = {
     "optimizer": "ftcore_build_optimizer",
     "strategy": "ftcore_launch",
     "exporter": "ftcore_export",
+    "objective": "ftcore_build_trainer",
 }
 EXTENSION = "extension"   # the kind of a plugin that implements none of them
-SINGLE_KINDS = ("adapter", "optimizer", "strategy")   # a run uses at most one plugin of each
+SINGLE_KINDS = ("adapter", "optimizer", "strategy", "objective")   # a run uses at most one plugin of each
 
 
 # -- configuration ----------------------------------------------------------------
@@ -118,6 +119,28 @@ def ftcore_training_arguments(args: dict[str, Any], config: RunConfig, ctx: RunC
     (a DeepSpeed config, a tracker's settings, ...). An adjustment: it makes no plugin a strategy."""
 
 
+# -- objective ---------------------------------------------------------------------------
+
+@hookspec(firstresult=True)
+def ftcore_prepare_data(config: RunConfig, tokenizer: Any, ctx: RunContext) -> Any:
+    """The objective's own data path: read ``config.data`` (``ftcore.read_datasets`` reads, validates and splits
+    records as the supervised path does) and return an ``ftcore.PreparedData`` whose datasets the objective's
+    trainer takes; None for the supervised path (format plugins, tokens and labels). Called on every plugin
+    until one answers, before the model is loaded."""
+
+
+@hookspec(firstresult=True)
+def ftcore_build_trainer(model: Any, args: dict[str, Any], training_args: Any, train_dataset: Any,
+                         eval_dataset: Any, callbacks: list[Any], optimizer: Any, config: RunConfig,
+                         ctx: RunContext) -> Any:
+    """Build the run's trainer (a ``transformers.Trainer`` or subclass, e.g. TRL's ``DPOTrainer``) for what
+    training optimises. ``args`` is the dict of ``TrainingArguments`` keyword arguments, already adjusted by
+    every ``ftcore_training_arguments`` (build another arguments class from it, e.g. ``trl.DPOConfig``);
+    ``training_args`` the ``transformers.TrainingArguments`` made from it (the optimizer plugin got it);
+    ``optimizer`` is the optimizer plugin's (None: the trainer's default); ``callbacks`` must be passed on.
+    Kind hook: *objective*. The bundled ``sft`` answers last (``trylast``)."""
+
+
 # -- exporter ---------------------------------------------------------------------------
 
 @hookspec
@@ -131,10 +154,11 @@ def ftcore_export(run_dir: Path, model_dir: Path, config: RunConfig, ctx: RunCon
 # -- memory estimate ----------------------------------------------------------------------
 
 @hookspec
-def ftcore_memory_profile(config: RunConfig, ctx: RunContext) -> MemoryProfile | OptimizerProfile | None:
+def ftcore_memory_profile(config: RunConfig, ctx: RunContext
+                          ) -> MemoryProfile | OptimizerProfile | ObjectiveProfile | None:
     """Describe what this plugin keeps in memory, for ``ftcore estimate`` and for strategies that must
     know how the base weights are stored: an adapter method returns a ``ftcore.MemoryProfile``, an
-    optimizer a ``ftcore.OptimizerProfile``."""
+    optimizer a ``ftcore.OptimizerProfile``, an objective a ``ftcore.ObjectiveProfile``."""
 
 
 # -- lifecycle ----------------------------------------------------------------------------
@@ -148,7 +172,8 @@ def ftcore_run_started(config: RunConfig, ctx: RunContext) -> None:
 @hookspec
 def ftcore_data_prepared(train_dataset: Any, eval_dataset: Any, stats: dict[str, Any], ctx: RunContext) -> None:
     """The data is validated, tokenized and split: ``datasets.Dataset`` objects of ``input_ids`` and
-    ``labels`` (``eval_dataset`` None without a held-out set) and a dict of counts."""
+    ``labels`` (``eval_dataset`` None without a held-out set), or an objective's own (``ftcore_prepare_data``),
+    and a dict of counts."""
 
 
 @hookspec

@@ -111,6 +111,21 @@ class OptimizerProfile:
         return int(total)
 
 
+@dataclass(frozen=True)
+class ObjectiveProfile:
+    """What an objective keeps in memory beyond supervised training: an objective plugin's answer to
+    ``ftcore_memory_profile``.
+
+    ``sequences_per_example``: the sequences one example puts through the model (DPO: the chosen and the rejected
+    answer, 2). ``reference_copy``: with all weights trained, a frozen copy of the model to score against, held in
+    the precision's dtype (with adapters the reference is the base with the adapter disabled: no copy).
+    """
+
+    label: str = "sft"
+    sequences_per_example: int = 1
+    reference_copy: bool = False
+    assumptions: str = ""
+
 
 # -- a run --------------------------------------------------------------------------------
 
@@ -165,6 +180,11 @@ class RunContext:
     - ``export_output``: where ``ftcore export --output`` asked an exporter to write (None in a run);
     - ``merged_dir``: the folder of the merged model once an exporter merged the adapter (the bundled
       ``merge``), so later exporters reuse it instead of merging again;
+    - ``model_run``: the finished ftcore run ``config.model.path`` names, when it names one (``model_path`` is
+      then the folder the run trains on: that run's model, its adapter merged into its base, or its base);
+    - ``continue_adapter``: when the model is a finished run whose adapter the run keeps training
+      (``model.from_run: continue``), that adapter's folder; an adapter plugin loads it trainable on
+      ``model_path`` (the run's base) instead of making a new adapter;
     - ``log(message)``: report a line to the user (prefix ``warning:`` for a warning);
     - ``state``: a dict plugins may use to pass things between their own hooks.
     """
@@ -183,6 +203,8 @@ class RunContext:
     result: RunResult | None = None
     export_output: Path | None = None
     merged_dir: Path | None = None
+    continue_adapter: Path | None = None
+    model_run: Path | None = None
     state: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -47,9 +47,10 @@ def prepare_command(config_file: str | None, plugins: str | None, model: str | N
     for line in summary_lines(report):
         console.print(line, markup=False)
     use_color = console.is_terminal and not console.no_color
-    for n, (ids, labels) in enumerate(examples, start=1):
-        legend = "supervised in bold green, masked dim" if use_color else "supervised tokens in [[...]]"
-        console.print(f"\n--- example {n} ({len(ids)} tokens, {sum(1 for t in labels if t != -100)} supervised; "
+    for title, ids, labels in report.shown(show):
+        marked = "scored" if "," in title else "supervised"   # a preference answer is scored, not imitated
+        legend = f"{marked} in bold green, masked dim" if use_color else f"{marked} tokens in [[...]]"
+        console.print(f"\n--- {title} ({len(ids)} tokens, {sum(1 for t in labels if t != -100)} {marked}; "
                       f"{legend}) ---", markup=False)
         console.print(render_rich(ids, labels, report.tokenizer) if use_color
                       else render_marked(ids, labels, report.tokenizer), markup=False)

@@ -30,6 +30,11 @@ class ModelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype to load; auto follows training.precision.")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off: safe loading.")
+    from_run: Literal["merge", "continue"] = Field(
+        "merge", description="When `path` is a finished ftcore run that trained an adapter: `merge` folds the "
+        "adapter into its base and trains a new adapter on the result (the reference of a preference objective "
+        "is then that model); `continue` keeps training the run's adapter on its base. A run that trained the "
+        "whole model is used as that model.")
 
 
 class DatasetSpec(Section):

@@ -19,12 +19,18 @@ class TokenCounter:
     def __init__(self) -> None:
         self.real = self.supervised = self.computed = 0
 
-    def add_batch(self, batch: dict[str, Any]) -> None:
+    def add_batch(self, batch: dict[str, Any], padding_free: bool = False) -> None:
+        """Count a batch a training step takes; ``padding_free``: the model computes its real tokens only (a
+        padded batch the trainer packs itself, as a preference objective's may)."""
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
-        self.computed += int(ids.numel())
-        self.real += int(mask.sum()) if mask is not None else int(ids.numel())
-        self.supervised += int((batch["labels"] != IGNORE_INDEX).sum()) if "labels" in batch else 0
+        real = int(mask.sum()) if mask is not None else int(ids.numel())
+        self.computed += real if padding_free else int(ids.numel())
+        self.real += real
+        if "labels" in batch:
+            self.supervised += int((batch["labels"] != IGNORE_INDEX).sum())
+        elif "completion_mask" in batch:   # a preference batch (TRL): the scored answer tokens
+            self.supervised += int(batch["completion_mask"].sum())
 
 
 class PackedCollator:

@@ -54,6 +54,58 @@ def prepare(config: Any, plugins: Any, tokenizer: Any, log: Any = print, ctx: Ru
     return result
 
 
+def read_datasets(config: Any, check: Any, log: Any = print
+                  ) -> tuple[list[tuple[str, dict[str, Any]]], list[tuple[str, dict[str, Any]]], DataStats]:
+    """Read, validate, shuffle and split a run's records as the supervised path does, for an objective with its
+    own data path (``ftcore_prepare_data``): ``(train, held_out, stats)``, each record with where it came from
+    (``file:line``).
+
+    ``check(record)`` returns what is wrong with one record as ``(field, message)`` pairs. Invalid records are
+    reported with file, line and field and, by ``data.on_bad_record``, raise a DataError or are skipped; the
+    held-out records are ``data.eval_datasets`` when given, else a ``data.val_size`` share of the training ones.
+    """
+    data_cfg = config.data
+    if not data_cfg.datasets:
+        raise DataError("no training data: pass --data FILE or set data.datasets in the config.")
+    seed = data_cfg.seed if data_cfg.seed is not None else config.training.seed
+    stats = DataStats()
+    problems: list[Problem] = []
+
+    def read(specs: Any) -> list[tuple[str, dict[str, Any]]]:
+        kept = []
+        for spec in specs:
+            before = len(kept)
+            for where, record in iter_records(spec):
+                stats.records += 1
+                if isinstance(record, Problem):
+                    found = [record]
+                elif not isinstance(record, dict):
+                    found = [Problem(where, None, f"expected a JSON object, got {type(record).__name__}")]
+                else:
+                    found = [Problem(where, f, m) for f, m in check(record)]
+                if found:
+                    problems.extend(found)
+                    stats.bad_records += 1
+                else:
+                    kept.append((where, record))
+            stats.per_dataset[spec.path] = len(kept) - before
+        return kept
+
+    train = read(data_cfg.datasets)
+    held_out = read(data_cfg.eval_datasets) if data_cfg.eval_datasets else None
+    _report_problems(problems, stats, data_cfg, log)
+    random.Random(seed).shuffle(train)
+    if held_out is None:
+        n_val = _val_count(data_cfg.val_size, len(train))
+        held_out, train = train[:n_val], train[n_val:]
+    if not train:
+        raise DataError(f"no training records are left: of {stats.records} records, {stats.bad_records} are "
+                        f"invalid and {len(held_out)} went to validation. Add data or lower data.val_size.")
+    stats.examples = len(train) + len(held_out)
+    stats.train_examples, stats.eval_examples = len(train), len(held_out)
+    return train, held_out, stats
+
+
 def example_lengths(dataset: Any) -> list[int]:
     """Token count of each example, read from the Arrow column (no row-by-row decoding of the dataset)."""
     import pyarrow.compute as pc

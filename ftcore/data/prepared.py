@@ -24,6 +24,7 @@ class DataStats:
     padded_efficiency: float = 1.0     # the same, were batches padded instead of packed
     cached: bool = False
     per_dataset: dict[str, int] = field(default_factory=dict)
+    preference: dict[str, Any] = field(default_factory=dict)   # pair statistics of a preference objective
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -31,7 +32,11 @@ class DataStats:
 
 @dataclass
 class PreparedData:
+    """What a run trains on: a supervised run's datasets hold ``input_ids`` and ``labels``; an objective with
+    its own data path (``ftcore_prepare_data``) holds what its trainer takes (DPO: prompt, chosen, rejected and
+    their token ids ``prompt_ids``, ``chosen_ids``, ``rejected_ids``)."""
+
     train: Any                 # datasets.Dataset with input_ids, labels
     eval: Any | None
     stats: DataStats
-    problems: list[Problem]
+    problems: list[Problem] = field(default_factory=list)

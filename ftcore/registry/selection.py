@@ -34,6 +34,24 @@ def default_plugins() -> dict[str, str]:
     return dict(yaml.safe_load(text)["default_plugins"])
 
 
+@cache
+def fallback_plugins() -> dict[str, str]:
+    """The plugin whose hook answers for a kind none of a run's plugins provides, without joining the run's
+    plugins (registry/defaults.yaml): the ``sft`` objective."""
+    text = resources.files("ftcore.registry").joinpath("defaults.yaml").read_text()
+    return dict(yaml.safe_load(text).get("fallback_plugins") or {})
+
+
+def fallback(kind: str) -> PluginSet:
+    """A PluginSet of the fallback plugin of ``kind`` alone (empty when it is not installed)."""
+    chosen = PluginSet()
+    name = fallback_plugins().get(kind)
+    installed = installed_entry_points()
+    if name in installed:
+        add_entry_point(chosen, name, installed[name])
+    return chosen
+
+
 def select(names: list[str], objects: list[Any] | tuple = (), formats: list[str] | tuple = (),
            defaults: bool = True) -> PluginSet:
     """Build the PluginSet for a run.

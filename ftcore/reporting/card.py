@@ -92,6 +92,7 @@ class _Facts:
         kinds = {p.get("name"): p.get("kind") for p in result.plugins or [] if isinstance(p, dict)}
         self.method = next((n for n, k in kinds.items() if k == "adapter"), "full")
         self.formats = [n for n, k in kinds.items() if k == "format"]
+        self.objective = next((n for n, k in kinds.items() if k == "objective"), "sft")
         self.datasets = [spec for spec in [*config.data.datasets, *config.data.eval_datasets]]
         self.hub_datasets = list(dict.fromkeys(s.path for s in self.datasets if parse_hub_id(s.path)))
         marker = _read_json(ctx.output_dir / runfolder.MARKER) or {}
@@ -105,6 +106,8 @@ class _Facts:
         if self.is_adapter:
             tags.append(str(self.adapter_config.get("peft_type", "lora")).lower())
         tags += self.formats + (["gguf"] if self.gguf else [])
+        if self.objective != "sft":
+            tags.append(self.objective)   # dpo, kto: TRL's and the Hub's tags for preference-trained models
         licence = self.licence or {}
         eval_loss = self.metrics.get("eval_loss")
         results = None
@@ -142,7 +145,12 @@ def _summary(facts: _Facts) -> str:
     formats = f" in the {', '.join(facts.formats)} format" if facts.formats else ""
     records = facts.stats.get("records")
     data = f" on {records} records{formats}" if records is not None else formats
-    return f"{what} for {base}, trained with ftcore {__version__} (supervised fine-tuning){data}."
+    objective = OBJECTIVES.get(facts.objective, f"the {facts.objective} objective")
+    return f"{what} for {base}, trained with ftcore {__version__} ({objective}){data}."
+
+
+OBJECTIVES = {"sft": "supervised fine-tuning", "dpo": "preference training: DPO with TRL's DPOTrainer",
+              "kto": "preference training: KTO with TRL's KTOTrainer"}
 
 
 def _data_rows(facts: _Facts) -> list[tuple[str, str]]:
@@ -195,6 +203,12 @@ def _result_rows(facts: _Facts) -> list[tuple[str, str]]:
                                                                     if isinstance(start, float) else "")))
     if m.get("train_loss") is not None:
         rows.append(("final train loss", f"{m['train_loss']:.4f}"))
+    for key, label in (("eval_rewards/accuracies", "held-out reward accuracy"),
+                       ("eval_rewards/margins", "held-out reward margin")):
+        if isinstance(m.get(key), (int, float)):
+            start = m.get(f"{key}_start")
+            rows.append((label, f"{m[key]:.4f}" + (f" (before training: {start:.4f})"
+                                                   if isinstance(start, (int, float)) else "")))
     rows.append(("steps", f"{m.get('steps', '?')} ({_epochs(m.get('epochs'))} epochs)"))
     rows.append(("training time", fmt_duration(m.get("runtime_s"))))
     if m.get("tokens"):

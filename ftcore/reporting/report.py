@@ -56,6 +56,11 @@ def plot_series(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple[in
         "learning_rate": {"learning rate": [(r["step"], r["learning_rate"]) for r in rows if "learning_rate" in r]},
         "throughput": {"tokens / s": [(r["step"], r["tokens_per_s"]) for r in rows
                                       if "loss" in r and r.get("tokens_per_s")]},
+        "rewards": {f"{prefix}{name}": [(r["step"], r[f"{prefix}rewards/{name}"]) for r in rows
+                                        if f"{prefix}rewards/{name}" in r]
+                    for prefix in ("", "eval_") for name in ("chosen", "rejected", "margins")},
+        "reward_accuracy": {f"{prefix}accuracy": [(r["step"], r[f"{prefix}rewards/accuracies"]) for r in rows
+                                                  if f"{prefix}rewards/accuracies" in r] for prefix in ("", "eval_")},
     }
 
 
@@ -74,7 +79,8 @@ def loss_plot(rows: list[dict[str, Any]]) -> bytes:
 
 
 def make_plots(rows: list[dict[str, Any]]) -> dict[str, bytes]:
-    """PNG bytes by name: loss (train and eval), learning_rate, throughput."""
+    """PNG bytes by name: loss (train and eval), learning_rate, throughput; rewards and reward_accuracy when a
+    preference objective logged them."""
     series = plot_series(rows)
     plots: dict[str, bytes] = {"loss": loss_plot(rows)}
 
@@ -90,6 +96,19 @@ def make_plots(rows: list[dict[str, Any]]) -> dict[str, bytes]:
     if speed:
         ax.plot(*zip(*speed), color="#9467bd")
     plots["throughput"] = _png(fig)
+
+    # a preference objective's rewards (TRL's metrics): chosen, rejected and their margin; the pairs ranked right
+    for name, title, ylabel in (("rewards", "Rewards (preference)", "reward"),
+                                ("reward_accuracy", "Reward accuracy (preference)", "share of pairs ranked right")):
+        lines = {label: points for label, points in series[name].items() if points}
+        if not lines:
+            continue
+        fig, ax = _figure(title, ylabel)
+        for label, points in lines.items():
+            ax.plot(*zip(*points), label=label.replace("eval_", "eval ").replace("_", " "),
+                    marker="o" if label.startswith("eval_") else None)
+        ax.legend()
+        plots[name] = _png(fig)
     return plots
 
 
@@ -167,7 +186,8 @@ def render_html(result: Any, config: dict[str, Any], plots: dict[str, bytes], sa
         parts += ["<h2 id=\"warnings\">Warnings</h2><ul>"] + [f"<li>{esc(w)}</li>" for w in warnings] + ["</ul>"]
     parts.append("<h2 id=\"curves\">Curves</h2><div class=\"plots\">")
     for name, title in (("loss", "Train and eval loss"), ("learning_rate", "Learning rate"),
-                        ("throughput", "Throughput")):
+                        ("throughput", "Throughput"), ("rewards", "Rewards of chosen and rejected answers"),
+                        ("reward_accuracy", "Reward accuracy")):
         if name in plots:
             data = base64.b64encode(plots[name]).decode("ascii")
             parts.append(f"<figure><img id=\"plot-{name}\" alt=\"{esc(title)}\" src=\"data:image/png;base64,{data}\">"

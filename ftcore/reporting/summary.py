@@ -50,6 +50,13 @@ def summary_rows(result: Any) -> list[tuple[str, str]]:
     ]
     if isinstance(m.get("loss"), dict):
         rows.append(("loss", m["loss"].get("described", m["loss"].get("path"))))
+    for key, label in (("rewards/margins", "reward margin"), ("rewards/accuracies", "reward accuracy")):
+        where = "eval" if m.get(f"eval_{key}") is not None else "train"
+        final = m.get(f"eval_{key}") if where == "eval" else m.get(key)
+        if final is not None:
+            start = m.get(f"eval_{key}_start") if where == "eval" else None
+            rows.insert(6, (f"{label} ({where}{', start -> final' if start is not None else ''})",
+                            f"{fmt_number(start)} -> {fmt_number(final)}" if start is not None else fmt_number(final)))
     if m.get("stopped_early"):
         rows.append(("early stopping", f"stopped at step {m.get('steps')}; kept the best checkpoint "
                                        f"({m.get('best_checkpoint')})"))

@@ -32,7 +32,7 @@ from ftcore.models.paths import resolve_model_path
 from ftcore.registry.discovery import identify, installed_entry_points
 from ftcore.registry.resolution import plugin_schemas
 from ftcore.registry.selection import check_installed, load_all
-from ftcore.types import MemoryProfile, OptimizerProfile, RunContext
+from ftcore.types import MemoryProfile, ObjectiveProfile, OptimizerProfile, RunContext
 
 GB = 10**9
 CUDA_CONTEXT = GB // 2       # per process: driver context, cuBLAS/cuDNN handles and the kernels they load
@@ -241,15 +241,16 @@ def base_weight_bytes(shape: ModelShape, profile: MemoryProfile, precision: str)
 def estimate_method(shape: ModelShape, profile: MemoryProfile, name: str = "method", seq_len: int = 2048,
                     batch: int = 4, gradient_checkpointing: bool = False, precision: str = "bf16",
                     optimizer: OptimizerProfile = DEFAULT_OPTIMIZER, device: str = "cuda",
-                    loss: LossTerm | None = None) -> Estimate:
+                    loss: LossTerm | None = None, objective: ObjectiveProfile | None = None) -> Estimate:
     """Memory for one method, from its profile alone; see ASSUMPTIONS. ``loss`` defaults to the chunked loss
-    with every position supervised."""
+    with every position supervised. ``objective``: what a preference objective adds (its sequences per example;
+    a frozen reference copy of a fully trained model)."""
     if precision not in BYTES:
         raise ConfigError(f"precision {precision!r}: choose one of {', '.join(BYTES)}.")
     if device not in DEVICES:
         raise ConfigError(f"device {device!r}: choose one of {', '.join(DEVICES)}.")
     b = BYTES[precision]
-    tokens = seq_len * batch
+    tokens = seq_len * batch * (objective.sequences_per_example if objective else 1)
     H, K, I, L = shape.hidden, shape.kv_width, shape.intermediate, shape.layers
     checkpointing = gradient_checkpointing or profile.always_checkpointing
     notes = []
@@ -278,6 +279,13 @@ def estimate_method(shape: ModelShape, profile: MemoryProfile, name: str = "meth
     activations = tokens * (b * layers + stream_extra) + loss.bytes
     if checkpointing and not gradient_checkpointing:
         notes.append("gradient checkpointing is always on for this method")
+    if objective is not None and objective.reference_copy and profile.trains == "all":
+        weights += b * shape.params
+        notes.append(f"{objective.label}: a frozen reference copy of the model ({b * shape.params / GB:.2f} GB "
+                     f"in {precision}) is counted in the weights")
+    if objective is not None and objective.sequences_per_example > 1:
+        notes.append(f"{objective.label}: {objective.sequences_per_example} sequences per example "
+                     f"({seq_len * batch * objective.sequences_per_example} tokens a step)")
     adapters = profile.trains == "adapters"
     row = Estimate(method=name, weights=weights, gradients=gradients, optimizer=optimizer.bytes_for(trained),
                    activations=activations, trainable_params=n_trained, gradient_checkpointing=checkpointing,
@@ -294,10 +302,10 @@ def _targets(targets: tuple[str, ...] | str) -> list[str] | str:
 def estimate_profiles(shape: ModelShape, profiles: dict[str, MemoryProfile], seq_len: int = 2048, batch: int = 4,
                       gradient_checkpointing: bool = False, precision: str = "bf16",
                       optimizer: OptimizerProfile = DEFAULT_OPTIMIZER, device: str = "cuda",
-                      loss: LossTerm | None = None) -> list[Estimate]:
+                      loss: LossTerm | None = None, objective: ObjectiveProfile | None = None) -> list[Estimate]:
     """One row per method, in the order given, from the profiles alone (no plugin is called)."""
     return [estimate_method(shape, profile, name, seq_len, batch, gradient_checkpointing, precision, optimizer,
-                            device, loss) for name, profile in profiles.items()]
+                            device, loss, objective) for name, profile in profiles.items()]
 
 
 @dataclass
@@ -307,6 +315,7 @@ class Profiles:
     methods: dict[str, MemoryProfile]                   # plugin name -> profile, in table order
     optimizer: OptimizerProfile = DEFAULT_OPTIMIZER
     optimizer_plugin: str | None = None
+    objective: ObjectiveProfile | None = None           # the named objective's, when it describes one
     config: Any = None                                  # the validated RunConfig the plugins were asked with
     run_plugins: list[str] = field(default_factory=list)   # named, and objects passed: the run's plugins
     notes: list[str] = field(default_factory=list)
@@ -344,10 +353,13 @@ def gather_profiles(model_name: str, plugins: list[str] | tuple = (), settings: 
             elif isinstance(answer, OptimizerProfile):
                 if name in run_plugins and found.optimizer_plugin is None:
                     found.optimizer, found.optimizer_plugin = answer, name
+            elif isinstance(answer, ObjectiveProfile):
+                if name in run_plugins and found.objective is None:
+                    found.objective = answer
             elif answer is not None:
                 raise PluginError(f'plugin "{name}" ({chosen.origin(name)}) returned {type(answer).__name__} '
                                   f"from ftcore_memory_profile; expected an ftcore.MemoryProfile, an "
-                                  f"ftcore.OptimizerProfile or None.")
+                                  f"ftcore.OptimizerProfile, an ftcore.ObjectiveProfile or None.")
     for name in run_plugins:
         kind = chosen.kind(name) if name in chosen.names() else None
         if kind == "adapter" and name not in found.methods:
@@ -397,10 +409,14 @@ def estimate(model: str | Path | dict[str, Any], plugins: list[str] | tuple = ()
                           f"one of {', '.join(BYTES)}.")
     config = load_config(model, log)
     shape = model_shape(config, name=name)
-    loss = loss_term(shape, seq_len * batch, train.loss, train.loss_chunk_size, train.sparse_logits,
-                     supervised_share)
+    if found.objective is not None and found.objective.label != "sft":
+        # a preference objective's loss is TRL's: the logits of every position of every sequence, at once
+        loss = loss_term(shape, seq_len * batch * found.objective.sequences_per_example, "plain", None, False)
+    else:
+        loss = loss_term(shape, seq_len * batch, train.loss, train.loss_chunk_size, train.sparse_logits,
+                         supervised_share)
     rows = estimate_profiles(shape, found.methods, seq_len, batch, gradient_checkpointing, precision,
-                             found.optimizer, device, loss)
+                             found.optimizer, device, loss, found.objective)
     selected = [r.method for r in rows if r.method in found.run_plugins] or [r.method for r in rows]
     for row in rows:
         row.selected = row.method in selected
@@ -410,7 +426,8 @@ def estimate(model: str | Path | dict[str, Any], plugins: list[str] | tuple = ()
         "vocab": shape.vocab, "seq_len": seq_len, "batch": batch, "precision": precision,
         "gradient_checkpointing": gradient_checkpointing, "optimizer": found.optimizer.label, "device": device,
         "loss": {"path": loss.path, "rows": loss.rows, "chunk_size": loss.chunk_size, "bytes": loss.bytes,
-                 "supervised_share": supervised_share if train.sparse_logits else 1.0},
+                 "supervised_share": supervised_share if train.sparse_logits and loss.path != "plain" else 1.0},
+        "objective": found.objective.label if found.objective else "sft",
         "selected": selected, "methods": [r.as_dict() for r in rows],
         "assumptions": [*ASSUMPTIONS[:2], *(f"{n}: {p.assumptions}" for n, p in found.methods.items() if p.assumptions),
                         *([optimizer_line] if optimizer_line else []),

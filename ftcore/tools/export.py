@@ -22,6 +22,7 @@ from ftcore.registry.discovery import hooks_of, installed_entry_points, load_ent
 from ftcore.registry.resolution import resolve
 from ftcore.reporting.card import ensure_model_card
 from ftcore.tools.adapter_merge import merging_plugins
+from ftcore.training.chain import is_run_model, resolve_from_run
 from ftcore.types import RunContext, RunResult
 
 
@@ -65,6 +66,8 @@ def export(model: str, output: str | None, plugins: list[str], *, base: str | No
     ctx = RunContext(config=config, plugins=chosen, output_dir=Path(config.output_dir), log=log,
                      export_output=Path(output) if output else None,
                      result=_run_result(run_dir, model_dir, chosen))
+    if is_run_model(config.model.path):   # the run trained on a finished run: the base it resolved it to
+        ctx.model_path = resolve_from_run(ctx)
     if run_dir is not None and (run_dir / runfolder.MERGED).is_dir() and is_adapter:
         merged = run_dir / runfolder.MERGED
         ctx.merged_dir = merged if (merged / "config.json").is_file() else None

@@ -9,13 +9,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftcore import runfolder
 from ftcore.config.layering import deep_merge
+from ftcore.data.labels import IGNORE_INDEX
 from ftcore.data.pipeline import prepare
 from ftcore.data.prepared import DataStats, PreparedData
+from ftcore.errors import ConfigError
 from ftcore.models.paths import resolve_model_path
 from ftcore.models.tokenizer import load_tokenizer
 from ftcore.quiet import quiet_libraries
 from ftcore.registry.resolution import resolve
+from ftcore.training.chain import is_run_model
 from ftcore.types import RunContext
 
 
@@ -34,9 +38,25 @@ class DataReport:
         return self.data.stats
 
     def examples(self, n: int) -> list[tuple[list[int], list[int]]]:
-        """The first ``n`` training examples (in training order) as ``(input_ids, labels)``."""
-        rows = self.data.train.select(range(min(n, len(self.data.train))))
-        return [(list(r["input_ids"]), list(r["labels"])) for r in rows]
+        """The first ``n`` training examples (in training order) as ``(input_ids, labels)``; a preference record
+        gives one per answer (the prompt masked, the scored answer as labels)."""
+        return [(ids, labels) for _, ids, labels in self.shown(n)]
+
+    def shown(self, n: int) -> list[tuple[str, list[int], list[int]]]:
+        """``(title, input_ids, labels)`` of the first ``n`` training records: "example 3" for a supervised
+        example; "pair 3, chosen" and "pair 3, rejected" for a DPO pair; "example 3, desirable" for KTO."""
+        out = []
+        for k, r in enumerate(self.data.train.select(range(min(n, len(self.data.train)))), start=1):
+            if "prompt_ids" not in r:
+                out.append((f"example {k}", list(r["input_ids"]), list(r["labels"])))
+                continue
+            prompt = list(r["prompt_ids"])
+            if "chosen_ids" in r:
+                answers = [(f"pair {k}, chosen", r["chosen_ids"]), (f"pair {k}, rejected", r["rejected_ids"])]
+            else:
+                answers = [(f"example {k}, {'desirable' if r['label'] else 'undesirable'}", r["completion_ids"])]
+            out += [(title, prompt + list(ids), [IGNORE_INDEX] * len(prompt) + list(ids)) for title, ids in answers]
+        return out
 
 
 def prepare_data(source: Any = None, *, flags: dict[str, Any] | None = None, plugins: list[Any] | tuple = (),
@@ -45,14 +65,22 @@ def prepare_data(source: Any = None, *, flags: dict[str, Any] | None = None, plu
     log = log or _stderr
     quiet_libraries()
     config, chosen = resolve(source, deep_merge(flags or {}, overrides), plugins, log)
-    model_path = resolve_model_path(config.model.path, log, revision=config.model.revision,
-                                    trust_remote_code=config.model.trust_remote_code, weights=False)
+    if is_run_model(config.model.path):   # a finished run: the tokenizer it saved with its adapter or model
+        model_path = runfolder.saved_model_dir(Path(config.model.path).expanduser())
+        if model_path is None:
+            raise ConfigError(f"model {config.model.path} is an ftcore run that has not finished (no adapter/ or "
+                              f"model/ folder): finish it (the same command with --resume auto), or use another model.")
+    else:
+        model_path = resolve_model_path(config.model.path, log, revision=config.model.revision,
+                                        trust_remote_code=config.model.trust_remote_code, weights=False)
     tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
     ctx = RunContext(config=config, plugins=chosen, output_dir=Path(config.output_dir), log=log,
                      model_path=model_path, tokenizer=tokenizer)
     for tokens in chosen.hook.ftcore_prepare_tokenizer(tokenizer=tokenizer, config=config, ctx=ctx):
         ctx.added_tokens += list(tokens or [])
-    prepared = prepare(config, chosen, tokenizer, log, ctx)
+    prepared = chosen.hook.ftcore_prepare_data(config=config, tokenizer=tokenizer, ctx=ctx)   # an objective's own
+    if prepared is None:
+        prepared = prepare(config, chosen, tokenizer, log, ctx)
     return DataReport(config, chosen, tokenizer, prepared, ctx.added_tokens)
 
 
@@ -76,6 +104,8 @@ def summary_lines(report: DataReport) -> list[str]:
                  f"{report.config.training.batch_size}: {s.padded_efficiency:.1%})")
     for path, count in s.per_dataset.items():
         lines.append(f"{'  from ' + path:<30} {count} examples")
+    for key, value in s.preference.items():   # a preference objective's pair statistics
+        lines.append(f"{key.replace('_', ' '):<30} {value}")
     if s.cached:
         lines.append("(tokenized data loaded from the cache)")
     return lines

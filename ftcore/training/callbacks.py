@@ -161,7 +161,11 @@ def sample_prompts(dataset: Any, tokenizer: Any, count: int) -> list[dict[str, A
     """The first ``count`` examples as (prompt, reference): the prompt is what precedes the first supervised token."""
     prompts = []
     for row in dataset.select(range(min(count, len(dataset)))) if dataset is not None else []:
-        ids, labels = list(row["input_ids"]), list(row["labels"])
+        if "prompt_ids" in row:   # preference data: the prompt, and the preferred answer as the reference
+            answer = row.get("chosen_ids") or (row.get("completion_ids") if row.get("label") else None) or []
+            ids, labels = list(row["prompt_ids"]) + list(answer), [IGNORE_INDEX] * len(row["prompt_ids"]) + list(answer)
+        else:
+            ids, labels = list(row["input_ids"]), list(row["labels"])
         first = next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), len(ids))
         if first == 0:
             first = max(1, len(ids) // 2)

@@ -215,7 +215,7 @@ def install_token_counting(trainer: Any, counter: Any) -> None:
     training_step = trainer.training_step
 
     def counted_step(model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        counter.add_batch(inputs)
+        counter.add_batch(inputs, padding_free=getattr(trainer, "ftcore_padding_free", False))
         return training_step(model, inputs, *args, **kwargs)
 
     trainer.training_step = counted_step

@@ -1,7 +1,7 @@
 """The run pipeline. It calls hooks; it never names a plugin.
 
-    resolve config + plugins -> output folder -> tokenizer -> data (format hooks)
-    -> model (adapter hook) -> trainer (strategy and optimizer hooks, callbacks)
+    resolve config + plugins -> output folder -> tokenizer -> data (the objective's, else format hooks)
+    -> model (adapter hook) -> trainer (objective, strategy and optimizer hooks, callbacks)
     -> train + evaluate -> save -> summary -> exporters -> report -> run_finished
 
 A strategy plugin may start the run's processes instead (``ftcore_launch``); each of them
@@ -35,7 +35,7 @@ from ftcore.registry.resolution import resolve
 from ftcore.reporting.card import ensure_model_card
 from ftcore.reporting.progress import as_reporter
 from ftcore.reporting.report import write_report
-from ftcore.training import checkpoints, devices, processes
+from ftcore.training import chain, checkpoints, devices, processes
 from ftcore.training.outputs import (
     LOCK_ENV,
     OutputGuard,
@@ -108,6 +108,10 @@ def output_lock(config: RunConfig, log: Callable[[str], None]) -> Iterator[None]
 def _execute(config: RunConfig, plugins: PluginSet, log: Callable[[str], None], guard: OutputGuard) -> RunResult:
     from ftcore.quiet import quiet_libraries
 
+    if chain.is_run_model(config.model.path) and plugins.hook.ftcore_launch.get_hookimpls() \
+            and not processes.in_launched_rank():   # merge the run's adapter once, before the ranks start
+        chain.resolve_from_run(RunContext(config=config, plugins=plugins, output_dir=Path(config.output_dir),
+                                          log=log))
     status = launch(config, plugins, log)
     if status is not None:
         return launched_result(config, plugins, status)
@@ -118,7 +122,10 @@ def _execute(config: RunConfig, plugins: PluginSet, log: Callable[[str], None], 
                      rank=processes.rank(), world_size=processes.world_size())
     if not ctx.is_main_process:
         ctx.log = as_reporter(processes.rank_prefixed(log))
-    ctx.model_path = resolve_run_model(config.model, ctx.log)   # a Hub model's commit is pinned in config.model
+    if chain.is_run_model(config.model.path):   # a finished run: its model, its adapter merged, or continued
+        ctx.model_path = chain.resolve_from_run(ctx)
+    else:
+        ctx.model_path = resolve_run_model(config.model, ctx.log)   # a Hub model's commit is pinned in config.model
     ctx.base_model_license = base_model_licence(ctx.model_path)
     ctx.log(describe_licence(ctx.base_model_license, ctx.model_path))
     out = ctx.output_dir
@@ -152,7 +159,9 @@ def _train(ctx: RunContext, result: RunResult, guard: OutputGuard, resume_from: 
     for added in hook.ftcore_prepare_tokenizer(tokenizer=ctx.tokenizer, config=config, ctx=ctx):
         ctx.added_tokens += list(added or [])
     with log.phase("preparing data"):
-        prepared = prepare(config, ctx.plugins, ctx.tokenizer, log, ctx)
+        prepared = hook.ftcore_prepare_data(config=config, tokenizer=ctx.tokenizer, ctx=ctx)   # the objective's
+        if prepared is None:
+            prepared = prepare(config, ctx.plugins, ctx.tokenizer, log, ctx)   # the supervised path
     result.data_stats = prepared.stats.as_dict()
     source = prepared.eval if prepared.eval is not None else prepared.train
     result.sample_prompts = list(dict.fromkeys(p["text"] for p in sample_prompts(source, ctx.tokenizer, 6)))[:3]

@@ -25,7 +25,7 @@ class BuiltTrainer:
     """The trainer and what the engine reads back from around it when training ends."""
 
     trainer: Any
-    collator: Any
+    counter: Any               # the real, supervised and computed positions trained on (data.batching.TokenCounter)
     samples: dict[str, Any] = field(default_factory=dict)
     early_stopping: Any = None
     tracker_dirs: dict[str, Path] = field(default_factory=dict)
@@ -81,6 +81,8 @@ def log_data_stats(stats: DataStats, log: Callable[[str], None]) -> None:
         f"{stats.truncated} truncated, {stats.dropped_too_long} dropped as too long, "
         f"{stats.dropped_unsupervised} dropped with nothing supervised, "
         f"packing efficiency {stats.packing_efficiency:.1%}")
+    if stats.preference:
+        log("preference data: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in stats.preference.items()))
 
 
 def log_parameter_counts(model: Any, log: Callable[[str], None]) -> None:
@@ -126,11 +128,13 @@ def training_arguments(ctx: RunContext, has_eval: bool) -> dict[str, Any]:
 
 
 def build_trainer(model: Any, prepared: PreparedData, ctx: RunContext) -> BuiltTrainer:
-    """The run's Trainer: arguments (adjusted by plugins), optimizer (optimizer plugin), collator, callbacks."""
-    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
+    """The run's trainer: arguments (adjusted by plugins), optimizer (optimizer plugin), callbacks, and the
+    trainer itself from the objective plugin (``ftcore_build_trainer``: the bundled ``sft`` by default)."""
+    from transformers import PrinterCallback, ProgressCallback, TrainingArguments
 
-    from ftcore.data.batching import make_collator
-    from ftcore.training import devices, loss, speedups
+    from ftcore.data.batching import TokenCounter
+    from ftcore.errors import PluginError
+    from ftcore.training import devices
     from ftcore.training.callbacks import run_callbacks
     from ftcore.training.trackers import configure_trainer as configure_trackers
 
@@ -144,25 +148,52 @@ def build_trainer(model: Any, prepared: PreparedData, ctx: RunContext) -> BuiltT
             args["use_cpu"] = True     # bf16 on a CPU: transformers asks for it to be said
     training_args = TrainingArguments(**args)
     optimizer = hook.ftcore_build_optimizer(model=model, training_args=training_args, config=ctx.config, ctx=ctx)
-    collator = make_collator(ctx.config.data.packing, ctx.tokenizer, model, ctx.log)
-    made = run_callbacks(ctx, prepared, collator.counter)
+    counter = TokenCounter()
+    made = run_callbacks(ctx, prepared, counter)
     callbacks = list(made.callbacks)
     for extra in hook.ftcore_trainer_callbacks(ctx=ctx):
         callbacks += list(extra or [])
-    plan = loss.choose(model, ctx.config.training)
+    if not hook.ftcore_build_trainer.get_hookimpls():   # no objective selected: the bundled sft (defaults.yaml)
+        from ftcore.registry.selection import fallback
+
+        hook = fallback("objective").hook
+    trainer = hook.ftcore_build_trainer(model=model, args=args, training_args=training_args,
+                                        train_dataset=prepared.train, eval_dataset=prepared.eval,
+                                        callbacks=callbacks, optimizer=optimizer, config=ctx.config, ctx=ctx)
+    if trainer is None:
+        raise PluginError("no objective plugin built a trainer: select one (sft, dpo, kto) in --plugins.")
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+    devices.one_device_per_process(trainer, ctx.log)   # transformers gives a lone process every GPU
+    return BuiltTrainer(trainer, counter, made.samples, made.early_stopping,
+                        configure_trackers(trainer, ctx.output_dir), getattr(trainer, "ftcore_loss_plan", None))
+
+
+def supervised_trainer(model: Any, args: Any, train_dataset: Any, eval_dataset: Any,
+                       callbacks: list[Any], optimizer: Any, ctx: RunContext) -> Any:
+    """The supervised fine-tuning trainer (what the ``sft`` objective returns): a ``transformers.Trainer`` over
+    token ids and labels, with ftcore's collator (padding-free packing, flash-attention's boundaries) and, where
+    the model allows, the loss computed at supervised positions only (``training.sparse_logits``). ``args``: a
+    ``TrainingArguments``, or the dict of its keyword arguments."""
+    from transformers import Trainer, TrainingArguments
+
+    from ftcore.data.batching import make_collator
+    from ftcore.training import loss, speedups
+
+    collator = make_collator(ctx.config.data.packing, ctx.tokenizer, model, ctx.log)
+    plan = loss.choose(model, ctx.config.training)   # plain, sparse, chunked or fused (ftcore.training.loss)
     ctx.log(f"loss: {plan.describe()}")
     trainer_class = Trainer
     if plan.path != "plain":
         trainer_class = speedups.fast_loss_trainer_class()
         trainer_class.loss_plan, trainer_class.sparse_logits = plan, plan.sparse
-    trainer = trainer_class(model=model, args=training_args, train_dataset=prepared.train,
-                            eval_dataset=prepared.eval, data_collator=collator, processing_class=ctx.tokenizer,
+    if isinstance(args, dict):
+        args = TrainingArguments(**args)
+    trainer = trainer_class(model=model, args=args, train_dataset=train_dataset,
+                            eval_dataset=eval_dataset, data_collator=collator, processing_class=ctx.tokenizer,
                             callbacks=callbacks, optimizers=(optimizer, None))
-    for cb in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(cb)
-    devices.one_device_per_process(trainer, ctx.log)   # transformers gives a lone process every GPU
-    return BuiltTrainer(trainer, collator, made.samples, made.early_stopping,
-                        configure_trackers(trainer, ctx.output_dir), plan)
+    trainer.ftcore_loss_plan = plan   # the run's summary records how the loss was computed
+    return trainer
 
 
 def train(built: BuiltTrainer, resume_from: Path | None, ctx: RunContext) -> Any:
@@ -175,16 +206,16 @@ def train(built: BuiltTrainer, resume_from: Path | None, ctx: RunContext) -> Any
     """
     from ftcore.training.signals import stop_on_signals
 
-    trainer, collator = built.trainer, built.collator
+    trainer, counter = built.trainer, built.counter
     out = ctx.output_dir
     checkpoints.clean_staging(out)
-    checkpoints.install_atomic_saves(trainer, collator.counter)
+    checkpoints.install_atomic_saves(trainer, counter)
     checkpoints.install_rng_neutral_evaluation(trainer)
-    checkpoints.install_token_counting(trainer, collator.counter)
+    checkpoints.install_token_counting(trainer, counter)
     if resume_from is not None:
         marker = checkpoints.read_marker(resume_from)
         checkpoints.truncate_metrics(out / runfolder.METRICS, marker)
-        checkpoints.restore_counters(trainer, collator.counter, marker)
+        checkpoints.restore_counters(trainer, counter, marker)
         # The first attempt evaluated at step 0 already; but a checkpoint saved at the end of an epoch, before
         # that epoch's evaluation (the trainer saves by steps, then evaluates by epoch), owes that evaluation.
         owed = evaluation_owed(trainer, resume_from)
@@ -330,7 +361,7 @@ def whole_run_loss(trainer: Any, train_output: Any) -> float:
 
 def summarize(built: BuiltTrainer, train_output: Any, final_eval: dict[str, Any], started: float) -> dict[str, Any]:
     """The run's final metrics: steps, losses, tokens, packing, time, peak memory, early stopping, trackers."""
-    trainer, counter = built.trainer, built.collator.counter
+    trainer, counter = built.trainer, built.counter
     history = trainer.state.log_history
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     losses = [h["loss"] for h in history if "loss" in h]
@@ -349,6 +380,7 @@ def summarize(built: BuiltTrainer, train_output: Any, final_eval: dict[str, Any]
         "packing_efficiency": (counter.real / counter.computed) if counter.computed else None,
         "runtime_s": round(time.time() - started, 2),
     }
+    metrics.update(preference_metrics(history, final_eval))
     metrics.update(peak_memory())
     if built.loss_plan is not None:
         metrics["loss"] = built.loss_plan.as_dict()
@@ -361,3 +393,22 @@ def summarize(built: BuiltTrainer, train_output: Any, final_eval: dict[str, Any]
     if built.tracker_dirs:
         metrics["tracker_dirs"] = {k: str(v) for k, v in built.tracker_dirs.items()}
     return metrics
+
+
+PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+def preference_metrics(history: list[dict[str, Any]], final_eval: dict[str, Any]) -> dict[str, Any]:
+    """A preference objective's reward metrics (TRL logs them): the last training values, and the held-out ones at
+    the end and at the start (``eval_rewards/margins_start``), so a summary shows what training changed."""
+    out: dict[str, Any] = {}
+    for key in PREFERENCE_METRICS:
+        logged = [h[key] for h in history if key in h]
+        if logged:
+            out[key] = logged[-1]
+        evals = [h[f"eval_{key}"] for h in history if f"eval_{key}" in h]
+        if f"eval_{key}" in final_eval:
+            out[f"eval_{key}"] = final_eval[f"eval_{key}"]
+        if evals:
+            out[f"eval_{key}_start"] = evals[0]
+    return out

@@ -73,7 +73,18 @@ def ftcore_load_model(model_path: str, tokenizer: Any, config: Any, ctx: Any) ->
     model = ftcore.load_base_model(model_path, tokenizer, config, ctx, device_map=ftcore.rank_device_map())
     if config.training.gradient_checkpointing:
         model.enable_input_require_grads()
+    if ctx.continue_adapter is not None:   # --model is a finished run, and the run keeps training its adapter
+        return continued_adapter(model, ctx)
     return get_peft_model(model, lora_config(config.section(NAME), ctx, model))
+
+
+def continued_adapter(model: Any, ctx: Any) -> Any:
+    """A finished run's adapter, loaded trainable on its base (its own rank and targets; the lora section's
+    settings apply to new adapters)."""
+    from peft import PeftModel
+
+    ctx.log(f"lora: training on from the adapter in {ctx.continue_adapter}")
+    return PeftModel.from_pretrained(model, str(ctx.continue_adapter), is_trainable=True)
 
 
 @ftcore.hookimpl

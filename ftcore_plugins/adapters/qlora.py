@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 import ftcore
-from ftcore_plugins.adapters.lora import LoraSettings, lora_config
+from ftcore_plugins.adapters.lora import LoraSettings, continued_adapter, lora_config
 
 NAME = "qlora"
 COMPUTE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -76,6 +76,8 @@ def ftcore_load_model(model_path: str, tokenizer: Any, config: Any, ctx: Any) ->
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=settings.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False})
+    if ctx.continue_adapter is not None:   # --model is a finished run, and the run keeps training its adapter
+        return continued_adapter(model, ctx)
     return get_peft_model(model, lora_config(config.section("lora"), ctx, model))
 
 

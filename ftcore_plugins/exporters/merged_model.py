@@ -50,8 +50,11 @@ def ftcore_run_started(config: Any, ctx: Any) -> None:
 def ftcore_export(run_dir: Path, model_dir: Path, config: Any, ctx: Any) -> list[Path]:
     """Merge into RUN/merged (or ``ftcore export --output``); later exporters find it in ``ctx.merged_dir``."""
     settings: MergeConfig = config.section(NAME)
-    base = ftcore.resolve_model_path(config.model.path, ctx.log, revision=config.model.revision,
-                                     trust_remote_code=config.model.trust_remote_code)
+    if ctx.model_run is not None:   # the model was a finished run: the folder it resolved to is the base
+        base = ctx.model_path
+    else:
+        base = ftcore.resolve_model_path(config.model.path, ctx.log, revision=config.model.revision,
+                                         trust_remote_code=config.model.trust_remote_code)
     target = ctx.export_output or Path(run_dir) / settings.output
     out = ftcore.merge_adapter(model_dir, target, base=str(base), dtype=settings.dtype, plugins=ctx.plugins,
                                ctx=ctx, log=ctx.log, replace=config.overwrite)

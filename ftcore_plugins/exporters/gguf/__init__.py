@@ -60,7 +60,8 @@ def ftcore_run_started(config: Any, ctx: Any) -> None:
     """Refuse an unsupported architecture or an occupied output file before training, not after."""
     from ftcore_plugins.exporters.gguf import arch, kquant
 
-    base = ftcore.resolve_model_path(config.model.path, ctx.log, revision=config.model.revision)
+    base = ctx.model_path if ctx.model_run is not None else \
+        ftcore.resolve_model_path(config.model.path, ctx.log, revision=config.model.revision)
     arch.check(arch.read_config(base), str(base))
     settings: GgufExportConfig = config.section(NAME)
     kquant.require(settings.quant)
@@ -84,13 +85,16 @@ def ftcore_export(run_dir: Path, model_dir: Path, config: Any, ctx: Any) -> list
         ctx.log(f"gguf-export: using the merged model in {ctx.merged_dir}")
         source = Path(ctx.merged_dir)   # merged once already, by the merge exporter: no second merge
     details: dict[str, Any] = {}
+    # the model was a finished run: the folder it resolved to is the base
+    base, revision = ((str(ctx.model_path), None) if ctx.model_run is not None
+                      else (config.model.path, config.model.revision))
     if settings.adapter:
-        written = export_lora_gguf(Path(model_dir), output, settings, base=config.model.path,
-                                   revision=config.model.revision, overwrite=config.overwrite, log=ctx.log, parity=parity_request(settings, ctx.result),
+        written = export_lora_gguf(Path(model_dir), output, settings, base=base,
+                                   revision=revision, overwrite=config.overwrite, log=ctx.log, parity=parity_request(settings, ctx.result),
                                    details=details)
     else:
         written = export_gguf(source, output, quant=settings.quant, name=name, modelfile=settings.modelfile,
-                              overwrite=config.overwrite, base=config.model.path, revision=config.model.revision,
+                              overwrite=config.overwrite, base=base, revision=revision,
                               merge=_merger(ctx), log=ctx.log,
                               parity=parity_request(settings, ctx.result), details=details)
     if details:

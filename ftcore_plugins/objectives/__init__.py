@@ -1,0 +1,1 @@
+"""Objective plugins: what training optimises (sft, the default; dpo and kto through TRL's trainers)."""
