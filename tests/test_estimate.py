@@ -323,7 +323,7 @@ def test_the_loss_is_counted_as_the_run_computes_it(tiny):
     plain, said = loss_of(settings={"training": {"loss": "plain"}})
     assert plain["bytes"] == 3 * tokens * V * 4 and "plain" in said and plain["bytes"] > 20 * chunked["bytes"]
     sparse, _ = loss_of(supervised_share=0.25, settings={"training": {"loss": "plain"}})
-    assert sparse["bytes"] == 3 * tokens // 4 * V * 4
+    assert sparse["bytes"] == 3 * tokens // 4 * V * 4 and sparse["supervised_share"] == 0.25
     every, _ = loss_of(supervised_share=0.25, settings={"training": {"loss": "plain", "sparse_logits": False}})
     assert every["bytes"] == plain["bytes"] and every["supervised_share"] == 1.0
     big, _ = loss_of(settings={"training": {"loss_chunk_size": 1024}})

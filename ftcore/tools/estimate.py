@@ -388,8 +388,8 @@ def estimate(model: str | Path | dict[str, Any], plugins: list[str] | tuple = ()
     keys as ``--set`` does (a plugin's own section, e.g. its rank; ``training.batch_size``,
     ``training.gradient_checkpointing`` and ``training.precision`` override the arguments).
     ``plugin_objects`` are plugin objects used in addition to the installed ones, as in
-    ``ftcore.run(plugins=...)``. ``device`` is the target: ``cuda`` adds the framework's overhead (the CUDA
-    context, the allocator), ``cpu`` does not. The loss is counted as the run would compute it
+    ``ftcore.run(plugins=...)``. ``device`` is the target, for the framework's overhead: on ``cuda`` the CUDA
+    context and the allocator's fragmentation, on ``cpu`` the training loop's own heap memory. The loss is counted as the run would compute it
     (``training.loss``, ``training.loss_chunk_size``, ``training.sparse_logits`` from ``settings``);
     ``supervised_share`` is the share of positions whose next token is supervised (with sparse logits only
     they get logits; 1.0, the default, is the worst case: every token, as for pretraining-style data).
@@ -409,12 +409,11 @@ def estimate(model: str | Path | dict[str, Any], plugins: list[str] | tuple = ()
                           f"one of {', '.join(BYTES)}.")
     config = load_config(model, log)
     shape = model_shape(config, name=name)
+    path, sparse, tokens = train.loss, train.sparse_logits, seq_len * batch
     if found.objective is not None and found.objective.label != "sft":
         # a preference objective's loss is TRL's: the logits of every position of every sequence, at once
-        loss = loss_term(shape, seq_len * batch * found.objective.sequences_per_example, "plain", None, False)
-    else:
-        loss = loss_term(shape, seq_len * batch, train.loss, train.loss_chunk_size, train.sparse_logits,
-                         supervised_share)
+        path, sparse, tokens = "plain", False, tokens * found.objective.sequences_per_example
+    loss = loss_term(shape, tokens, path, train.loss_chunk_size, sparse, supervised_share)
     rows = estimate_profiles(shape, found.methods, seq_len, batch, gradient_checkpointing, precision,
                              found.optimizer, device, loss, found.objective)
     selected = [r.method for r in rows if r.method in found.run_plugins] or [r.method for r in rows]
@@ -426,7 +425,7 @@ def estimate(model: str | Path | dict[str, Any], plugins: list[str] | tuple = ()
         "vocab": shape.vocab, "seq_len": seq_len, "batch": batch, "precision": precision,
         "gradient_checkpointing": gradient_checkpointing, "optimizer": found.optimizer.label, "device": device,
         "loss": {"path": loss.path, "rows": loss.rows, "chunk_size": loss.chunk_size, "bytes": loss.bytes,
-                 "supervised_share": supervised_share if train.sparse_logits and loss.path != "plain" else 1.0},
+                 "supervised_share": supervised_share if sparse else 1.0},
         "objective": found.objective.label if found.objective else "sft",
         "selected": selected, "methods": [r.as_dict() for r in rows],
         "assumptions": [*ASSUMPTIONS[:2], *(f"{n}: {p.assumptions}" for n, p in found.methods.items() if p.assumptions),
