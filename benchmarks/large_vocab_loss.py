@@ -37,6 +37,10 @@ from typing import Any
 import ftcore
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from run import commit  # noqa: E402  (benchmarks/ is not a package; the commit as the main benchmark records it)
+
 LOSSES = ("plain", "chunked")
 MIB = 2**20
 FULL = dict(vocabs=(1024, 128_256), hidden=256, layers=4, heads=4, kv_heads=2, intermediate=688, examples=48,
@@ -179,16 +183,6 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     return {p: md.version(p) for p in ("ftcore", "transformers", "peft", "torch")}
-
-
-def commit() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, cwd=HERE, timeout=30).stdout.strip()
-        except OSError:
-            return ""
-    return {"sha": git("rev-parse", "HEAD") or "unknown",
-            "dirty": bool(git("status", "--porcelain", "--", "ftcore", "ftcore_plugins", "benchmarks"))}
 
 
 def markdown(report: dict[str, Any]) -> str:
