@@ -116,6 +116,9 @@ def test_a_txt_file_prepares_from_the_cli_split_and_packed(tiny_model_dir, tiny_
     assert stats["train_examples"] == -(-n // 16) - (n % 16 == 1) and stats["tokens"] == n - (n % 16 == 1)
     assert stats["supervised_tokens"] == stats["tokens"] - 1                 # all but the BOS
     assert stats["packing_efficiency"] == 1.0                                 # packed as SFT data is
+    code, out = cli("prepare", "--model", str(tiny_model_dir), "--plugins", "text", "--data", str(f),
+                    "--set", "data.max_length=16", "--set", "data.cache=false", "--no-color")
+    assert code == 0 and "split into chunks (too long)   1" in out
 
 
 # -- column and role mapping ------------------------------------------------------------------
@@ -300,3 +303,20 @@ def test_bad_tools_list_names_the_field():
     assert any(f == "tools[0]" and "with a name" in m for f, m in chatml.ftcore_validate_record(record, cfg))
     assert chatml.ftcore_validate_record({**record, "tools": "get_weather"}, cfg) == [
         ("tools", "expected a list of tool schemas, got str")]
+
+
+# -- the configuration reference's worked examples ---------------------------------------------
+
+def test_the_configuration_reference_shows_dolly_and_sharegpt_as_worked_examples_that_validate():
+    from ftcore.tools.reference import REPO_DOC, worked_examples
+
+    doc = REPO_DOC.read_text()
+    for name, schema in (("alpaca", alpaca.AlpacaConfig), ("chatml", chatml.ChatmlConfig), ("text", text.TextConfig)):
+        for _, settings in schema.EXAMPLES:
+            schema(**settings)                                      # each example is a valid section
+        shown = "\n".join(worked_examples(name, schema))
+        assert shown and shown in doc
+    assert "  input_field: context\n  output_field: response" in doc
+    assert "  field: conversations\n  role_key: from\n  content_key: value\n  roles:\n    human: user" in doc
+    # and the examples are what the mapping tests above load files with
+    assert alpaca.AlpacaConfig.EXAMPLES[0][1] == DOLLY_MAP and chatml.ChatmlConfig.EXAMPLES[0][1] == SHAREGPT_MAP

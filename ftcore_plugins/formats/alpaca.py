@@ -6,7 +6,7 @@ The three field names are settings, so other instruction datasets load without c
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
 
@@ -18,6 +18,10 @@ PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 
 class AlpacaConfig(ftcore.PluginConfig):
+    EXAMPLES: ClassVar[list[tuple[str, dict[str, Any]]]] = [
+        ("Dolly-style records `{instruction, context, response}`, with settings alone",
+         {"instruction_field": "instruction", "input_field": "context", "output_field": "response"}),
+    ]
     train_on_inputs: bool = Field(False, description="Supervise the prompt too, not only the response.")
     prompt: str = Field(PROMPT, description="Template with {instruction} and {input}.")
     prompt_no_input: str = Field(PROMPT_NO_INPUT, description="Template used when input is empty.")

@@ -10,7 +10,7 @@ messages with the results, rendered by a chat template that supports tools; the 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -26,6 +26,12 @@ CHATML_TEMPLATE = (
 
 
 class ChatmlConfig(ftcore.PluginConfig):
+    EXAMPLES: ClassVar[list[tuple[str, dict[str, Any]]]] = [
+        ("ShareGPT-style records `{conversations: [{from: human, value: ...}, {from: gpt, value: ...}]}`, "
+         "with settings alone",
+         {"field": "conversations", "role_key": "from", "content_key": "value",
+          "roles": {"human": "user", "gpt": "assistant", "system": "system"}}),
+    ]
     train_on: Literal["assistant", "all", "last_assistant"] = Field(
         "assistant", description="Supervised turns: every assistant turn, every turn (system and user too), "
         "or the last assistant turn only. A supervised turn is its content and its end-of-turn marker. Tool "

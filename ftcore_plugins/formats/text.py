@@ -8,7 +8,7 @@ and the examples are packed like supervised data.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -18,6 +18,10 @@ NAME = "text"
 
 
 class TextConfig(ftcore.PluginConfig):
+    EXAMPLES: ClassVar[list[tuple[str, dict[str, Any]]]] = [
+        ("records `{content: ...}`, long documents truncated (data.too_long) instead of split",
+         {"field": "content", "long_documents": "truncate"}),
+    ]
     field: str = Field("text", min_length=1, description="Record field holding the document (.txt files give "
                        "their documents in `text`).")
     add_eos: bool = Field(True, description="Append the tokenizer's EOS token after each document (supervised), "
