@@ -55,7 +55,7 @@ def ftcore_config_schema():
 
 @ftcore.hookimpl
 def ftcore_validate_record(record: dict[str, Any], config: Any) -> list[tuple[str, str]]:
-    cfg: AlpacaConfig = config.section(NAME)
+    cfg = _settings(config)
     instruction, given, output = cfg.instruction_field, cfg.input_field, cfg.output_field
     problems = []
     for key, required in ((instruction, True), (given, False), (output, True)):
@@ -72,6 +72,14 @@ def ftcore_validate_record(record: dict[str, Any], config: Any) -> list[tuple[st
     if not problems and not record[output].strip():
         problems.append((output, "is empty: nothing to learn"))
     return problems
+
+
+def _settings(config: Any) -> AlpacaConfig:
+    """The alpaca section; its defaults where there is none (another plugin reusing this validation)."""
+    try:
+        return config.section(NAME)
+    except (AttributeError, KeyError):
+        return AlpacaConfig()
 
 
 def _keys(record: dict[str, Any]) -> str:
