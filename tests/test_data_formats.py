@@ -4,6 +4,7 @@ and tool-calling conversations rendered with real chat templates, masked token-e
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from click.testing import CliRunner
@@ -263,6 +264,19 @@ def test_several_tool_calls_and_results_in_a_qwen_conversation():
         "Paris 20, Rome 25.<|im_end|>")
 
 
+def test_train_on_all_supervises_user_turns_but_never_tool_results():
+    tok = build_tokenizer(chat_template=QWEN25_TEMPLATE, extra_special_tokens=QWEN25_SPECIALS)
+    ex, _ = check_format(chatml, TOOL_CHAT, tok, format_config(names=["chatml"], chatml={"train_on": "all"}),
+                         strict_boundaries=True)
+    got = supervised_text(ex, tok)
+    assert got.startswith("You help.\n\n# Tools") and "Weather in Paris?<|im_end|>" + QWEN_CALL in got
+    assert got.endswith("It is 20 degrees in Paris.<|im_end|>") and '{"temp": 20}' not in got
+    assert "<|im_start|>" not in got                                 # role headers are not supervised
+    llama = build_tokenizer(chat_template=LLAMA31_TEMPLATE, extra_special_tokens=LLAMA31_SPECIALS)
+    with pytest.raises(ftcore.DataError, match="chatml.train_on: assistant"):     # tools in the first user turn
+        chatml.ftcore_format_record(TOOL_CHAT, llama, format_config(names=["chatml"], chatml={"train_on": "all"}))
+
+
 def test_a_template_without_tool_support_is_refused_naming_what_it_drops():
     plain = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
              "'<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}{% endfor %}")
@@ -320,3 +334,35 @@ def test_the_configuration_reference_shows_dolly_and_sharegpt_as_worked_examples
     assert "  field: conversations\n  role_key: from\n  content_key: value\n  roles:\n    human: user" in doc
     # and the examples are what the mapping tests above load files with
     assert alpaca.AlpacaConfig.EXAMPLES[0][1] == DOLLY_MAP and chatml.ChatmlConfig.EXAMPLES[0][1] == SHAREGPT_MAP
+
+
+# -- a real run on text -------------------------------------------------------------------------
+
+def test_report_samples_of_plain_text_prompt_with_the_first_half(tiny_tokenizer):
+    import datasets
+
+    from ftcore.training.callbacks import sample_prompts
+
+    ids = tiny_tokenizer("Paris is the capital of France. Berlin is the capital of Germany.</s>")["input_ids"]
+    labels = [IGNORE_INDEX] + ids[1:]                       # the text format: all but the BOS supervised
+    got = sample_prompts(datasets.Dataset.from_dict({"input_ids": [ids], "labels": [labels]}), tiny_tokenizer, 1)
+    assert got[0]["prompt_ids"] == ids[:len(ids) // 2] and got[0]["prompt"].startswith("Paris is")
+
+
+def test_a_run_continues_pretraining_on_a_txt_corpus(tiny_model_dir, tmp_path):
+    from conftest import tiny_config
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("\n\n".join(DOCS * 4))
+    (corpus / "b.txt").write_text("Berlin is the capital of Germany. " * 20)
+    cfg = tiny_config(tiny_model_dir, corpus, tmp_path / "out")
+    cfg["plugins"] = ["lora", "text"]
+    cfg["data"].update(datasets=[{"path": str(corpus), "txt_documents": "blank_line"}], max_length=24, val_size=2)
+    result = ftcore.run(cfg, log=lambda m: None)
+    summary = json.loads((result.output_dir / "summary.json").read_text())
+    stats = summary["data_stats"]
+    assert stats["records"] == 13 and stats["split_documents"] > 0 and stats["truncated"] == 0
+    assert stats["supervised_tokens"] == stats["tokens"] - stats["records"]          # every token but each BOS
+    assert result.metrics["packing_efficiency"] == 1.0 and result.metrics["steps"] > 0
+    assert math.isfinite(result.metrics["eval_loss"]) and result.metrics["eval_loss"] < result.metrics["eval_loss_start"]

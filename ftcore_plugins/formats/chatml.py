@@ -305,9 +305,14 @@ def _from_template_with_tools(messages: list[dict[str, Any]], tools: list[Any] |
     _check_tool_rendering(text, messages, tools, tokenizer)
     spans = []
     for i in sorted(trained):
-        after = _render(tokenizer, messages[: i + 1], tools)
-        before = _render(tokenizer, messages[:i], tools, generation_prompt=messages[i]["role"] == "assistant") \
-            if i else ""
+        try:
+            after = _render(tokenizer, messages[: i + 1], tools)
+            before = _render(tokenizer, messages[:i], tools, generation_prompt=messages[i]["role"] == "assistant") \
+                if i else ""
+        except ftcore.DataError as exc:
+            raise ftcore.DataError(f"to find turn {i} ({messages[i]['role']}), the conversation is rendered up to it, "
+                                   f"and the chat template refuses that ({exc}); supervise assistant turns only "
+                                   f"(chatml.train_on: assistant)") from None
         if not text.startswith(after):
             raise ftcore.DataError(f"the tokenizer's chat template renders this conversation differently when it "
                                    f"ends at message {i} ({messages[i]['role']}), so its turns cannot be masked "
@@ -315,6 +320,9 @@ def _from_template_with_tools(messages: list[dict[str, Any]], tools: list[Any] |
         start = 0
         while start < min(len(before), len(after)) and before[start] == after[start]:
             start += 1
+        if messages[i]["role"] != "assistant":   # train_on: all: from the content on, not the role header
+            at = after.find(messages[i]["content"].strip(), start) if messages[i]["content"].strip() else -1
+            start = at if at >= 0 else start
         end = len(after.rstrip())
         if end <= start:
             raise ftcore.DataError(f"the tokenizer's chat template renders nothing for message {i} "
