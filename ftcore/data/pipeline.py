@@ -13,7 +13,7 @@ from typing import Any
 
 from ftcore.config.checks import check_dataset_formats, resolve_format
 from ftcore.data.cache import cache_key, load_cached, save_cached
-from ftcore.data.labels import IGNORE_INDEX, char_limit, fit_length, tokenize_many
+from ftcore.data.labels import IGNORE_INDEX, char_limit, fit_length, split_chunks, tokenize_many
 from ftcore.data.prepared import DataStats, PreparedData
 from ftcore.data.records import Problem, iter_records
 from ftcore.errors import DataError, PluginError
@@ -180,8 +180,9 @@ TOKENIZE_BATCH = 1024   # examples per tokenizer call in prepare(); 1 tokenizes 
 
 
 def _tokenized(examples: list[tuple[str, Example]], tokenizer: Any, max_length: int, stats: DataStats,
-               problems: list[Problem]) -> list[tuple[list[int], list[int]]]:
-    """The batch tokenized; when the tokenizer refuses the batch, record by record, the refused ones reported."""
+               problems: list[Problem]) -> list[tuple[list[int], list[int]] | None]:
+    """The batch tokenized; when the tokenizer refuses the batch, record by record, the refused ones reported
+    (and None in their place)."""
     limit = char_limit(tokenizer, max_length)
     try:
         return tokenize_many([ex for _, ex in examples], tokenizer, limit)
@@ -194,26 +195,36 @@ def _tokenized(examples: list[tuple[str, Example]], tokenizer: Any, max_length: 
         except Exception as exc:   # noqa: BLE001
             problems.append(Problem(where, None, f"the tokenizer cannot tokenize it ({type(exc).__name__}: {exc})"))
             stats.bad_records += 1
+            out.append(None)
     return out
 
 
 def _add_rows(examples: list[tuple[str, Example]], tokenizer: Any, data_cfg: Any, stats: DataStats,
               rows: list[tuple[list[int], list[int]]], problems: list[Problem]) -> None:
-    """Tokenize, apply the length policy, count, and keep what teaches something."""
-    for ids, labels in _tokenized(examples, tokenizer, data_cfg.max_length, stats, problems) if examples else []:
-        ids, labels, action = fit_length(ids, labels, data_cfg.max_length, data_cfg.too_long)
-        if action == "dropped":
-            stats.dropped_too_long += 1
+    """Tokenize, apply the length policy (or split a long ``split_long`` text), count, and keep what teaches
+    something."""
+    tokenized = _tokenized(examples, tokenizer, data_cfg.max_length, stats, problems) if examples else []
+    for (_, example), row in zip(examples, tokenized):
+        if row is None:   # the tokenizer refused it (reported)
             continue
-        supervised = sum(1 for t in labels if t != IGNORE_INDEX)
-        if supervised == 0:   # e.g. truncation cut off the whole response
-            stats.dropped_unsupervised += 1
-            continue
-        stats.truncated += action == "truncated"
-        stats.examples += 1
-        stats.tokens += len(ids)
-        stats.supervised_tokens += supervised
-        rows.append((ids, labels))
+        pieces = [row]
+        if example.split_long and len(row[0]) > data_cfg.max_length:
+            pieces = split_chunks(*row, data_cfg.max_length)
+            stats.split_documents += 1
+        for ids, labels in pieces:
+            ids, labels, action = fit_length(ids, labels, data_cfg.max_length, data_cfg.too_long)
+            if action == "dropped":
+                stats.dropped_too_long += 1
+                continue
+            supervised = sum(1 for t in labels if t != IGNORE_INDEX)
+            if supervised == 0:   # e.g. truncation cut off the whole response
+                stats.dropped_unsupervised += 1
+                continue
+            stats.truncated += action == "truncated"
+            stats.examples += 1
+            stats.tokens += len(ids)
+            stats.supervised_tokens += supervised
+            rows.append((ids, labels))
 
 
 def _check(where: str, record: Any, fmt: str, plugins: Any, config: Any, ctx: RunContext) -> list[Problem]:
