@@ -330,9 +330,13 @@ def _prepare_cpu_state() -> bool:
     """
     from deepspeed.accelerator import get_accelerator
 
+    import torch.distributed as dist
+
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         return False
+    if "LOCAL_RANK" not in os.environ and not dist.is_initialized():
+        return False       # not started by a launcher: one process, rank 0 of 1 is already right
     from accelerate.state import AcceleratorState, PartialState
 
     AcceleratorState._reset_state(reset_partial_state=False)
