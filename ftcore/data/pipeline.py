@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcore.config.checks import check_dataset_formats, resolve_format
+from ftcore.data.audit import Audit, apply_audit_policy, record_text
 from ftcore.data.cache import cache_key, load_cached, save_cached
 from ftcore.data.labels import IGNORE_INDEX, char_limit, fit_length, tokenize_many
 from ftcore.data.prepared import DataStats, PreparedData
@@ -48,6 +49,7 @@ def prepare(config: Any, plugins: Any, tokenizer: Any, log: Any = print, ctx: Ru
         result = _prepare_uncached(config, plugins, tokenizer, formats, seed, log, ctx)
         if key:
             save_cached(key, result)
+    apply_audit_policy(result.stats.audit, data_cfg.audit, log)
     lengths = example_lengths(result.train)
     result.stats.padded_efficiency = packing_efficiency(lengths, config.training.batch_size, False, seed)
     result.stats.packing_efficiency = 1.0 if data_cfg.packing else result.stats.padded_efficiency
@@ -75,7 +77,9 @@ def read_datasets(config: Any, check: Any, log: Any = print
         kept = []
         for spec in specs:
             before = len(kept)
-            for where, record in iter_records(spec):
+            for n, (where, record) in enumerate(iter_records(spec)):
+                if spec.max_records is not None and n >= spec.max_records:
+                    break
                 stats.records += 1
                 if isinstance(record, Problem):
                     found = [record]
@@ -103,6 +107,13 @@ def read_datasets(config: Any, check: Any, log: Any = print
                         f"invalid and {len(held_out)} went to validation. Add data or lower data.val_size.")
     stats.examples = len(train) + len(held_out)
     stats.train_examples, stats.eval_examples = len(train), len(held_out)
+    if data_cfg.audit.enabled:   # duplicates and leakage (the records carry no tokens here)
+        audit = Audit(data_cfg.audit.near_duplicates, data_cfg.audit.near_duplicate_threshold)
+        for where, record in [*train, *held_out]:
+            audit.add(where, record_text(record))
+        stats.audit = audit.summary(list(range(len(train))), list(range(len(train), len(train) + len(held_out))),
+                                    tokens=False)
+        apply_audit_policy(stats.audit, data_cfg.audit, log)
     return train, held_out, stats
 
 
@@ -117,27 +128,105 @@ def _prepare_uncached(config, plugins, tokenizer, formats, seed, log, ctx) -> Pr
     data_cfg = config.data
     stats = DataStats()
     problems: list[Problem] = []
-    train_rows = _collect(data_cfg.datasets, config, plugins, tokenizer, formats, stats, problems, ctx)
-    eval_rows = (_collect(data_cfg.eval_datasets, config, plugins, tokenizer, formats, stats, problems, ctx)
+    audit = _new_audit(data_cfg, tokenizer)
+    train_src: list[int] = []
+    train_rows = _collect(data_cfg.datasets, config, plugins, tokenizer, formats, stats, problems, ctx, audit,
+                          train_src)
+    eval_rows = (_collect(data_cfg.eval_datasets, config, plugins, tokenizer, formats, stats, problems, ctx, audit,
+                          [])
                  if data_cfg.eval_datasets else None)
     _report_problems(problems, stats, data_cfg, log)
-    rng = random.Random(seed)
-    rng.shuffle(train_rows)
+    _teaches_something(stats, audit, len(train_rows) + len(eval_rows or []), data_cfg)
+    order = list(range(len(train_rows)))
+    random.Random(seed).shuffle(order)   # the same permutation as shuffling the rows themselves
+    n_train = len(train_rows)
     if eval_rows is None:
-        n_val = _val_count(data_cfg.val_size, len(train_rows))
-        eval_rows, train_rows = train_rows[:n_val], train_rows[n_val:]
-    elif not eval_rows:
-        raise DataError("no evaluation examples are left in data.eval_datasets ("
-                        + ", ".join(s.path for s in data_cfg.eval_datasets)
-                        + ") after validation and length limits.")
-    if not train_rows:
+        n_val = _val_count(data_cfg.val_size, len(order))
+        eval_idx, train_idx = order[:n_val], order[n_val:]
+        eval_rows = [train_rows[i] for i in eval_idx]
+    else:
+        train_idx, eval_idx = order, list(range(n_train, n_train + len(eval_rows)))
+        if not eval_rows:
+            raise DataError("no evaluation examples are left in data.eval_datasets ("
+                            + ", ".join(s.path for s in data_cfg.eval_datasets)
+                            + ") after validation and length limits.")
+    if not train_idx:
         raise DataError(f"no training examples are left: of {stats.records} records, {stats.bad_records} are invalid, "
                         f"{stats.dropped_too_long} were dropped as longer than data.max_length={data_cfg.max_length}, "
                         f"{stats.dropped_unsupervised} had nothing supervised left (e.g. truncation cut off the "
                         f"response), and {len(eval_rows or [])} went to validation. "
                         f"Add data, raise data.max_length or lower data.val_size.")
+    if audit is not None:
+        stats.audit = audit.summary(train_idx, eval_idx)
+    train_idx = _mix(train_idx, train_src, train_rows, data_cfg, stats, seed)
+    train_rows = [train_rows[i] for i in train_idx]
     stats.train_examples, stats.eval_examples = len(train_rows), len(eval_rows or [])
     return PreparedData(_to_dataset(train_rows), _to_dataset(eval_rows) if eval_rows else None, stats, problems)
+
+
+def _new_audit(data_cfg: Any, tokenizer: Any) -> Audit | None:
+    if not data_cfg.audit.enabled:
+        return None
+    special = [str(t) for t in (getattr(tokenizer, "all_special_tokens", None) or [])]
+    return Audit(data_cfg.audit.near_duplicates, data_cfg.audit.near_duplicate_threshold, special,
+                 data_cfg.max_length)
+
+
+def _teaches_something(stats: DataStats, audit: Audit | None, kept: int, data_cfg: Any) -> None:
+    """Stop (exit 2) when the data would teach nothing: no example kept has a supervised token."""
+    if kept or not (stats.dropped_unsupervised or stats.dropped_too_long):
+        return
+    lines = []
+    if audit is not None:
+        for name in ("cut_before_answer", "unsupervised"):
+            lines += audit.findings[name]
+    shown = "".join(f"\n  {line}" for line in lines[: data_cfg.max_errors_shown])
+    valid = stats.records - stats.bad_records
+    cut = audit.counts["cut_before_answer"] if audit is not None else 0
+    if cut and cut == stats.dropped_unsupervised:
+        raise DataError(f"the data would teach nothing: every example ({valid}) is cut by data.max_length="
+                        f"{data_cfg.max_length} before its answer, so no token is supervised:{shown}\n"
+                        f"Raise data.max_length, or shorten the prompts.")
+    if stats.dropped_unsupervised:
+        raise DataError(f"the data would teach nothing: none of the {valid} valid examples has a supervised "
+                        f"token ({stats.dropped_unsupervised} with nothing supervised, {cut} of them cut by "
+                        f"data.max_length={data_cfg.max_length} before the answer; {stats.dropped_too_long} "
+                        f"dropped as too long):{shown}\nCheck the format's field names (the answer field) and "
+                        f"data.max_length.")
+
+
+def _mix(train_idx: list[int], sources: list[int], rows: list[tuple[list[int], list[int]]], data_cfg: Any,
+         stats: DataStats, seed: int) -> list[int]:
+    """Apply each training dataset's weight to its training examples; record the mix in ``stats.mixture``."""
+    specs = data_cfg.datasets
+    weighted = any(s.weight not in (None, 1) for s in specs)
+    by_spec: list[list[int]] = [[] for _ in specs]
+    for i in train_idx:
+        by_spec[sources[i]].append(i)
+    if weighted:
+        rng = random.Random(seed + 1)
+        picked: list[int] = []
+        for spec, idx in zip(specs, by_spec):
+            w = 1.0 if spec.weight is None else spec.weight
+            target = round(len(idx) * w)
+            whole, rest = divmod(target, len(idx)) if idx else (0, 0)
+            sample = idx * whole + (rng.sample(idx, rest) if rest else [])
+            picked += sample
+        rng.shuffle(picked)
+        train_idx = picked
+    counts = [0] * len(specs)
+    tokens = [0] * len(specs)
+    for i in train_idx:
+        counts[sources[i]] += 1
+        tokens[sources[i]] += len(rows[i][0])
+    total = sum(tokens) or 1
+    stats.mixture = [{"path": spec.path, "format": spec.format, "weight": 1.0 if spec.weight is None else spec.weight,
+                      "max_records": spec.max_records, "records": stats.per_dataset_records.get(spec.path, 0),
+                      "examples": stats.per_dataset.get(spec.path, 0), "train_examples_unweighted": len(idx),
+                      "train_examples": counts[k], "train_tokens": tokens[k],
+                      "token_share": round(tokens[k] / total, 4)}
+                     for k, (spec, idx) in enumerate(zip(specs, by_spec))]
+    return train_idx
 
 
 def format_record(fmt: str, record: dict[str, Any], plugins: Any, tokenizer: Any, config: Any,
@@ -151,56 +240,76 @@ def format_record(fmt: str, record: dict[str, Any], plugins: Any, tokenizer: Any
     return example
 
 
-def _collect(specs, config, plugins, tokenizer, formats, stats, problems, ctx) -> list[tuple[list[int], list[int]]]:
+def _collect(specs, config, plugins, tokenizer, formats, stats, problems, ctx, audit=None, sources=None
+             ) -> list[tuple[list[int], list[int]]]:
     rows: list[tuple[list[int], list[int]]] = []
-    for spec in specs:
+    for k, spec in enumerate(specs):
         fmt = resolve_format(spec, formats)
         before = len(rows)
-        pending: list[tuple[str, Example]] = []
+        read = 0
+        pending: list[tuple[str, Example, str]] = []
         for where, record in iter_records(spec):
+            if spec.max_records is not None and read >= spec.max_records:
+                break
+            read += 1
             stats.records += 1
             found = _check(where, record, fmt, plugins, config, ctx)
             if not found:
                 try:
-                    pending.append((where, format_record(fmt, record, plugins, tokenizer, config, ctx)))
+                    pending.append((where, format_record(fmt, record, plugins, tokenizer, config, ctx),
+                                    record_text(record) if audit is not None else ""))
                 except DataError as exc:   # a record the format cannot render (e.g. a template refuses it)
                     found = [Problem(where, None, str(exc))]
             if found:
                 problems.extend(found)
                 stats.bad_records += 1
             if len(pending) >= TOKENIZE_BATCH:
-                _add_rows(pending, tokenizer, config.data, stats, rows, problems)
+                _add_rows(pending, tokenizer, config.data, stats, rows, problems, audit)
                 pending = []
-        _add_rows(pending, tokenizer, config.data, stats, rows, problems)
+        _add_rows(pending, tokenizer, config.data, stats, rows, problems, audit)
         stats.per_dataset[spec.path] = len(rows) - before
+        stats.per_dataset_records[spec.path] = read
+        if sources is not None:
+            sources += [k] * (len(rows) - before)
     return rows
 
 
 TOKENIZE_BATCH = 1024   # examples per tokenizer call in prepare(); 1 tokenizes record by record
 
 
-def _tokenized(examples: list[tuple[str, Example]], tokenizer: Any, max_length: int, stats: DataStats,
-               problems: list[Problem]) -> list[tuple[list[int], list[int]]]:
-    """The batch tokenized; when the tokenizer refuses the batch, record by record, the refused ones reported."""
+def _tokenized(examples: list[tuple[str, Example, str]], tokenizer: Any, max_length: int, stats: DataStats,
+               problems: list[Problem]) -> list[tuple[list[int], list[int]] | None]:
+    """The batch tokenized; when the tokenizer refuses the batch, record by record, the refused ones reported
+    (and None in their place)."""
     limit = char_limit(tokenizer, max_length)
     try:
-        return tokenize_many([ex for _, ex in examples], tokenizer, limit)
+        return tokenize_many([ex for _, ex, _ in examples], tokenizer, limit)
     except Exception:   # noqa: BLE001 - a tokenizer refuses some text (the record is named below)
         pass
-    out = []
-    for where, example in examples:
+    out: list[tuple[list[int], list[int]] | None] = []
+    for where, example, _ in examples:
         try:
             out += tokenize_many([example], tokenizer, limit)
         except Exception as exc:   # noqa: BLE001
             problems.append(Problem(where, None, f"the tokenizer cannot tokenize it ({type(exc).__name__}: {exc})"))
             stats.bad_records += 1
+            out.append(None)
     return out
 
 
-def _add_rows(examples: list[tuple[str, Example]], tokenizer: Any, data_cfg: Any, stats: DataStats,
-              rows: list[tuple[list[int], list[int]]], problems: list[Problem]) -> None:
-    """Tokenize, apply the length policy, count, and keep what teaches something."""
-    for ids, labels in _tokenized(examples, tokenizer, data_cfg.max_length, stats, problems) if examples else []:
+def _add_rows(examples: list[tuple[str, Example, str]], tokenizer: Any, data_cfg: Any, stats: DataStats,
+              rows: list[tuple[list[int], list[int]]], problems: list[Problem], audit: Audit | None = None) -> None:
+    """Tokenize, apply the length policy, count, and keep what teaches something (``audit`` notes what is
+    wrong with each example: no answer, an answer cut, nothing supervised)."""
+    tokenized = _tokenized(examples, tokenizer, data_cfg.max_length, stats, problems) if examples else []
+    limit = char_limit(tokenizer, data_cfg.max_length)
+    for (where, example, text), done in zip(examples, tokenized):
+        if done is None:
+            continue
+        ids, labels = done
+        cut_supervised = audit is not None and len(ids) > data_cfg.max_length and (
+            any(t != IGNORE_INDEX for t in labels[data_cfg.max_length:])
+            or any(e > limit for _, e in example.supervised))   # an answer past the characters tokenized
         ids, labels, action = fit_length(ids, labels, data_cfg.max_length, data_cfg.too_long)
         if action == "dropped":
             stats.dropped_too_long += 1
@@ -208,7 +317,19 @@ def _add_rows(examples: list[tuple[str, Example]], tokenizer: Any, data_cfg: Any
         supervised = sum(1 for t in labels if t != IGNORE_INDEX)
         if supervised == 0:   # e.g. truncation cut off the whole response
             stats.dropped_unsupervised += 1
+            if audit is not None:
+                if cut_supervised:
+                    audit.note("cut_before_answer", where, f"the answer starts after data.max_length="
+                               f"{data_cfg.max_length} tokens")
+                else:
+                    audit.note("unsupervised", where, "the format supervises no token of it")
             continue
+        if audit is not None:
+            if cut_supervised:
+                audit.note("answer_cut", where, f"the answer is cut at data.max_length={data_cfg.max_length}")
+            if audit.empty_answer(example):
+                audit.note("empty_answers", where)
+            audit.add(where, text, len(ids), supervised)
         stats.truncated += action == "truncated"
         stats.examples += 1
         stats.tokens += len(ids)

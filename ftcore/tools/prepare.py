@@ -102,10 +102,51 @@ def summary_lines(report: DataReport) -> list[str]:
     mode = "packed (padding-free)" if report.config.data.packing else "padded"
     lines.append(f"{'packing efficiency':<30} {s.packing_efficiency:.1%} ({mode}; padded batches of "
                  f"{report.config.training.batch_size}: {s.padded_efficiency:.1%})")
-    for path, count in s.per_dataset.items():
-        lines.append(f"{'  from ' + path:<30} {count} examples")
+    if s.mixture and (len(s.mixture) > 1 or any(m["weight"] != 1 or m["max_records"] for m in s.mixture)):
+        lines += mixture_lines(s.mixture)
+    else:
+        for path, count in s.per_dataset.items():
+            lines.append(f"{'  from ' + path:<30} {count} examples")
     for key, value in s.preference.items():   # a preference objective's pair statistics
         lines.append(f"{key.replace('_', ' '):<30} {value}")
     if s.cached:
         lines.append("(tokenized data loaded from the cache)")
+    return lines
+
+
+def mixture_lines(mixture: list[dict[str, Any]]) -> list[str]:
+    """The mix of training datasets: records read, examples kept, training examples sampled (by weight) and
+    their share of the training tokens."""
+    lines = ["mixture (per training dataset): records read -> examples kept -> sampled for training "
+             "(weight, cap), share of training tokens"]
+    for m in mixture:
+        cap = f", max_records {m['max_records']}" if m.get("max_records") else ""
+        lines.append(f"  {m['path']} ({m.get('format') or 'run format'}): {m['records']} -> {m['examples']} -> "
+                     f"{m['train_examples']} (weight {m['weight']:g}{cap}), {m['token_share']:.1%} of tokens")
+    return lines
+
+
+def audit_lines(audit: dict[str, Any], shown: int = 5) -> list[str]:
+    """The data-quality audit as text lines: each finding with its count and first lines (``file:line``), then
+    the distributions of length and supervised share."""
+    from ftcore.data.audit import describe
+
+    if not audit:
+        return []
+    found = describe(audit)
+    lines = [f"data audit: {'no problems found' if not found else f'{len(found)} kinds of findings'} "
+             f"({audit.get('examples', 0)} examples checked)"]
+    for label, count, where in found:
+        lines.append(f"  {label}: {count}")
+        lines += [f"    {w}" for w in where[:shown]]
+        if count > shown:
+            lines.append(f"    ... and {count - shown} more")
+    if audit.get("length"):
+        q = audit["length"]
+        lines.append(f"  length in tokens: min {q['min']:g}, quartiles {q['q1']:g} / {q['median']:g} / "
+                     f"{q['q3']:g}, max {q['max']:g} (outliers above {audit.get('length_outlier_above')})")
+    if audit.get("supervised_share"):
+        q = audit["supervised_share"]
+        lines.append(f"  supervised share per example: min {q['min']:.1%}, quartiles {q['q1']:.1%} / "
+                     f"{q['median']:.1%} / {q['q3']:.1%}, max {q['max']:.1%}")
     return lines
