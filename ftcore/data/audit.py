@@ -369,3 +369,45 @@ def apply_audit_policy(audit: dict[str, Any], settings: Any, log: Any) -> None:
 def _lines(lines: list[str], count: int, shown: int = 5) -> str:
     more = f"\n  ... and {count - shown} more" if count > shown else ""
     return "".join(f"\n  {line}" for line in lines[:shown]) + more
+
+
+def mixture_lines(mixture: list[dict[str, Any]]) -> list[str]:
+    """The mix of training datasets: records read, examples kept, training examples sampled (by weight) and
+    their share of the training tokens."""
+    lines = ["mixture (per training dataset): records read -> examples kept -> sampled for training "
+             "(weight, cap), share of training tokens"]
+    for m in mixture:
+        cap = f", max_records {m['max_records']}" if m.get("max_records") else ""
+        lines.append(f"  {m['path']} ({m.get('format') or 'run format'}): {m['records']} -> {m['examples']} -> "
+                     f"{m['train_examples']} (weight {m['weight']:g}{cap}), {m['token_share']:.1%} of tokens")
+    return lines
+
+
+def audit_lines(audit: dict[str, Any], shown: int = 5) -> list[str]:
+    """The data-quality audit as text lines: each finding with its count and first lines (``file:line``), then
+    the distributions of length and supervised share."""
+    if not audit:
+        return []
+    found = describe(audit)
+    lines = [f"data audit ({audit.get('examples', 0)} examples checked): "
+             + ("no problems found" if not found else ", ".join(f"{count} {label}" for label, count, _ in found))]
+    for label, count, where in found:
+        lines.append(f"  {label}: {count}")
+        lines += [f"    {w}" for w in where[:shown]]
+        if count > shown:
+            lines.append(f"    ... and {count - shown} more")
+    if audit.get("length"):
+        q = audit["length"]
+        lines.append(f"  length in tokens: min {q['min']:g}, quartiles {q['q1']:g} / {q['median']:g} / "
+                     f"{q['q3']:g}, max {q['max']:g} (outliers above {audit.get('length_outlier_above')})")
+    if audit.get("supervised_share"):
+        q = audit["supervised_share"]
+        lines.append(f"  supervised share per example: min {q['min']:.1%}, quartiles {q['q1']:.1%} / "
+                     f"{q['median']:.1%} / {q['q3']:.1%}, max {q['max']:.1%}")
+    return lines
+
+
+def audit_brief(audit: dict[str, Any]) -> str:
+    """One line: the count of each finding ("no problems found" when there are none)."""
+    found = describe(audit)
+    return "; ".join(f"{count} {label}" for label, count, _ in found) or "no problems found"

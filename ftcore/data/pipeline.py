@@ -73,9 +73,11 @@ def read_datasets(config: Any, check: Any, log: Any = print
     stats = DataStats()
     problems: list[Problem] = []
 
+    sources: list[int] = []
+
     def read(specs: Any) -> list[tuple[str, dict[str, Any]]]:
         kept = []
-        for spec in specs:
+        for k, spec in enumerate(specs):
             before = len(kept)
             for n, (where, record) in enumerate(iter_records(spec)):
                 if spec.max_records is not None and n >= spec.max_records:
@@ -92,16 +94,21 @@ def read_datasets(config: Any, check: Any, log: Any = print
                     stats.bad_records += 1
                 else:
                     kept.append((where, record))
+                    sources.append(k)
             stats.per_dataset[spec.path] = len(kept) - before
         return kept
 
     train = read(data_cfg.datasets)
+    del sources[len(train):]   # only the training datasets are weighted
     held_out = read(data_cfg.eval_datasets) if data_cfg.eval_datasets else None
     _report_problems(problems, stats, data_cfg, log)
-    random.Random(seed).shuffle(train)
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)   # the same permutation as shuffling the records themselves
     if held_out is None:
-        n_val = _val_count(data_cfg.val_size, len(train))
-        held_out, train = train[:n_val], train[n_val:]
+        n_val = _val_count(data_cfg.val_size, len(order))
+        held_out, order = [train[i] for i in order[:n_val]], order[n_val:]
+    unweighted = [train[i] for i in order]
+    train = [train[i] for i in apply_weights(order, sources, data_cfg.datasets, seed)]
     if not train:
         raise DataError(f"no training records are left: of {stats.records} records, {stats.bad_records} are "
                         f"invalid and {len(held_out)} went to validation. Add data or lower data.val_size.")
@@ -109,10 +116,10 @@ def read_datasets(config: Any, check: Any, log: Any = print
     stats.train_examples, stats.eval_examples = len(train), len(held_out)
     if data_cfg.audit.enabled:   # duplicates and leakage (the records carry no tokens here)
         audit = Audit(data_cfg.audit.near_duplicates, data_cfg.audit.near_duplicate_threshold)
-        for where, record in [*train, *held_out]:
+        for where, record in [*unweighted, *held_out]:
             audit.add(where, record_text(record))
-        stats.audit = audit.summary(list(range(len(train))), list(range(len(train), len(train) + len(held_out))),
-                                    tokens=False)
+        stats.audit = audit.summary(list(range(len(unweighted))),
+                                    list(range(len(unweighted), len(unweighted) + len(held_out))), tokens=False)
         apply_audit_policy(stats.audit, data_cfg.audit, log)
     return train, held_out, stats
 
@@ -158,7 +165,7 @@ def _prepare_uncached(config, plugins, tokenizer, formats, seed, log, ctx) -> Pr
                         f"Add data, raise data.max_length or lower data.val_size.")
     if audit is not None:
         stats.audit = audit.summary(train_idx, eval_idx)
-    train_idx = _mix(train_idx, train_src, train_rows, data_cfg, stats, seed)
+    train_idx = _mix(train_idx, train_src, train_rows, data_cfg, stats, seed, formats)
     train_rows = [train_rows[i] for i in train_idx]
     stats.train_examples, stats.eval_examples = len(train_rows), len(eval_rows or [])
     return PreparedData(_to_dataset(train_rows), _to_dataset(eval_rows) if eval_rows else None, stats, problems)
@@ -195,32 +202,40 @@ def _teaches_something(stats: DataStats, audit: Audit | None, kept: int, data_cf
                         f"data.max_length.")
 
 
-def _mix(train_idx: list[int], sources: list[int], rows: list[tuple[list[int], list[int]]], data_cfg: Any,
-         stats: DataStats, seed: int) -> list[int]:
-    """Apply each training dataset's weight to its training examples; record the mix in ``stats.mixture``."""
-    specs = data_cfg.datasets
-    weighted = any(s.weight not in (None, 1) for s in specs)
+def apply_weights(train_idx: list[int], sources: list[int], specs: list[Any], seed: int) -> list[int]:
+    """Training examples (indices; ``sources[i]``: the index of example i's dataset in ``specs``) sampled by
+    their datasets' weights: ``round(n * weight)`` of a dataset's ``n`` examples, every one ``floor(weight)``
+    times and a random rest without repeats, all shuffled with ``seed``. Unchanged when no weight is set."""
+    if all(s.weight in (None, 1) for s in specs):
+        return train_idx
     by_spec: list[list[int]] = [[] for _ in specs]
     for i in train_idx:
         by_spec[sources[i]].append(i)
-    if weighted:
-        rng = random.Random(seed + 1)
-        picked: list[int] = []
-        for spec, idx in zip(specs, by_spec):
-            w = 1.0 if spec.weight is None else spec.weight
-            target = round(len(idx) * w)
-            whole, rest = divmod(target, len(idx)) if idx else (0, 0)
-            sample = idx * whole + (rng.sample(idx, rest) if rest else [])
-            picked += sample
-        rng.shuffle(picked)
-        train_idx = picked
+    rng = random.Random(seed + 1)
+    picked: list[int] = []
+    for spec, idx in zip(specs, by_spec):
+        target = round(len(idx) * (1.0 if spec.weight is None else spec.weight))
+        whole, rest = divmod(target, len(idx)) if idx else (0, 0)
+        picked += idx * whole + (rng.sample(idx, rest) if rest else [])
+    rng.shuffle(picked)
+    return picked
+
+
+def _mix(train_idx: list[int], sources: list[int], rows: list[tuple[list[int], list[int]]], data_cfg: Any,
+         stats: DataStats, seed: int, formats: list[str]) -> list[int]:
+    """Apply each training dataset's weight to its training examples; record the mix in ``stats.mixture``."""
+    specs = data_cfg.datasets
+    by_spec: list[list[int]] = [[] for _ in specs]
+    for i in train_idx:
+        by_spec[sources[i]].append(i)
+    train_idx = apply_weights(train_idx, sources, specs, seed)
     counts = [0] * len(specs)
     tokens = [0] * len(specs)
     for i in train_idx:
         counts[sources[i]] += 1
         tokens[sources[i]] += len(rows[i][0])
     total = sum(tokens) or 1
-    stats.mixture = [{"path": spec.path, "format": spec.format, "weight": 1.0 if spec.weight is None else spec.weight,
+    stats.mixture = [{"path": spec.path, "format": resolve_format(spec, formats), "weight": 1.0 if spec.weight is None else spec.weight,
                       "max_records": spec.max_records, "records": stats.per_dataset_records.get(spec.path, 0),
                       "examples": stats.per_dataset.get(spec.path, 0), "train_examples_unweighted": len(idx),
                       "train_examples": counts[k], "train_tokens": tokens[k],

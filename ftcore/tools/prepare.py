@@ -11,6 +11,7 @@ from typing import Any
 
 from ftcore import runfolder
 from ftcore.config.layering import deep_merge
+from ftcore.data.audit import audit_lines, mixture_lines
 from ftcore.data.labels import IGNORE_INDEX
 from ftcore.data.pipeline import prepare
 from ftcore.data.prepared import DataStats, PreparedData
@@ -114,39 +115,4 @@ def summary_lines(report: DataReport) -> list[str]:
     return lines
 
 
-def mixture_lines(mixture: list[dict[str, Any]]) -> list[str]:
-    """The mix of training datasets: records read, examples kept, training examples sampled (by weight) and
-    their share of the training tokens."""
-    lines = ["mixture (per training dataset): records read -> examples kept -> sampled for training "
-             "(weight, cap), share of training tokens"]
-    for m in mixture:
-        cap = f", max_records {m['max_records']}" if m.get("max_records") else ""
-        lines.append(f"  {m['path']} ({m.get('format') or 'run format'}): {m['records']} -> {m['examples']} -> "
-                     f"{m['train_examples']} (weight {m['weight']:g}{cap}), {m['token_share']:.1%} of tokens")
-    return lines
-
-
-def audit_lines(audit: dict[str, Any], shown: int = 5) -> list[str]:
-    """The data-quality audit as text lines: each finding with its count and first lines (``file:line``), then
-    the distributions of length and supervised share."""
-    from ftcore.data.audit import describe
-
-    if not audit:
-        return []
-    found = describe(audit)
-    lines = [f"data audit: {'no problems found' if not found else f'{len(found)} kinds of findings'} "
-             f"({audit.get('examples', 0)} examples checked)"]
-    for label, count, where in found:
-        lines.append(f"  {label}: {count}")
-        lines += [f"    {w}" for w in where[:shown]]
-        if count > shown:
-            lines.append(f"    ... and {count - shown} more")
-    if audit.get("length"):
-        q = audit["length"]
-        lines.append(f"  length in tokens: min {q['min']:g}, quartiles {q['q1']:g} / {q['median']:g} / "
-                     f"{q['q3']:g}, max {q['max']:g} (outliers above {audit.get('length_outlier_above')})")
-    if audit.get("supervised_share"):
-        q = audit["supervised_share"]
-        lines.append(f"  supervised share per example: min {q['min']:.1%}, quartiles {q['q1']:.1%} / "
-                     f"{q['median']:.1%} / {q['q3']:.1%}, max {q['max']:.1%}")
-    return lines
+__all__ = ["DataReport", "audit_lines", "mixture_lines", "prepare_data", "summary_lines"]
