@@ -70,7 +70,7 @@ def test_signatures_are_deterministic_and_estimate_jaccard():
 def test_record_text_normalises_case_and_whitespace_and_ignores_keys():
     assert record_text({"instruction": "Add  2\nand 3.", "output": "5"}) == record_text(
         {"question": "add 2 and   3.", "answer": "5"})
-    assert record_text({"messages": [{"role": "user", "content": "Hi"}]}) == "user \x1f hi"
+    assert record_text({"messages": [{"role": "user", "content": "Hi"}]}) == "user hi"
 
 
 # -- in prepare -------------------------------------------------------------------------------------

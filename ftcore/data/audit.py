@@ -17,6 +17,7 @@ by ``file:line``, so it survives the cache.
 from __future__ import annotations
 
 import hashlib
+from array import array
 from typing import Any
 from zlib import crc32
 
@@ -46,7 +47,7 @@ def record_text(record: Any) -> str:
     whitespace collapsed."""
     values = list(record.values()) if isinstance(record, dict) else None
     if values is not None and all(isinstance(v, str) for v in values):   # the common flat record
-        return " ".join(" \x1f ".join(values).lower().split())
+        return " ".join(" ".join(values).lower().split())
     parts: list[str] = []
 
     def walk(value: Any) -> None:
@@ -60,7 +61,7 @@ def record_text(record: Any) -> str:
             parts.append(str(value))
 
     walk(record)
-    return " ".join(" \x1f ".join(parts).lower().split())
+    return " ".join(" ".join(parts).lower().split())
 
 
 def _params() -> tuple[Any, Any]:
@@ -154,10 +155,10 @@ class Audit:
         self.near, self.threshold, self.max_length = near, threshold, max_length
         self.special = [t for t in (special_tokens or []) if t]
         self.where: list[str] = []                 # per kept example, in the pipeline's order
-        self._hashes: list[Any] = []
+        self._hashes = array("q")                  # compact columns: 8 + 4 + 4 bytes per example
         self._sigs: list[Any] = []
-        self._lengths: list[int] = []
-        self._supervised: list[int] = []
+        self._lengths = array("i")
+        self._supervised = array("i")
         self._texts: list[str] = []                # a batch waiting for its signatures
         self.findings: dict[str, list[str]] = {name: [] for name in CHECKS}
         self.counts: dict[str, int] = {name: 0 for name in CHECKS}
@@ -200,7 +201,7 @@ class Audit:
         self._flush()
         train = np.asarray(sorted(train_idx), dtype=np.int64)
         held = np.asarray(sorted(eval_idx), dtype=np.int64)
-        hashes = np.asarray(self._hashes, dtype=np.int64)
+        hashes = np.frombuffer(self._hashes, dtype=np.int64) if len(self._hashes) else np.zeros(0, np.int64)
         self._exact(hashes, train, held)
         if self.near and self._sigs:
             sig = np.concatenate(self._sigs)
@@ -209,8 +210,8 @@ class Audit:
                                "eval_examples": len(held),
                                "near_duplicate_threshold": self.threshold if self.near else None}
         if tokens and len(self._lengths):
-            lengths = np.asarray(self._lengths, dtype=np.int64)
-            sup = np.asarray(self._supervised, dtype=np.float64)
+            lengths = np.frombuffer(self._lengths, dtype=np.int32).astype(np.int64)
+            sup = np.frombuffer(self._supervised, dtype=np.int32).astype(np.float64)
             share = sup / np.maximum(lengths, 1)
             out["length"] = _quartiles(lengths)
             out["supervised_share"] = _quartiles(share, 3)
