@@ -190,16 +190,17 @@ def _teaches_something(stats: DataStats, audit: Audit | None, kept: int, data_cf
     shown = "".join(f"\n  {line}" for line in lines[: data_cfg.max_errors_shown])
     valid = stats.records - stats.bad_records
     cut = audit.counts["cut_before_answer"] if audit is not None else 0
+    counts = (f"of {stats.records} records, {stats.bad_records} are invalid, {stats.dropped_too_long} were dropped "
+              f"as longer than data.max_length={data_cfg.max_length}, {stats.dropped_unsupervised} had nothing "
+              f"supervised left")
     if cut and cut == stats.dropped_unsupervised:
-        raise DataError(f"the data would teach nothing: every example ({valid}) is cut by data.max_length="
-                        f"{data_cfg.max_length} before its answer, so no token is supervised:{shown}\n"
+        raise DataError(f"the data would teach nothing: every example ({cut}) is cut by data.max_length="
+                        f"{data_cfg.max_length} before its answer, so no token is supervised ({counts}):{shown}\n"
                         f"Raise data.max_length, or shorten the prompts.")
     if stats.dropped_unsupervised:
         raise DataError(f"the data would teach nothing: none of the {valid} valid examples has a supervised "
-                        f"token ({stats.dropped_unsupervised} with nothing supervised, {cut} of them cut by "
-                        f"data.max_length={data_cfg.max_length} before the answer; {stats.dropped_too_long} "
-                        f"dropped as too long):{shown}\nCheck the format's field names (the answer field) and "
-                        f"data.max_length.")
+                        f"token ({counts}; {cut} cut by data.max_length before the answer):{shown}\n"
+                        f"Check the format's field names (the answer field) and data.max_length.")
 
 
 def apply_weights(train_idx: list[int], sources: list[int], specs: list[Any], seed: int) -> list[int]:
