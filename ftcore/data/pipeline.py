@@ -65,6 +65,8 @@ def read_datasets(config: Any, check: Any, log: Any = print
     ``check(record)`` returns what is wrong with one record as ``(field, message)`` pairs. Invalid records are
     reported with file, line and field and, by ``data.on_bad_record``, raise a DataError or are skipped; the
     held-out records are ``data.eval_datasets`` when given, else a ``data.val_size`` share of the training ones.
+    Each dataset's ``max_records`` caps what is read and its ``weight`` samples its training records; the audit
+    (``data.audit``) looks for duplicates and train/held-out leakage among the records (``stats.audit``).
     """
     data_cfg = config.data
     if not data_cfg.datasets:
