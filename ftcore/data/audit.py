@@ -153,7 +153,7 @@ class Audit:
 
         self.np = np
         self.near, self.threshold, self.max_length = near, threshold, max_length
-        self.special = [t for t in (special_tokens or []) if t]
+        self.special = sorted({t for t in (special_tokens or []) if t}, key=len, reverse=True)
         self.where: list[str] = []                 # per kept example, in the pipeline's order
         self._hashes = array("q")                  # compact columns: 8 + 4 + 4 bytes per example
         self._sigs: list[Any] = []

@@ -177,6 +177,10 @@ def _new_audit(data_cfg: Any, tokenizer: Any) -> Audit | None:
     if not data_cfg.audit.enabled:
         return None
     special = [str(t) for t in (getattr(tokenizer, "all_special_tokens", None) or [])]
+    try:   # added tokens too (a format's markers such as <|im_end|>): not part of an answer's text
+        special += [str(t) for t in tokenizer.get_added_vocab()]
+    except Exception:   # noqa: BLE001 - a tokenizer without added tokens
+        pass
     return Audit(data_cfg.audit.near_duplicates, data_cfg.audit.near_duplicate_threshold, special,
                  data_cfg.max_length)
 
@@ -238,8 +242,9 @@ def _mix(train_idx: list[int], sources: list[int], rows: list[tuple[list[int], l
         counts[sources[i]] += 1
         tokens[sources[i]] += len(rows[i][0])
     total = sum(tokens) or 1
-    stats.mixture = [{"path": spec.path, "format": resolve_format(spec, formats), "weight": 1.0 if spec.weight is None else spec.weight,
-                      "max_records": spec.max_records, "records": stats.per_dataset_records.get(spec.path, 0),
+    stats.mixture = [{"path": spec.path, "format": resolve_format(spec, formats),
+                      "weight": 1.0 if spec.weight is None else spec.weight, "max_records": spec.max_records,
+                      "records": stats.per_dataset_records.get(spec.path, 0),
                       "examples": stats.per_dataset.get(spec.path, 0), "train_examples_unweighted": len(idx),
                       "train_examples": counts[k], "train_tokens": tokens[k],
                       "token_share": round(tokens[k] / total, 4)}
