@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 from array import array
 from typing import Any
-from zlib import crc32
 
 from ftcore.errors import DataError
 
@@ -74,12 +73,12 @@ def _params() -> tuple[Any, Any]:
 
 
 _A, _B = None, None
-_WORD_HASHES: dict[str, int] = {}   # word -> crc32, a bounded memo (cleared at a million words)
 
 
 def signatures(texts: list[str]) -> Any:
-    """MinHash signatures (``len(texts) x NUM_PERM`` uint16) of normalised texts over word 3-grams; a text
-    without words gets all-ones (it is only ever an exact duplicate)."""
+    """MinHash signatures (``len(texts) x NUM_PERM`` uint16) of normalised texts (``record_text``: single
+    spaces, no newlines) over word 3-grams; a text without words gets all-ones (it is only ever an exact
+    duplicate). Vectorised over the batch: words are hashed from the bytes with a polynomial hash."""
     import numpy as np
 
     global _A, _B
@@ -87,44 +86,66 @@ def signatures(texts: list[str]) -> Any:
         _A, _B = _params()
     n = len(texts)
     sig = np.full((n, NUM_PERM), 0xFFFF, dtype=np.uint16)
-    words: list[int] = []
-    counts = np.zeros(n, dtype=np.int64)
-    cache = _WORD_HASHES if len(_WORD_HASHES) < 1_000_000 else _WORD_HASHES.clear() or _WORD_HASHES
-    for i, t in enumerate(texts):
-        w = t.split()
-        counts[i] = len(w)
-        words += [cache[x] if x in cache else cache.setdefault(x, crc32(x.encode())) for x in w]
-        words += [0x9E3779B9] * (SHINGLE - 1)   # pad: a short text still has one shingle per word
-    if not words:
+    w, owners = _word_hashes(texts)
+    if not len(w):
         return sig
-    w = np.asarray(words, dtype=np.uint64)
-    starts = np.concatenate(([0], np.cumsum(counts + SHINGLE - 1)[:-1]))
+    u = np.uint64
     with np.errstate(over="ignore"):
-        sh = w[:len(w) - SHINGLE + 1] * np.uint64(0x9E3779B97F4A7C15)
+        # shingle j of a text: words j, j+1, j+2 (a fixed filler past the text's end), one per word
+        sh = w.copy()
         for k in range(1, SHINGLE):
-            sh = (sh ^ (sh >> np.uint64(29))) * np.uint64(0xBF58476D1CE4E5B9) + w[k:len(w) - SHINGLE + 1 + k]
-        has = counts > 0
-        # shingle j of text i sits at starts[i] + j, j < counts[i]
-        idx = np.repeat(starts[has], counts[has]) + _ranges(counts[has])
-        sh = sh[idx]
-        owners = np.repeat(np.flatnonzero(has), counts[has])
+            nxt = np.full(len(w), u(0x9E3779B97F4A7C15), dtype=u)
+            same = owners[k:] == owners[:-k]
+            nxt[:-k][same] = w[k:][same]
+            sh = _mix64(sh * u(0xBF58476D1CE4E5B9) + nxt)
         step = max(1, 4_000_000 // NUM_PERM)   # bound the shingle x permutation matrix
-        mins = np.full((n, NUM_PERM), np.iinfo(np.uint64).max, dtype=np.uint64)
+        mins = np.full((n, NUM_PERM), np.iinfo(np.uint64).max, dtype=u)
         for lo in range(0, len(sh), step):
-            h = (sh[lo:lo + step, None] * _A[None, :] + _B[None, :]) >> np.uint64(32)
+            h = (sh[lo:lo + step, None] * _A[None, :] + _B[None, :]) >> u(32)
             _min_into(mins, owners[lo:lo + step], h)
-    sig[has] = (mins[has] & np.uint64(0xFFFF)).astype(np.uint16)
+    has = np.bincount(owners, minlength=n) > 0
+    sig[has] = (mins[has] & u(0xFFFF)).astype(np.uint16)
     return sig
 
 
-def _ranges(counts: Any) -> Any:
-    """0..c-1 for each c in counts, concatenated."""
+_P = 0x100000001B3                      # odd: invertible modulo 2**64
+_P_INV = pow(_P, -1, 2 ** 64)
+
+
+def _word_hashes(texts: list[str]) -> tuple[Any, Any]:
+    """Each word's 64-bit hash and the index of its text, for space-separated texts (in order)."""
     import numpy as np
 
-    total = int(counts.sum())
-    out = np.arange(total, dtype=np.int64)
-    offsets = np.repeat(np.cumsum(counts) - counts, counts)
-    return out - offsets
+    u = np.uint64
+    b = np.frombuffer("\n".join(texts).encode("utf-8"), dtype=np.uint8)
+    if not len(b):
+        return np.zeros(0, u), np.zeros(0, np.int64)
+    sep = np.flatnonzero((b == 32) | (b == 10))
+    starts = np.concatenate(([0], sep + 1))
+    ends = np.concatenate((sep, [len(b)]))
+    newline_before = np.concatenate(([0], np.cumsum(b == 10)))   # texts ended before each byte position
+    owners = newline_before[starts]
+    keep = ends > starts
+    starts, ends, owners = starts[keep], ends[keep], owners[keep].astype(np.int64)
+    with np.errstate(over="ignore"):
+        pw = np.cumprod(np.full(len(b), _P, dtype=u))
+        pw = np.concatenate(([u(1)], pw[:-1]))                      # P**j
+        inv = np.cumprod(np.full(len(b), _P_INV, dtype=u))
+        inv = np.concatenate(([u(1)], inv[:-1]))                    # P**-j
+        prefix = np.concatenate(([u(0)], np.cumsum((b.astype(u) + u(1)) * pw, dtype=u)))
+        h = (prefix[ends] - prefix[starts]) * inv[starts]           # the word's bytes hashed from its start
+        h = _mix64(h + (ends - starts).astype(u))
+    return h, owners
+
+
+def _mix64(x: Any) -> Any:
+    """splitmix64's finaliser (wrapping uint64 arithmetic)."""
+    import numpy as np
+
+    u = np.uint64
+    x = (x ^ (x >> u(30))) * u(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> u(27))) * u(0x94D049BB133111EB)
+    return x ^ (x >> u(31))
 
 
 def _min_into(mins: Any, owners: Any, h: Any) -> None:
