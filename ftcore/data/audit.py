@@ -27,6 +27,8 @@ BANDS, ROWS = 16, 4    # LSH: 16 bands of 4 16-bit values (one uint64 per band);
 SHINGLE = 3            # words per shingle
 LINES_KEPT = 20        # findings of each kind kept (with file:line) in the summary
 VERIFY_CHUNK = 65536   # candidate pairs compared at once
+SIGNATURE_CHARS = 1 << 16   # near duplicates are judged on a record's first 65,536 characters
+BATCH_CHARS = 1 << 21       # characters signed at once (bounds the batch's working memory, ~100 MB)
 
 CHECKS = {   # finding -> how the audit names it (prepare's table, the report)
     "exact_duplicates": "exact duplicates in the training data",
@@ -117,7 +119,7 @@ def _word_hashes(texts: list[str]) -> tuple[Any, Any]:
     import numpy as np
 
     u = np.uint64
-    b = np.frombuffer("\n".join(texts).encode("utf-8"), dtype=np.uint8)
+    b = np.frombuffer("\n".join(texts).encode("utf-8", "surrogatepass"), dtype=np.uint8)
     if not len(b):
         return np.zeros(0, u), np.zeros(0, np.int64)
     sep = np.flatnonzero((b == 32) | (b == 10))
@@ -162,7 +164,8 @@ def _min_into(mins: Any, owners: Any, h: Any) -> None:
 
 
 def exact_hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little",
+                          signed=True)
 
 
 class Audit:
@@ -181,6 +184,7 @@ class Audit:
         self._lengths = array("i")
         self._supervised = array("i")
         self._texts: list[str] = []                # a batch waiting for its signatures
+        self._chars = 0
         self.findings: dict[str, list[str]] = {name: [] for name in CHECKS}
         self.counts: dict[str, int] = {name: 0 for name in CHECKS}
 
@@ -205,14 +209,17 @@ class Audit:
         self._hashes.append(exact_hash(text))
         self._lengths.append(length)
         self._supervised.append(supervised)
-        self._texts.append(text)
-        if len(self._texts) >= 2048:
-            self._flush()
+        if self.near:
+            text = text[:SIGNATURE_CHARS]
+            self._texts.append(text)
+            self._chars += len(text)
+            if len(self._texts) >= 2048 or self._chars >= BATCH_CHARS:
+                self._flush()
 
     def _flush(self) -> None:
-        if self._texts and self.near:
+        if self._texts:
             self._sigs.append(signatures(self._texts))
-        self._texts = []
+        self._texts, self._chars = [], 0
 
     # -- over the data --------------------------------------------------------------------
     def summary(self, train_idx: list[int], eval_idx: list[int], tokens: bool = True) -> dict[str, Any]:
