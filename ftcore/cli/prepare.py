@@ -30,8 +30,9 @@ def prepare_command(config_file: str | None, plugins: str | None, model: str | N
     """
     from rich.console import Console
 
+    from ftcore.data.audit import audit_lines
     from ftcore.data.show import render_marked, render_rich
-    from ftcore.tools.prepare import audit_lines, prepare_data, summary_lines
+    from ftcore.tools.prepare import prepare_data, summary_lines
 
     flags = run_flags(plugins, model, data, None, sets, False)
     report = prepare_data(config_file, flags=flags, log=echo_err)

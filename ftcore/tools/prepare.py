@@ -11,7 +11,7 @@ from typing import Any
 
 from ftcore import runfolder
 from ftcore.config.layering import deep_merge
-from ftcore.data.audit import audit_lines, mixture_lines
+from ftcore.data.audit import mixture_lines
 from ftcore.data.labels import IGNORE_INDEX
 from ftcore.data.pipeline import prepare
 from ftcore.data.prepared import DataStats, PreparedData
@@ -113,6 +113,3 @@ def summary_lines(report: DataReport) -> list[str]:
     if s.cached:
         lines.append("(tokenized data loaded from the cache)")
     return lines
-
-
-__all__ = ["DataReport", "audit_lines", "mixture_lines", "prepare_data", "summary_lines"]
