@@ -25,11 +25,15 @@ class Example:
     """One rendered training example: ``text`` and the character spans ``(start, end)`` that are supervised.
 
     ``add_special_tokens``: let the tokenizer add its own special tokens (BOS) around the text.
+    ``split_long``: a text longer than ``data.max_length`` tokens is split into consecutive chunks of at most
+    ``max_length`` tokens, each an example of its own, instead of following ``data.too_long`` (the ``text``
+    format's documents for continued pretraining).
     """
 
     text: str
     supervised: list[tuple[int, int]] = field(default_factory=list)
     add_special_tokens: bool = False
+    split_long: bool = False
 
     @classmethod
     def from_segments(cls, segments: list[tuple[str, bool]], add_special_tokens: bool = False) -> Example:

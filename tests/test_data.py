@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from conftest import write_jsonl
 
 import ftcore
+import ftcore.testing
 from ftcore.cli import main
 from ftcore.errors import DataError
 from ftcore.tools.prepare import prepare_data
@@ -292,6 +293,9 @@ def test_explicit_eval_datasets_replace_val_size(tiny_model_dir, tmp_path):
 
 # -- the tokenized-data cache ------------------------------------------------------------------
 
+ALPACA_DEFAULTS = ftcore.testing.format_config(names=["alpaca"])
+
+
 class CountingFormat:
     """Alpaca, counting how often records are formatted (i.e. tokenized)."""
 
@@ -302,7 +306,7 @@ class CountingFormat:
 
     @ftcore.hookimpl
     def ftcore_validate_record(self, record):
-        return alpaca.ftcore_validate_record(record)
+        return alpaca.ftcore_validate_record(record, ALPACA_DEFAULTS)
 
     @ftcore.hookimpl
     def ftcore_format_record(self, record, tokenizer):

@@ -31,7 +31,7 @@ def test_reference_lists_every_key_with_its_default(tmp_path):
     assert '| `learning_rate` | float | `0.0002` |' in text
     for section in RunConfig.model_fields:
         assert f"`{section}`" in text
-    for plugin in ("lora", "alpaca", "chatml", "full"):        # bundled plugins' sections
+    for plugin in ("lora", "alpaca", "chatml", "text", "full"):   # bundled plugins' sections
         assert f"### `{plugin}`" in text
 
 

@@ -101,7 +101,7 @@ def test_alpaca_template_is_configurable_and_validated(plain_tok):
     ({"instruction": "x", "output": "  "}, "output", "is empty"),
 ])
 def test_alpaca_validation_names_field_and_problem(record, field, what):
-    problems = alpaca.ftcore_validate_record(record)
+    problems = alpaca.ftcore_validate_record(record, _config())
     assert any(f == field and what in m for f, m in problems), problems
 
 

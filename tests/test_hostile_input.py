@@ -98,9 +98,13 @@ def test_jsonl_named_txt_is_read_by_its_content(tiny_model_dir, tmp_path):
     code, out = prepare(tiny_model_dir, str(data), extra=("--set", "data.val_size=0"))
     assert code == 0, out
     assert json.loads(out)["stats"]["train_examples"] == len(GOOD)
-    (tmp_path / "notes.txt").write_text("just some prose\n")
+    (tmp_path / "notes.txt").write_text("just some prose\n")   # plain text: one document {text: ...}
     code, out = cli("prepare", "--model", str(tiny_model_dir), "--data", str(tmp_path / "notes.txt"))
-    assert code == 2 and "notes.txt: not a data file ftcore reads" in out and "could not be read as parquet" not in out
+    assert code == 2 and "could not be read as parquet" not in out
+    assert 'notes.txt:1: instruction: missing required field "instruction"' in out and "has fields text" in out
+    (tmp_path / "notes.md").write_text("just some prose\n")
+    code, out = cli("prepare", "--model", str(tiny_model_dir), "--data", str(tmp_path / "notes.md"))
+    assert code == 2 and "notes.md: not a data file ftcore reads" in out
 
 
 def test_a_folder_without_data_files_says_what_it_holds(tiny_model_dir, tmp_path):

@@ -1,5 +1,6 @@
 """benchmarks/large_vocab_loss.py through its smoke path: every configuration in its own process, the plain and
-chunked losses side by side on a small and a larger vocabulary, the JSON and markdown it writes."""
+chunked losses side by side on a small and a larger vocabulary, the paired in-process speed comparison, the JSON and
+markdown it writes."""
 
 from __future__ import annotations
 
@@ -31,5 +32,11 @@ def test_the_large_vocabulary_benchmark_runs_both_losses_and_writes_its_results(
         assert by["chunked", vocab]["train_loss"] == pytest.approx(by["plain", vocab]["train_loss"], rel=1e-4)
     summary = report["summary"]
     assert set(summary["extra_peak_mib"]) == {"plain", "chunked"} and summary["extra_weights_mib"] > 0
+    for vocab in ("512", "8192"):   # the paired speed run: both losses on one model, equal losses, ratios measured
+        paired = report["paired"][vocab]
+        assert len(paired["pairs"]) == 2 and all(p["plain_s"] > 0 and p["chunked_s"] > 0 for p in paired["pairs"])
+        assert paired["max_loss_difference"] < 1e-4
+        assert summary["chunked_over_plain_paired"][vocab] == paired["ratio_median"] > 0
     text = (tmp_path / "out" / "RESULTS-loss.md").read_text()
     assert "| chunked | 8,192 |" in text and "| plain | 512 |" in text and "Extra peak" in text
+    assert "paired in one process" in text

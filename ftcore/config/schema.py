@@ -38,7 +38,7 @@ class ModelConfig(Section):
 
 
 class DatasetSpec(Section):
-    path: str = Field(description="A .jsonl/.json/.parquet/.csv file, a glob, a folder, "
+    path: str = Field(description="A .jsonl/.json/.parquet/.csv/.txt file, a glob, a folder, "
                       "a saved datasets folder, or a datasets-library dataset name.")
     format: str | None = Field(None, description="Format plugin for this dataset; default: the run's format plugin.")
     split: str = Field("train", description="Split to read from a datasets-library dataset.")
@@ -50,6 +50,11 @@ class DatasetSpec(Section):
                                  "not weighted. Default 1.")
     max_records: int | None = Field(None, ge=1, description="Read at most this many records of this dataset (the "
                                     "first ones, as the datasets library's select(range(n)) would). Default: all.")
+    txt_documents: Literal["auto", "file", "blank_line"] = Field(
+        "auto", description="How .txt files hold documents, each read as a record `{text: ...}` for the `text` "
+        "format: one per `file`, or one per `blank_line`-separated block (folders then include their .txt files). "
+        "`auto`: a .txt file named by path or glob that holds JSON is read as JSON records, any other as one "
+        "document; a folder's .txt files are skipped as notes.")
 
 
 class AuditConfig(Section):

@@ -24,7 +24,7 @@ def cache_key(config: Any, plugins: Any, tokenizer: Any) -> str:
     d = config.data
     for spec in [*d.datasets, *d.eval_datasets]:
         h.update(spec.model_dump_json().encode())
-        files = expand_paths(spec.path)
+        files = expand_paths(spec.path, txt=spec.txt_documents != "auto")
         for f in files:
             h.update(f"{f.resolve()}:{content_digest(f)}".encode())
         if not files and not is_local_path(spec.path):   # a datasets-library name: its content fingerprint

@@ -22,14 +22,16 @@ def tokenize_many(examples: list[Example], tokenizer: Any, max_chars: int | None
     """Tokenize several Examples in batched tokenizer calls (same result as one by one).
 
     ``max_chars``: tokenize only the first ``max_chars`` characters of a longer text (see
-    ``char_limit``), so that memory and time follow the length kept, not the length given.
+    ``char_limit``), so that memory and time follow the length kept, not the length given; an Example
+    with ``split_long`` is tokenized whole (all of it is kept, in chunks).
     """
     out: list[Any] = [None] * len(examples)
     for flag in (False, True):
         picked = [i for i, ex in enumerate(examples) if bool(ex.add_special_tokens) == flag]
         if not picked:
             continue
-        texts = [examples[i].text if max_chars is None else examples[i].text[:max_chars] for i in picked]
+        texts = [examples[i].text if max_chars is None or examples[i].split_long else examples[i].text[:max_chars]
+                 for i in picked]
         enc = tokenizer(texts, add_special_tokens=flag, return_offsets_mapping=True)
         for j, i in enumerate(picked):
             out[i] = labels_from_offsets(enc["input_ids"][j], enc["offset_mapping"][j], examples[i].supervised)
@@ -68,6 +70,13 @@ def labels_from_offsets(ids: list[int], offsets: list[tuple[int, int]],
     k = np.searchsorted(span_ends, starts, side="right")          # first span ending after the token starts
     hit = (ends > starts) & (k < len(merged)) & (span_starts[np.minimum(k, len(merged) - 1)] < ends)
     return ids, np.where(hit, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
+
+
+def split_chunks(ids: list[int], labels: list[int], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Consecutive chunks of at most ``max_length`` tokens; a last chunk of one token (which predicts nothing
+    once labels are shifted) is left out."""
+    chunks = [(ids[i:i + max_length], labels[i:i + max_length]) for i in range(0, len(ids), max_length)]
+    return [c for c in chunks if len(c[0]) > 1 or len(chunks) == 1]
 
 
 def fit_length(ids: list[int], labels: list[int], max_length: int, too_long: str):

@@ -14,7 +14,7 @@ from typing import Any
 from ftcore.config.checks import check_dataset_formats, resolve_format
 from ftcore.data.audit import Audit, apply_audit_policy, record_text
 from ftcore.data.cache import cache_key, load_cached, save_cached
-from ftcore.data.labels import IGNORE_INDEX, char_limit, fit_length, tokenize_many
+from ftcore.data.labels import IGNORE_INDEX, char_limit, fit_length, split_chunks, tokenize_many
 from ftcore.data.prepared import DataStats, PreparedData
 from ftcore.data.records import Problem, iter_records
 from ftcore.errors import DataError, PluginError
@@ -322,42 +322,50 @@ def _tokenized(examples: list[tuple[str, Example, str]], tokenizer: Any, max_len
 
 def _add_rows(examples: list[tuple[str, Example, str]], tokenizer: Any, data_cfg: Any, stats: DataStats,
               rows: list[tuple[list[int], list[int]]], problems: list[Problem], audit: Audit | None = None) -> None:
-    """Tokenize, apply the length policy, count, and keep what teaches something (``audit`` notes what is
-    wrong with each example: no answer, an answer cut, nothing supervised)."""
+    """Tokenize, apply the length policy (or split a long ``split_long`` text), count, and keep what teaches
+    something (``audit`` notes what is wrong with each example: no answer, an answer cut, nothing supervised)."""
     tokenized = _tokenized(examples, tokenizer, data_cfg.max_length, stats, problems) if examples else []
     limit = char_limit(tokenizer, data_cfg.max_length)
-    for (where, example, text), done in zip(examples, tokenized):
-        if done is None:
+    for (where, example, text), row in zip(examples, tokenized):
+        if row is None:   # the tokenizer refused it (reported)
             continue
-        ids, labels = done
-        cut_supervised = audit is not None and len(ids) > data_cfg.max_length and (
-            any(t != IGNORE_INDEX for t in labels[data_cfg.max_length:])
-            or any(e > limit for _, e in example.supervised))   # an answer past the characters tokenized
-        ids, labels, action = fit_length(ids, labels, data_cfg.max_length, data_cfg.too_long)
-        if action == "dropped":
-            stats.dropped_too_long += 1
-            continue
-        supervised = sum(1 for t in labels if t != IGNORE_INDEX)
-        if supervised == 0:   # e.g. truncation cut off the whole response
-            stats.dropped_unsupervised += 1
+        pieces = [row]
+        if example.split_long and len(row[0]) > data_cfg.max_length:
+            pieces = split_chunks(*row, data_cfg.max_length)
+            stats.split_documents += 1
+        for n, (ids, labels) in enumerate(pieces):
+            cut_supervised = audit is not None and len(ids) > data_cfg.max_length and (
+                any(t != IGNORE_INDEX for t in labels[data_cfg.max_length:])
+                or any(e > limit for _, e in example.supervised))   # an answer past the characters tokenized
+            ids, labels, action = fit_length(ids, labels, data_cfg.max_length, data_cfg.too_long)
+            if action == "dropped":
+                stats.dropped_too_long += 1
+                continue
+            supervised = sum(1 for t in labels if t != IGNORE_INDEX)
+            if supervised == 0:   # e.g. truncation cut off the whole response
+                stats.dropped_unsupervised += 1
+                if audit is not None:
+                    if cut_supervised:
+                        audit.note("cut_before_answer", where, f"the answer starts after data.max_length="
+                                   f"{data_cfg.max_length} tokens")
+                    else:
+                        audit.note("unsupervised", where, "the format supervises no token of it")
+                continue
             if audit is not None:
                 if cut_supervised:
-                    audit.note("cut_before_answer", where, f"the answer starts after data.max_length="
-                               f"{data_cfg.max_length} tokens")
-                else:
-                    audit.note("unsupervised", where, "the format supervises no token of it")
-            continue
-        if audit is not None:
-            if cut_supervised:
-                audit.note("answer_cut", where, f"the answer is cut at data.max_length={data_cfg.max_length}")
-            if audit.empty_answer(example):
-                audit.note("empty_answers", where)
-            audit.add(where, text, len(ids), supervised)
-        stats.truncated += action == "truncated"
-        stats.examples += 1
-        stats.tokens += len(ids)
-        stats.supervised_tokens += supervised
-        rows.append((ids, labels))
+                    audit.note("answer_cut", where, f"the answer is cut at data.max_length={data_cfg.max_length}")
+                if len(pieces) == 1 and audit.empty_answer(example):
+                    audit.note("empty_answers", where)
+                if len(pieces) == 1:
+                    audit.add(where, text, len(ids), supervised)
+                else:   # a chunk of a split document is compared by its own text
+                    audit.add(f"{where} (chunk {n + 1})", " ".join(tokenizer.decode(ids).lower().split()),
+                              len(ids), supervised)
+            stats.truncated += action == "truncated"
+            stats.examples += 1
+            stats.tokens += len(ids)
+            stats.supervised_tokens += supervised
+            rows.append((ids, labels))
 
 
 def _check(where: str, record: Any, fmt: str, plugins: Any, config: Any, ctx: RunContext) -> list[Problem]:

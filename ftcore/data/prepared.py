@@ -20,6 +20,7 @@ class DataStats:
     truncated: int = 0
     dropped_too_long: int = 0
     dropped_unsupervised: int = 0
+    split_documents: int = 0           # texts longer than max_length split into chunks (Example.split_long)
     packing_efficiency: float = 1.0    # share of computed positions that are real tokens
     padded_efficiency: float = 1.0     # the same, were batches padded instead of packed
     cached: bool = False

@@ -1,5 +1,5 @@
-"""Reading records from what a user points at: JSONL/JSON/CSV/Parquet files, globs, folders, saved datasets
-and datasets-library names. Each record comes with where it came from (``file:line``), and an
+"""Reading records from what a user points at: JSONL/JSON/CSV/Parquet and plain-text files, globs, folders,
+saved datasets and datasets-library names. Each record comes with where it came from (``file:line``), and an
 unreadable row comes as a ``Problem`` instead of stopping the read.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 from ftcore.errors import DataError
 
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 
 
 @dataclass
@@ -28,15 +28,18 @@ class Problem:
         return f"{self.where}: {self.field + ': ' if self.field else ''}{self.message}"
 
 
-def expand_paths(path: str) -> list[Path]:
-    """A file, a glob or a folder -> the data files it names (empty when none)."""
+def expand_paths(path: str, txt: bool = False) -> list[Path]:
+    """A file, a glob or a folder -> the data files it names (empty when none). A folder's .txt files are
+    data only with ``txt`` (a dataset whose ``txt_documents`` says how they hold documents); otherwise they
+    are taken for notes and READMEs."""
     p = Path(path).expanduser()
     if any(ch in path for ch in "*?["):
         return sorted(Path(m) for m in glob.glob(str(p), recursive=True) if m.endswith(LOCAL_SUFFIXES))
     if p.is_dir():
         if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists():
             return [p]
-        return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in LOCAL_SUFFIXES
+        suffixes = LOCAL_SUFFIXES if txt else tuple(s for s in LOCAL_SUFFIXES if s != ".txt")
+        return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes
                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
     return [p] if p.exists() else []
 
@@ -46,7 +49,8 @@ def iter_records(spec: Any) -> Iterator[tuple[str, Any]]:
     if not spec.path.strip():
         raise DataError("a data path is empty (data.datasets / --data): give a file, a glob, a folder or a "
                         "datasets-library name.")
-    files = expand_paths(spec.path)
+    documents = getattr(spec, "txt_documents", "auto")
+    files = expand_paths(spec.path, txt=documents != "auto")
     if not files:
         if is_local_path(spec.path) or Path(spec.path).expanduser().is_dir():
             raise DataError(not_found_message(spec.path))
@@ -61,6 +65,8 @@ def iter_records(spec: Any) -> Iterator[tuple[str, Any]]:
             yield from _iter_json(f)
         elif f.suffix in (".csv", ".parquet"):
             yield from _iter_tabular(f)
+        elif f.suffix == ".txt" and documents != "auto":
+            yield from iter_text(f, documents)
         else:
             yield from _iter_by_content(f)
 
@@ -74,20 +80,50 @@ def not_found_message(path: str) -> str:
             if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts):
                 found[f.suffix or "(no suffix)"] = found.get(f.suffix or "(no suffix)", 0) + 1
         held = ", ".join(f"{n} {suffix}" for suffix, n in sorted(found.items())) or "no files"
+        hint = (" To train on its .txt files as plain text, set txt_documents: file (or blank_line) in its "
+                "data.datasets entry, with the text format.") if ".txt" in found else ""
         return (f"data folder {path} holds no data files ftcore reads ({', '.join(LOCAL_SUFFIXES)}); it holds "
-                f"{held}. Point data.datasets / --data at the data files, or convert them.")
+                f"{held}. Point data.datasets / --data at the data files, or convert them.{hint}")
     return (f"data file {path} not found (no such file, folder or matching glob). "
             f"Check the path in data.datasets / --data.")
 
 
+def iter_text(path: Path, documents: str = "file") -> Iterator[tuple[str, Any]]:
+    """A plain-text file as ``{"text": ...}`` records: the whole file as one document (``file``), or one per
+    block of lines between blank lines (``blank_line``), each named by the line it starts on."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 (bad byte at offset {exc.start}); re-save it as UTF-8.") from None
+    if documents == "file":
+        if text.strip():
+            yield f"{path}:1", {"text": text.rstrip("\r\n")}
+        return
+    block: list[str] = []
+    start = 0
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            if not block:
+                start = lineno
+            block.append(line)
+        elif block:
+            yield f"{path}:{start}", {"text": "\n".join(block)}
+            block = []
+    if block:
+        yield f"{path}:{start}", {"text": "\n".join(block)}
+
+
 def _iter_by_content(path: Path) -> Iterator[tuple[str, Any]]:
-    """A data file whose suffix says nothing: JSON Lines or a JSON array by its first character, else refused."""
+    """A data file whose suffix says nothing: JSON Lines or a JSON array by its first character; else a .txt
+    file is one plain-text document, and anything else is refused."""
     with open(path, "rb") as fh:
         head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     if head.startswith(b"{"):
         yield from _iter_jsonl(path)
     elif head.startswith(b"["):
         yield from _iter_json(path)
+    elif path.suffix == ".txt":
+        yield from iter_text(path, "file")
     else:
         raise DataError(f"{path}: not a data file ftcore reads: its name ends in {path.suffix or 'nothing'} and it "
                         f"does not hold JSON. ftcore reads {', '.join(LOCAL_SUFFIXES)} files; rename it or "

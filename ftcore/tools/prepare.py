@@ -100,6 +100,8 @@ STAT_ROWS = [
 def summary_lines(report: DataReport) -> list[str]:
     s = report.stats
     lines = [f"{label:<30} {getattr(s, key)}" for key, label in STAT_ROWS]
+    if s.split_documents:   # the text format's long documents
+        lines.append(f"{'split into chunks (too long)':<30} {s.split_documents}")
     mode = "packed (padding-free)" if report.config.data.packing else "padded"
     lines.append(f"{'packing efficiency':<30} {s.packing_efficiency:.1%} ({mode}; padded batches of "
                  f"{report.config.training.batch_size}: {s.padded_efficiency:.1%})")

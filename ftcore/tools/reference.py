@@ -131,10 +131,22 @@ def config_reference_text(include_installed: bool = False) -> str:
                   "selected (`plugins:` / `--plugins`)."]
         for name, kind, dist, schema in plugins:
             parts += ["", f"### `{name}`", "", f"Plugin `{name}` ({kind}, package `{dist}`).", "",
-                      section_table(schema)]
+                      section_table(schema), *worked_examples(name, schema)]
             for sub, subschema in nested_models(schema):
                 parts += ["", f"#### `{name}.{sub}`", "", section_table(subschema)]
     return "\n".join(p for p in parts if p is not None) + "\n"
+
+
+def worked_examples(name: str, schema: type[BaseModel]) -> list[str]:
+    """A section's worked examples: its ``EXAMPLES`` class attribute, ``[(what it is for, settings), ...]``,
+    each shown as the YAML a user writes."""
+    import yaml
+
+    out: list[str] = []
+    for title, settings in getattr(schema, "EXAMPLES", ()):
+        out += ["", f"Example: {title}", "", "```yaml",
+                yaml.safe_dump({name: settings}, sort_keys=False, default_flow_style=False).rstrip(), "```"]
+    return out
 
 
 def _doc(schema: type[BaseModel]) -> list[str]:

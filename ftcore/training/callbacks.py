@@ -167,9 +167,9 @@ def sample_prompts(dataset: Any, tokenizer: Any, count: int) -> list[dict[str, A
         else:
             ids, labels = list(row["input_ids"]), list(row["labels"])
         first = next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), len(ids))
-        if first == 0:
-            first = max(1, len(ids) // 2)
         skip = 1 if ids[:1] == [tokenizer.bos_token_id] else 0   # the BOS a tokenizer adds to any text
+        if first <= skip:   # all supervised (plain text): the first half is the prompt
+            first = max(1, len(ids) // 2)
         prompts.append({"prompt_ids": ids[:first],
                         "prompt": tokenizer.decode(ids[:first], skip_special_tokens=True),
                         "text": tokenizer.decode(ids[skip:first], skip_special_tokens=False),
