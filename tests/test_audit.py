@@ -230,3 +230,17 @@ def test_config_file_audit_section_is_validated(tiny_model_dir, tmp_path):
     proc = _cli(cfg)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "on_leakage" in proc.stderr
+
+
+def test_chunks_of_a_split_document_are_audited_by_their_own_text(tiny_model_dir, tmp_path):
+    doc = " ".join(f"item {i} is {['red', 'green', 'blue', 'big', 'small'][i % 5]} and costs {i * 7}"
+                   for i in range(60))
+    data = write_jsonl(tmp_path / "docs.jsonl", [{"text": doc}, {"text": "A short note about apples."}])
+    report = prepare_data(_cfg(tiny_model_dir, [str(data)], plugins=("text",), max_length=32), **QUIET)
+    audit = report.stats.audit
+    assert report.stats.split_documents == 1 and audit["examples"] == len(report.data.train) > 3
+    assert "exact_duplicates" not in audit["findings"] and "near_duplicates" not in audit["findings"]
+    copy = write_jsonl(tmp_path / "copy.jsonl", [{"text": doc}, {"text": doc}])
+    found = prepare_data(_cfg(tiny_model_dir, [str(copy)], plugins=("text",), max_length=32),
+                         **QUIET).stats.audit["findings"]
+    assert found["exact_duplicates"]["lines"][0] == f"{copy}:2 (chunk 1): same as {copy}:1 (chunk 1)"

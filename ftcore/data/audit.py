@@ -264,7 +264,7 @@ class Audit:
             hs = h[order]
             same = np.flatnonzero(hs[1:] == hs[:-1]) + 1
             first = _group_first(hs)
-            for j in same:   # a duplicate, named with the first of its group (in file order)
+            for j in sorted(same, key=lambda j: train[order[j]]):   # in file order, each with its group's first
                 self.note("exact_duplicates", self.where[train[order[j]]],
                           f"same as {self.where[train[order[first[j]]]]}")
         if len(held) and len(train):
