@@ -180,3 +180,21 @@ def test_samples_come_from_the_held_out_prompts(run, page):
     assert [row[0] for row in page.sample_rows] == held_out
     assert not training & set(held_out)
     assert "Greedy generations from held-out prompts" in run.report_path.read_text(encoding="utf-8")
+
+
+def test_report_and_summary_carry_the_data_audit(run, page):
+    import json
+
+    from ftcore import runfolder
+    from ftcore.reporting.report import _audit_html
+
+    audit = json.loads((run.output_dir / runfolder.SUMMARY).read_text())["data_stats"]["audit"]
+    assert audit["examples"] == 24 and audit["train_examples"] == 20 and audit["eval_examples"] == 4
+    assert audit["findings"] == {} and set(audit["supervised_share"]) == {"min", "q1", "median", "q3", "max"}
+    assert "data-audit" in page.ids
+    cells = {row[0]: row[1:] for table in page.tables for row in table if row}
+    assert cells["supervised share per example"][0].count("%") == 5
+    findings = {"examples": 3, "findings": {"leakage_exact": {"count": 1, "lines": ["eval.jsonl:1: held out, but "
+                                                                                   "also in training at a.jsonl:4"]}}}
+    html = "".join(_audit_html(findings))
+    assert "held-out examples also in the training data (exact)" in html and "eval.jsonl:1: held out" in html

@@ -30,6 +30,7 @@ def prepare_command(config_file: str | None, plugins: str | None, model: str | N
     """
     from rich.console import Console
 
+    from ftcore.data.audit import audit_lines
     from ftcore.data.show import render_marked, render_rich
     from ftcore.tools.prepare import prepare_data, summary_lines
 
@@ -46,6 +47,8 @@ def prepare_command(config_file: str | None, plugins: str | None, model: str | N
     console = Console(highlight=False, soft_wrap=True, force_terminal=color, no_color=color is False)
     for line in summary_lines(report):
         console.print(line, markup=False)
+    for k, line in enumerate(audit_lines(report.stats.audit)):
+        console.print(line, markup=False, style="bold" if k == 0 else None)
     use_color = console.is_terminal and not console.no_color
     for title, ids, labels in report.shown(show):
         marked = "scored" if "," in title else "supervised"   # a preference answer is scored, not imitated

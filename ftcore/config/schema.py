@@ -44,11 +44,36 @@ class DatasetSpec(Section):
     split: str = Field("train", description="Split to read from a datasets-library dataset.")
     name: str | None = Field(None, description="Configuration name of a datasets-library dataset.")
     revision: str | None = Field(None, description="Branch, tag or commit of a dataset on the Hub.")
+    weight: float | None = Field(None, gt=0, description="Sampling weight in a mixture: this dataset's training "
+                                 "examples are sampled weight times (2: each twice; 0.5: a random half; 1.5: all "
+                                 "once and a random half again), drawn with the data seed. Held-out examples are "
+                                 "not weighted. Default 1.")
+    max_records: int | None = Field(None, ge=1, description="Read at most this many records of this dataset (the "
+                                    "first ones, as the datasets library's select(range(n)) would). Default: all.")
     txt_documents: Literal["auto", "file", "blank_line"] = Field(
         "auto", description="How .txt files hold documents, each read as a record `{text: ...}` for the `text` "
         "format: one per `file`, or one per `blank_line`-separated block (folders then include their .txt files). "
         "`auto`: a .txt file named by path or glob that holds JSON is read as JSON records, any other as one "
         "document; a folder's .txt files are skipped as notes.")
+
+
+class AuditConfig(Section):
+    """The data-quality audit of ``prepare`` (printed by ``ftcore prepare``, summarised in the run's report and
+    summary.json)."""
+
+    enabled: bool = Field(True, description="Audit the data: duplicates, leakage, empty answers, examples with "
+                          "nothing supervised, answers cut by truncation, length outliers, supervised share.")
+    near_duplicates: bool = Field(True, description="Look for near duplicates too (MinHash over word 3-grams), not "
+                                  "only exact ones.")
+    near_duplicate_threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard similarity of word "
+                                            "3-grams at which two records count as near duplicates.")
+    max_duplicate_share: float = Field(0.05, ge=0, le=1, description="Duplicates (exact and near) above this share "
+                                       "of the training examples are heavy duplication (a warning, or an error with "
+                                       "on_duplicates: error).")
+    on_duplicates: Literal["warn", "error"] = Field("warn", description="Heavy duplication warns, or stops before "
+                                                     "training (exit 2).")
+    on_leakage: Literal["warn", "error"] = Field("warn", description="Held-out examples that are (near) copies of "
+                                                  "training examples warn, or stop before training (exit 2).")
 
 
 class DataConfig(Section):
@@ -63,6 +88,7 @@ class DataConfig(Section):
     max_errors_shown: int = Field(5, ge=1, description="How many bad records an error lists.")
     cache: bool = Field(True, description="Cache tokenized data keyed by data, tokenizer and format settings.")
     seed: int | None = Field(None, description="Shuffle seed; default training.seed.")
+    audit: AuditConfig = Field(default_factory=AuditConfig, description="The data-quality audit.")
 
     @field_validator("datasets", "eval_datasets", mode="before")
     @classmethod

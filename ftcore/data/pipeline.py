@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcore.config.checks import check_dataset_formats, resolve_format
+from ftcore.data.audit import Audit, apply_audit_policy, record_text
 from ftcore.data.cache import cache_key, load_cached, save_cached
 from ftcore.data.labels import IGNORE_INDEX, char_limit, fit_length, split_chunks, tokenize_many
 from ftcore.data.prepared import DataStats, PreparedData
@@ -48,6 +49,7 @@ def prepare(config: Any, plugins: Any, tokenizer: Any, log: Any = print, ctx: Ru
         result = _prepare_uncached(config, plugins, tokenizer, formats, seed, log, ctx)
         if key:
             save_cached(key, result)
+    apply_audit_policy(result.stats.audit, data_cfg.audit, log)
     lengths = example_lengths(result.train)
     result.stats.padded_efficiency = packing_efficiency(lengths, config.training.batch_size, False, seed)
     result.stats.packing_efficiency = 1.0 if data_cfg.packing else result.stats.padded_efficiency
@@ -63,6 +65,8 @@ def read_datasets(config: Any, check: Any, log: Any = print
     ``check(record)`` returns what is wrong with one record as ``(field, message)`` pairs. Invalid records are
     reported with file, line and field and, by ``data.on_bad_record``, raise a DataError or are skipped; the
     held-out records are ``data.eval_datasets`` when given, else a ``data.val_size`` share of the training ones.
+    Each dataset's ``max_records`` caps what is read and its ``weight`` samples its training records; the audit
+    (``data.audit``) looks for duplicates and train/held-out leakage among the records (``stats.audit``).
     """
     data_cfg = config.data
     if not data_cfg.datasets:
@@ -71,11 +75,15 @@ def read_datasets(config: Any, check: Any, log: Any = print
     stats = DataStats()
     problems: list[Problem] = []
 
+    sources: list[int] = []
+
     def read(specs: Any) -> list[tuple[str, dict[str, Any]]]:
         kept = []
-        for spec in specs:
+        for k, spec in enumerate(specs):
             before = len(kept)
-            for where, record in iter_records(spec):
+            for n, (where, record) in enumerate(iter_records(spec)):
+                if spec.max_records is not None and n >= spec.max_records:
+                    break
                 stats.records += 1
                 if isinstance(record, Problem):
                     found = [record]
@@ -88,21 +96,33 @@ def read_datasets(config: Any, check: Any, log: Any = print
                     stats.bad_records += 1
                 else:
                     kept.append((where, record))
+                    sources.append(k)
             stats.per_dataset[spec.path] = len(kept) - before
         return kept
 
     train = read(data_cfg.datasets)
+    del sources[len(train):]   # only the training datasets are weighted
     held_out = read(data_cfg.eval_datasets) if data_cfg.eval_datasets else None
     _report_problems(problems, stats, data_cfg, log)
-    random.Random(seed).shuffle(train)
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)   # the same permutation as shuffling the records themselves
     if held_out is None:
-        n_val = _val_count(data_cfg.val_size, len(train))
-        held_out, train = train[:n_val], train[n_val:]
+        n_val = _val_count(data_cfg.val_size, len(order))
+        held_out, order = [train[i] for i in order[:n_val]], order[n_val:]
+    unweighted = [train[i] for i in order]
+    train = [train[i] for i in apply_weights(order, sources, data_cfg.datasets, seed)]
     if not train:
         raise DataError(f"no training records are left: of {stats.records} records, {stats.bad_records} are "
                         f"invalid and {len(held_out)} went to validation. Add data or lower data.val_size.")
     stats.examples = len(train) + len(held_out)
     stats.train_examples, stats.eval_examples = len(train), len(held_out)
+    if data_cfg.audit.enabled:   # duplicates and leakage (the records carry no tokens here)
+        audit = Audit(data_cfg.audit.near_duplicates, data_cfg.audit.near_duplicate_threshold)
+        for where, record in [*unweighted, *held_out]:
+            audit.add(where, record_text(record))
+        stats.audit = audit.summary(list(range(len(unweighted))),
+                                    list(range(len(unweighted), len(unweighted) + len(held_out))), tokens=False)
+        apply_audit_policy(stats.audit, data_cfg.audit, log)
     return train, held_out, stats
 
 
@@ -117,27 +137,119 @@ def _prepare_uncached(config, plugins, tokenizer, formats, seed, log, ctx) -> Pr
     data_cfg = config.data
     stats = DataStats()
     problems: list[Problem] = []
-    train_rows = _collect(data_cfg.datasets, config, plugins, tokenizer, formats, stats, problems, ctx)
-    eval_rows = (_collect(data_cfg.eval_datasets, config, plugins, tokenizer, formats, stats, problems, ctx)
+    audit = _new_audit(data_cfg, tokenizer)
+    train_src: list[int] = []
+    train_rows = _collect(data_cfg.datasets, config, plugins, tokenizer, formats, stats, problems, ctx, audit,
+                          train_src)
+    eval_rows = (_collect(data_cfg.eval_datasets, config, plugins, tokenizer, formats, stats, problems, ctx, audit,
+                          [])
                  if data_cfg.eval_datasets else None)
     _report_problems(problems, stats, data_cfg, log)
-    rng = random.Random(seed)
-    rng.shuffle(train_rows)
+    _teaches_something(stats, audit, len(train_rows) + len(eval_rows or []), data_cfg)
+    order = list(range(len(train_rows)))
+    random.Random(seed).shuffle(order)   # the same permutation as shuffling the rows themselves
+    n_train = len(train_rows)
     if eval_rows is None:
-        n_val = _val_count(data_cfg.val_size, len(train_rows))
-        eval_rows, train_rows = train_rows[:n_val], train_rows[n_val:]
-    elif not eval_rows:
-        raise DataError("no evaluation examples are left in data.eval_datasets ("
-                        + ", ".join(s.path for s in data_cfg.eval_datasets)
-                        + ") after validation and length limits.")
-    if not train_rows:
+        n_val = _val_count(data_cfg.val_size, len(order))
+        eval_idx, train_idx = order[:n_val], order[n_val:]
+        eval_rows = [train_rows[i] for i in eval_idx]
+    else:
+        train_idx, eval_idx = order, list(range(n_train, n_train + len(eval_rows)))
+        if not eval_rows:
+            raise DataError("no evaluation examples are left in data.eval_datasets ("
+                            + ", ".join(s.path for s in data_cfg.eval_datasets)
+                            + ") after validation and length limits.")
+    if not train_idx:
         raise DataError(f"no training examples are left: of {stats.records} records, {stats.bad_records} are invalid, "
                         f"{stats.dropped_too_long} were dropped as longer than data.max_length={data_cfg.max_length}, "
                         f"{stats.dropped_unsupervised} had nothing supervised left (e.g. truncation cut off the "
                         f"response), and {len(eval_rows or [])} went to validation. "
                         f"Add data, raise data.max_length or lower data.val_size.")
+    if audit is not None:
+        stats.audit = audit.summary(train_idx, eval_idx)
+    train_idx = _mix(train_idx, train_src, train_rows, data_cfg, stats, seed, formats)
+    train_rows = [train_rows[i] for i in train_idx]
     stats.train_examples, stats.eval_examples = len(train_rows), len(eval_rows or [])
     return PreparedData(_to_dataset(train_rows), _to_dataset(eval_rows) if eval_rows else None, stats, problems)
+
+
+def _new_audit(data_cfg: Any, tokenizer: Any) -> Audit | None:
+    if not data_cfg.audit.enabled:
+        return None
+    special = [str(t) for t in (getattr(tokenizer, "all_special_tokens", None) or [])]
+    try:   # added tokens too (a format's markers such as <|im_end|>): not part of an answer's text
+        special += [str(t) for t in tokenizer.get_added_vocab()]
+    except Exception:   # noqa: BLE001 - a tokenizer without added tokens
+        pass
+    return Audit(data_cfg.audit.near_duplicates, data_cfg.audit.near_duplicate_threshold, special,
+                 data_cfg.max_length)
+
+
+def _teaches_something(stats: DataStats, audit: Audit | None, kept: int, data_cfg: Any) -> None:
+    """Stop (exit 2) when the data would teach nothing: no example kept has a supervised token."""
+    if kept or not (stats.dropped_unsupervised or stats.dropped_too_long):
+        return
+    lines = []
+    if audit is not None:
+        for name in ("cut_before_answer", "unsupervised"):
+            lines += audit.findings[name]
+    shown = "".join(f"\n  {line}" for line in lines[: data_cfg.max_errors_shown])
+    valid = stats.records - stats.bad_records
+    cut = audit.counts["cut_before_answer"] if audit is not None else 0
+    counts = (f"of {stats.records} records, {stats.bad_records} are invalid, {stats.dropped_too_long} were dropped "
+              f"as longer than data.max_length={data_cfg.max_length}, {stats.dropped_unsupervised} had nothing "
+              f"supervised left")
+    if cut and cut == stats.dropped_unsupervised:
+        raise DataError(f"the data would teach nothing: every example ({cut}) is cut by data.max_length="
+                        f"{data_cfg.max_length} before its answer, so no token is supervised ({counts}):{shown}\n"
+                        f"Raise data.max_length, or shorten the prompts.")
+    if stats.dropped_unsupervised:
+        raise DataError(f"the data would teach nothing: none of the {valid} valid examples has a supervised "
+                        f"token ({counts}; {cut} cut by data.max_length before the answer):{shown}\n"
+                        f"Check the format's field names (the answer field) and data.max_length.")
+
+
+def apply_weights(train_idx: list[int], sources: list[int], specs: list[Any], seed: int) -> list[int]:
+    """Training examples (indices; ``sources[i]``: the index of example i's dataset in ``specs``) sampled by
+    their datasets' weights: ``round(n * weight)`` of a dataset's ``n`` examples, every one ``floor(weight)``
+    times and a random rest without repeats, all shuffled with ``seed``. Unchanged when no weight is set."""
+    if all(s.weight in (None, 1) for s in specs):
+        return train_idx
+    by_spec: list[list[int]] = [[] for _ in specs]
+    for i in train_idx:
+        by_spec[sources[i]].append(i)
+    rng = random.Random(seed + 1)
+    picked: list[int] = []
+    for spec, idx in zip(specs, by_spec):
+        target = round(len(idx) * (1.0 if spec.weight is None else spec.weight))
+        whole, rest = divmod(target, len(idx)) if idx else (0, 0)
+        picked += idx * whole + (rng.sample(idx, rest) if rest else [])
+    rng.shuffle(picked)
+    return picked
+
+
+def _mix(train_idx: list[int], sources: list[int], rows: list[tuple[list[int], list[int]]], data_cfg: Any,
+         stats: DataStats, seed: int, formats: list[str]) -> list[int]:
+    """Apply each training dataset's weight to its training examples; record the mix in ``stats.mixture``."""
+    specs = data_cfg.datasets
+    by_spec: list[list[int]] = [[] for _ in specs]
+    for i in train_idx:
+        by_spec[sources[i]].append(i)
+    train_idx = apply_weights(train_idx, sources, specs, seed)
+    counts = [0] * len(specs)
+    tokens = [0] * len(specs)
+    for i in train_idx:
+        counts[sources[i]] += 1
+        tokens[sources[i]] += len(rows[i][0])
+    total = sum(tokens) or 1
+    stats.mixture = [{"path": spec.path, "format": resolve_format(spec, formats),
+                      "weight": 1.0 if spec.weight is None else spec.weight, "max_records": spec.max_records,
+                      "records": stats.per_dataset_records.get(spec.path, 0),
+                      "examples": stats.per_dataset.get(spec.path, 0), "train_examples_unweighted": len(idx),
+                      "train_examples": counts[k], "train_tokens": tokens[k],
+                      "token_share": round(tokens[k] / total, 4)}
+                     for k, (spec, idx) in enumerate(zip(specs, by_spec))]
+    return train_idx
 
 
 def format_record(fmt: str, record: dict[str, Any], plugins: Any, tokenizer: Any, config: Any,
@@ -151,45 +263,54 @@ def format_record(fmt: str, record: dict[str, Any], plugins: Any, tokenizer: Any
     return example
 
 
-def _collect(specs, config, plugins, tokenizer, formats, stats, problems, ctx) -> list[tuple[list[int], list[int]]]:
+def _collect(specs, config, plugins, tokenizer, formats, stats, problems, ctx, audit=None, sources=None
+             ) -> list[tuple[list[int], list[int]]]:
     rows: list[tuple[list[int], list[int]]] = []
-    for spec in specs:
+    for k, spec in enumerate(specs):
         fmt = resolve_format(spec, formats)
         before = len(rows)
-        pending: list[tuple[str, Example]] = []
+        read = 0
+        pending: list[tuple[str, Example, str]] = []
         for where, record in iter_records(spec):
+            if spec.max_records is not None and read >= spec.max_records:
+                break
+            read += 1
             stats.records += 1
             found = _check(where, record, fmt, plugins, config, ctx)
             if not found:
                 try:
-                    pending.append((where, format_record(fmt, record, plugins, tokenizer, config, ctx)))
+                    pending.append((where, format_record(fmt, record, plugins, tokenizer, config, ctx),
+                                    record_text(record) if audit is not None else ""))
                 except DataError as exc:   # a record the format cannot render (e.g. a template refuses it)
                     found = [Problem(where, None, str(exc))]
             if found:
                 problems.extend(found)
                 stats.bad_records += 1
             if len(pending) >= TOKENIZE_BATCH:
-                _add_rows(pending, tokenizer, config.data, stats, rows, problems)
+                _add_rows(pending, tokenizer, config.data, stats, rows, problems, audit)
                 pending = []
-        _add_rows(pending, tokenizer, config.data, stats, rows, problems)
+        _add_rows(pending, tokenizer, config.data, stats, rows, problems, audit)
         stats.per_dataset[spec.path] = len(rows) - before
+        stats.per_dataset_records[spec.path] = read
+        if sources is not None:
+            sources += [k] * (len(rows) - before)
     return rows
 
 
 TOKENIZE_BATCH = 1024   # examples per tokenizer call in prepare(); 1 tokenizes record by record
 
 
-def _tokenized(examples: list[tuple[str, Example]], tokenizer: Any, max_length: int, stats: DataStats,
+def _tokenized(examples: list[tuple[str, Example, str]], tokenizer: Any, max_length: int, stats: DataStats,
                problems: list[Problem]) -> list[tuple[list[int], list[int]] | None]:
     """The batch tokenized; when the tokenizer refuses the batch, record by record, the refused ones reported
     (and None in their place)."""
     limit = char_limit(tokenizer, max_length)
     try:
-        return tokenize_many([ex for _, ex in examples], tokenizer, limit)
+        return tokenize_many([ex for _, ex, _ in examples], tokenizer, limit)
     except Exception:   # noqa: BLE001 - a tokenizer refuses some text (the record is named below)
         pass
-    out = []
-    for where, example in examples:
+    out: list[tuple[list[int], list[int]] | None] = []
+    for where, example, _ in examples:
         try:
             out += tokenize_many([example], tokenizer, limit)
         except Exception as exc:   # noqa: BLE001
@@ -199,19 +320,23 @@ def _tokenized(examples: list[tuple[str, Example]], tokenizer: Any, max_length: 
     return out
 
 
-def _add_rows(examples: list[tuple[str, Example]], tokenizer: Any, data_cfg: Any, stats: DataStats,
-              rows: list[tuple[list[int], list[int]]], problems: list[Problem]) -> None:
+def _add_rows(examples: list[tuple[str, Example, str]], tokenizer: Any, data_cfg: Any, stats: DataStats,
+              rows: list[tuple[list[int], list[int]]], problems: list[Problem], audit: Audit | None = None) -> None:
     """Tokenize, apply the length policy (or split a long ``split_long`` text), count, and keep what teaches
-    something."""
+    something (``audit`` notes what is wrong with each example: no answer, an answer cut, nothing supervised)."""
     tokenized = _tokenized(examples, tokenizer, data_cfg.max_length, stats, problems) if examples else []
-    for (_, example), row in zip(examples, tokenized):
+    limit = char_limit(tokenizer, data_cfg.max_length)
+    for (where, example, text), row in zip(examples, tokenized):
         if row is None:   # the tokenizer refused it (reported)
             continue
         pieces = [row]
         if example.split_long and len(row[0]) > data_cfg.max_length:
             pieces = split_chunks(*row, data_cfg.max_length)
             stats.split_documents += 1
-        for ids, labels in pieces:
+        for n, (ids, labels) in enumerate(pieces):
+            cut_supervised = audit is not None and len(ids) > data_cfg.max_length and (
+                any(t != IGNORE_INDEX for t in labels[data_cfg.max_length:])
+                or any(e > limit for _, e in example.supervised))   # an answer past the characters tokenized
             ids, labels, action = fit_length(ids, labels, data_cfg.max_length, data_cfg.too_long)
             if action == "dropped":
                 stats.dropped_too_long += 1
@@ -219,7 +344,23 @@ def _add_rows(examples: list[tuple[str, Example]], tokenizer: Any, data_cfg: Any
             supervised = sum(1 for t in labels if t != IGNORE_INDEX)
             if supervised == 0:   # e.g. truncation cut off the whole response
                 stats.dropped_unsupervised += 1
+                if audit is not None:
+                    if cut_supervised:
+                        audit.note("cut_before_answer", where, f"the answer starts after data.max_length="
+                                   f"{data_cfg.max_length} tokens")
+                    else:
+                        audit.note("unsupervised", where, "the format supervises no token of it")
                 continue
+            if audit is not None:
+                if cut_supervised:
+                    audit.note("answer_cut", where, f"the answer is cut at data.max_length={data_cfg.max_length}")
+                if len(pieces) == 1 and audit.empty_answer(example):
+                    audit.note("empty_answers", where)
+                if len(pieces) == 1:
+                    audit.add(where, text, len(ids), supervised)
+                else:   # a chunk of a split document is compared by its own text
+                    audit.add(f"{where} (chunk {n + 1})", " ".join(tokenizer.decode(ids).lower().split()),
+                              len(ids), supervised)
             stats.truncated += action == "truncated"
             stats.examples += 1
             stats.tokens += len(ids)

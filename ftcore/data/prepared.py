@@ -24,7 +24,10 @@ class DataStats:
     packing_efficiency: float = 1.0    # share of computed positions that are real tokens
     padded_efficiency: float = 1.0     # the same, were batches padded instead of packed
     cached: bool = False
-    per_dataset: dict[str, int] = field(default_factory=dict)
+    per_dataset: dict[str, int] = field(default_factory=dict)                # examples kept per dataset
+    per_dataset_records: dict[str, int] = field(default_factory=dict)        # records read per dataset
+    mixture: list[dict[str, Any]] = field(default_factory=list)   # per training dataset: read, kept, sampled, share
+    audit: dict[str, Any] = field(default_factory=dict)           # the data-quality audit (ftcore.data.audit)
     preference: dict[str, Any] = field(default_factory=dict)   # pair statistics of a preference objective
 
     def as_dict(self) -> dict[str, Any]:

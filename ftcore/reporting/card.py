@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcore import runfolder
+from ftcore.data.audit import audit_brief
 from ftcore.files import write_json_atomic, write_text_atomic
 from ftcore.models.hub import endpoint, parse_hub_id
 from ftcore.reporting.report import loss_plot
@@ -162,6 +163,8 @@ def _data_rows(facts: _Facts) -> list[tuple[str, str]]:
         rows += [("records", f"{s.get('records', '?')} ({s.get('bad_records', 0)} invalid)"),
                  ("examples", f"{s.get('train_examples', '?')} for training, {s.get('eval_examples', 0)} held out"),
                  ("tokens", f"{s.get('tokens', '?')} ({s.get('supervised_tokens', '?')} supervised)")]
+    if s.get("audit"):
+        rows.append(("data audit", audit_brief(s["audit"])))
     rows.append(("length", f"at most {d.max_length} tokens per example ({s.get('truncated', 0)} truncated, "
                            f"{s.get('dropped_too_long', 0)} dropped)"))
     efficiency = facts.metrics.get("packing_efficiency") or s.get("packing_efficiency")

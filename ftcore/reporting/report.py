@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from ftcore import runfolder
+from ftcore.data.audit import describe
 from ftcore.files import write_text_atomic
 from ftcore.reporting.summary import summary_rows
 from ftcore.version import __version__
@@ -206,11 +207,21 @@ def render_html(result: Any, config: dict[str, Any], plots: dict[str, bytes], sa
             parts.append("<tr class=\"sample-row\">" + "".join(f"<td class=\"sample\">{esc(c)}</td>" for c in cells)
                          + "</tr>")
         parts.append("</table>")
-    stats = {k: v for k, v in (result.data_stats or {}).items() if k != "per_dataset"}
+    data_stats = result.data_stats or {}
+    stats = {k: v for k, v in data_stats.items() if k not in ("per_dataset", "per_dataset_records", "mixture",
+                                                                 "audit")}
     parts += ["<h2 id=\"data\">Data</h2>", _table(list(stats.items()), ("statistic", "value"))]
-    per = (result.data_stats or {}).get("per_dataset") or {}
-    if per:
+    mixture = data_stats.get("mixture") or []
+    per = data_stats.get("per_dataset") or {}
+    if mixture:
+        parts.append(_table([(m["path"], m.get("format") or "-", f"{m['weight']:g}", m.get("max_records") or "-",
+                              m["records"], m["examples"], m["train_examples"], f"{m['token_share']:.1%}")
+                             for m in mixture],
+                            ("dataset", "format", "weight", "max records", "records read", "examples kept",
+                             "training examples (sampled)", "share of training tokens")))
+    elif per:
         parts.append(_table(list(per.items()), ("dataset", "examples")))
+    parts += _audit_html(data_stats.get("audit") or {})
     parts += ["<h2 id=\"plugins\">Plugins and versions</h2>",
               _table([(p["name"], p["kind"], p.get("distribution") or "-", p.get("version") or "-")
                       for p in result.plugins], ("plugin", "kind", "package", "version")),
@@ -219,6 +230,32 @@ def render_html(result: Any, config: dict[str, Any], plots: dict[str, bytes], sa
               f"<pre id=\"config-yaml\">{esc(yaml.safe_dump(config, sort_keys=False))}</pre>",
               "</body></html>\n"]
     return "\n".join(parts)
+
+
+def _audit_html(audit: dict[str, Any]) -> list[str]:
+    """The data-quality audit: each finding with its count and first lines, then the distributions."""
+    if not audit:
+        return []
+    esc = html.escape
+    found = describe(audit)
+    parts = ["<h3 id=\"data-audit\">Data audit</h3>",
+             f"<p>{audit.get('examples', 0)} examples checked: "
+             + (esc(f"{len(found)} kinds of findings.") if found else "no problems found.") + "</p>"]
+    if found:
+        parts.append(_table([(label, count, "; ".join(lines)) for label, count, lines in found],
+                            ("check", "count", "first lines")))
+    rows = []
+    if audit.get("length"):
+        q = audit["length"]
+        rows.append(("length in tokens", f"{q['min']:g} / {q['q1']:g} / {q['median']:g} / {q['q3']:g} / "
+                                         f"{q['max']:g} (outliers above {audit.get('length_outlier_above')})"))
+    if audit.get("supervised_share"):
+        q = audit["supervised_share"]
+        rows.append(("supervised share per example", " / ".join(f"{q[k]:.1%}" for k in
+                                                               ("min", "q1", "median", "q3", "max"))))
+    if rows:
+        parts.append(_table(rows, ("distribution", "min / q1 / median / q3 / max")))
+    return parts
 
 
 def write_report(result: Any, config: dict[str, Any], samples: dict[str, Any], warnings: list[str]) -> Path:

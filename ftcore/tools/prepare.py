@@ -11,6 +11,7 @@ from typing import Any
 
 from ftcore import runfolder
 from ftcore.config.layering import deep_merge
+from ftcore.data.audit import mixture_lines
 from ftcore.data.labels import IGNORE_INDEX
 from ftcore.data.pipeline import prepare
 from ftcore.data.prepared import DataStats, PreparedData
@@ -104,8 +105,11 @@ def summary_lines(report: DataReport) -> list[str]:
     mode = "packed (padding-free)" if report.config.data.packing else "padded"
     lines.append(f"{'packing efficiency':<30} {s.packing_efficiency:.1%} ({mode}; padded batches of "
                  f"{report.config.training.batch_size}: {s.padded_efficiency:.1%})")
-    for path, count in s.per_dataset.items():
-        lines.append(f"{'  from ' + path:<30} {count} examples")
+    if s.mixture and (len(s.mixture) > 1 or any(m["weight"] != 1 or m["max_records"] for m in s.mixture)):
+        lines += mixture_lines(s.mixture)
+    else:
+        for path, count in s.per_dataset.items():
+            lines.append(f"{'  from ' + path:<30} {count} examples")
     for key, value in s.preference.items():   # a preference objective's pair statistics
         lines.append(f"{key.replace('_', ' '):<30} {value}")
     if s.cached:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcore import runfolder
+from ftcore.data.audit import audit_brief
 from ftcore.data.prepared import DataStats, PreparedData
 from ftcore.errors import ConfigError, Interrupted
 from ftcore.reporting.memory import peak_memory
@@ -81,6 +82,8 @@ def log_data_stats(stats: DataStats, log: Callable[[str], None]) -> None:
         f"{stats.truncated} truncated, {stats.dropped_too_long} dropped as too long, "
         f"{stats.dropped_unsupervised} dropped with nothing supervised, "
         f"packing efficiency {stats.packing_efficiency:.1%}")
+    if stats.audit:
+        log(f"data audit: {audit_brief(stats.audit)}")
     if stats.preference:
         log("preference data: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in stats.preference.items()))
 
