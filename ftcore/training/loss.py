@@ -10,7 +10,8 @@ loss keeps for backward, are the largest tensors of a fine-tune: about 3 x token
   over chunks of positions, each chunk's gradient computed in the same pass (forward and backward of one
   chunk, then the next), so at most one chunk's logits exist at any time. With ``sparse_logits`` only
   supervised positions enter the chunks. Under DeepSpeed ZeRO-3 with a trained output layer (its weight is
-  sharded outside its own forward) each chunk is recomputed in backward instead (activation checkpointing).
+  sharded outside its own forward), and under FSDP2 (the output layer's weights are DTensor shards its own hooks
+  gather and reduce), each chunk is recomputed in backward instead (activation checkpointing).
 - ``fused``: Liger's fused linear cross-entropy, or Apple's Cut Cross-Entropy, when one is installed and the
   model is on a CUDA GPU: the same idea in GPU kernels.
 
@@ -282,19 +283,26 @@ def chunked_cross_entropy(hidden: Any, targets: Any, head: Any, chunk: int, labe
     chunk of rows at a time; never more than one chunk's logits exist.
 
     The output layer's trained parameters get their gradients through autograd as usual. Where they are
-    sharded outside the layer's own forward (DeepSpeed ZeRO-3), each chunk is checkpointed instead:
-    its logits are dropped after the forward and recomputed in backward.
+    sharded outside the layer's own forward (DeepSpeed ZeRO-3), or sharded by FSDP2, each chunk is checkpointed
+    instead: its logits are dropped after the forward and recomputed in backward.
     """
     import torch
 
     params = [p for p in head.parameters() if p.requires_grad]
-    if any(hasattr(p, "ds_id") for p in params):
+    if any(hasattr(p, "ds_id") for p in params) or sharded_by_fsdp(head):
         return _checkpointed_cross_entropy(hidden, targets, head, chunk, label_smoothing)
     if not _FUNCTION:
         _FUNCTION.append(_ChunkedCrossEntropy.function())
     if not torch.is_grad_enabled():
         params = []
     return _FUNCTION[0].apply(hidden, targets, head, chunk, label_smoothing, *params)
+
+
+def sharded_by_fsdp(head: Any) -> bool:
+    """The output layer's weights are FSDP2 shards (DTensors), gathered by its own forward hooks: each call of
+    the layer gathers them, and its gradients are reduced by hooks that run in the ordinary backward pass, so
+    the chunks run through autograd (checkpointed) instead of computing their gradients inside the forward."""
+    return any(type(p).__name__ == "DTensor" for p in head.parameters())
 
 
 def _checkpointed_cross_entropy(hidden: Any, targets: Any, head: Any, chunk: int, label_smoothing: float) -> Any:

@@ -1,4 +1,4 @@
-"""Test-only plugins for tests/test_deepspeed*.py, installed the way a third party's are.
+"""Test-only plugins for tests/test_deepspeed*.py and test_fsdp_ranks.py, installed the way a third party's are.
 
 This folder holds a minimal ``*.dist-info`` with entry points; putting the folder on
 PYTHONPATH (or sys.path) makes ``importlib.metadata`` find these plugins, in the test
@@ -15,7 +15,8 @@ import ftcore
 
 
 class FailingRank:
-    """Raise in the rank FTCORE_TEST_FAIL_RANK once it has finished step FTCORE_TEST_FAIL_STEP."""
+    """Raise in the rank FTCORE_TEST_FAIL_RANK once it has finished step FTCORE_TEST_FAIL_STEP; with
+    FTCORE_TEST_FAIL_SIGNAL (KILL, TERM), that rank sends itself the signal at that step instead."""
 
     @ftcore.hookimpl
     def ftcore_trainer_callbacks(self, ctx):
@@ -25,7 +26,15 @@ class FailingRank:
 
         class FailAtStep(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                if os.environ.get("RANK") == rank and state.global_step >= step:
+                if os.environ.get("RANK") != rank or state.global_step < step:
+                    return
+                sig = os.environ.get("FTCORE_TEST_FAIL_SIGNAL")
+                if sig:
+                    if state.global_step == step:
+                        import signal
+
+                        os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
+                else:
                     raise RuntimeError(f"injected failure on rank {rank} at step {state.global_step}")
 
         return [FailAtStep()]
