@@ -103,3 +103,25 @@ def test_bad_fsdp_settings_name_the_key(tiny_model_dir, alpaca_file, tmp_path):
                                        "--set", "fsdp.mixed_precision=fp8"])
     assert result.exit_code == 2 and "fsdp.mixed_precision" in result.output, result.output
     assert "Traceback" not in result.output
+
+
+def test_estimate_under_fsdp_is_one_processs_share():
+    """Weights, gradients and optimizer state split among the processes, two decoder layers' weights gathered
+    whole besides; activations are each process's own."""
+    def rows(plugins, processes=None):
+        result = ftcore.estimate("ftcore:tiny-llama", plugins, seq_len=64, batch=2, precision="fp32",
+                                 device="cpu", log=lambda m: None, processes=processes)
+        return result, {r["method"]: r for r in result["methods"]}
+
+    _, alone = rows(["lora"])
+    result, split = rows(["fsdp", "lora"], processes=2)
+    assert result["processes"] == 2 and result["sharding"] == "fsdp"
+    assert any(line.startswith("fsdp: FSDP2 shards every weight") for line in result["assumptions"])
+    for method in ("lora", "qlora", "full"):
+        one, two = alone[method], split[method]
+        assert two["gradients"] == -(-one["gradients"] // 2) and two["optimizer"] == -(-one["optimizer"] // 2)
+        assert two["activations"] == one["activations"]
+        assert one["weights"] / 2 < two["weights"] < one["weights"], method
+        assert any("per process of 2" in note for note in two["notes"])
+    _, same = rows(["fsdp", "lora"], processes=1)
+    assert same["full"]["weights"] == alone["full"]["weights"]
