@@ -67,14 +67,15 @@ def test_qlora_stores_its_4bit_weights_in_the_compute_dtype_under_fsdp(tmp_path)
      '"paged-adamw-8bit" builds its own optimizer, which cannot be used with fsdp.*DTensor'),
     (["fsdp", "qlora", "alpaca"], {"cpu_offload": True}, '"qlora" loads 4-bit quantized weights, which FSDP cannot '
                                                           'offload'),
-], ids=["deepspeed-zero", "paged-adamw-8bit", "qlora-offload"])
+    (["fsdp", "lora", "alpaca"], {}, "fsdp shards the model across processes, and launch.num_processes is 1"),
+], ids=["deepspeed-zero", "paged-adamw-8bit", "qlora-offload", "one-process"])
 def test_combinations_that_cannot_work_are_refused_before_launch(plugins, section, reason, tiny_model_dir,
                                                                  alpaca_file, tmp_path):
     cfg = tiny_config(tiny_model_dir, alpaca_file, tmp_path / "out")
     cfg["plugins"] = plugins
     if section:
         cfg["fsdp"] = section
-    cfg["launch"] = {"num_processes": 2}
+    cfg["launch"] = {"num_processes": 1 if section == {} else 2}
     with pytest.raises(ftcore.FtcoreError, match=reason):
         ftcore.run(cfg, log=lambda m: None)
     assert not (tmp_path / "out").exists()

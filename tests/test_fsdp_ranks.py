@@ -142,3 +142,45 @@ def test_sigterm_saves_a_checkpoint_on_every_rank_and_exits_3(tiny_model_dir, al
     status, output = run_cli(args + ["--resume", "auto"])
     assert status == 0, output
     assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, 11))
+
+
+def test_estimate_per_process_is_within_35_percent_of_each_ranks_peak(tmp_path):
+    """lora, qlora and full under fsdp on two CPU ranks, two real steps each, every sequence SEQ tokens (the model
+    and data of tests/test_estimate.py): each rank's peak memory over what it held before (the dstest-rank-memory
+    probe) against `ftcore estimate --plugins fsdp,METHOD --num-processes 2`."""
+    import os
+    from pathlib import Path
+
+    from conftest import write_jsonl
+    from test_deepspeed_ranks import FIXTURE
+
+    import ftcore
+    from ftcore.testing import build_model, build_tokenizer
+
+    SEQ, BATCH = 128, 4        # as tests/test_estimate.py
+    model = build_model(tmp_path / "model", build_tokenizer(), hidden_size=256, layers=4, heads=4, kv_heads=2,
+                        intermediate_size=688)
+    words = " ".join(f"word{i} and more" for i in range(SEQ))
+    data = write_jsonl(tmp_path / "train.jsonl", [{"instruction": words, "output": words}] * (4 * BATCH))
+    seen = []
+    for method in ("lora", "qlora", "full"):
+        out, probe = tmp_path / method, tmp_path / f"probe-{method}"
+        probe.mkdir()
+        args = ["--plugins", f"fsdp,{method},alpaca,dstest-rank-memory", "--model", str(model), "--data", str(data),
+                "--output", str(out), "--num-processes", "2"]
+        for s in ("training.max_steps=2", f"training.batch_size={BATCH}", "training.gradient_accumulation=1",
+                  "training.save_strategy='no'", "training.eval_strategy='no'", "training.gradient_checkpointing=true",
+                  f"data.max_length={SEQ}", "data.val_size=0", "data.cache=false", "alpaca.train_on_inputs=true"):
+            args += ["--set", s]
+        path = os.pathsep.join([str(FIXTURE), str(Path(__file__).parent)])
+        status, output = run_cli(args, env_extra={"FTCORE_TEST_PROBE_DIR": str(probe), "PYTHONPATH": path})
+        assert status == 0, output
+        measured = max(json.loads((probe / f"memory-rank{r}.json").read_text())["peak"] for r in (0, 1))
+        rows = ftcore.estimate(str(model), ["fsdp", method], seq_len=SEQ, batch=BATCH, gradient_checkpointing=True,
+                               precision="fp32", device="cpu", processes=2, log=lambda m: None)["methods"]
+        est = next(r for r in rows if r["method"] == method)["total"]
+        seen.append((method, est / measured, est, measured))
+    table = "\n".join(f"{m}: estimate/measured {ratio:.2f} ({e / 1e6:.1f} MB vs {got / 1e6:.1f} MB)"
+                      for m, ratio, e, got in seen)
+    print(table)
+    assert all(0.65 <= ratio <= 1.35 for _, ratio, _, _ in seen), table

@@ -107,9 +107,16 @@ def mixed_precision(settings: FsdpConfig, precision: str) -> str:
 
 # -- hooks in each rank ----------------------------------------------------------------
 
+def check_processes(count: int, where: str) -> None:
+    if count < 2:
+        raise ConfigError(f"fsdp shards the model across processes, and {where} is {count}: set --num-processes 2 "
+                          f"or more (launch.num_processes), or leave fsdp out of --plugins to train in one process.")
+
+
 @ftcore.hookimpl
 def ftcore_run_started(config: Any, ctx: Any) -> None:
     check_combination(config, ctx)
+    check_processes(ctx.world_size, "the number of ranks (WORLD_SIZE)")
     ctx.state["fsdp_mixed_precision"] = mixed_precision(config.section(NAME), ctx.precision)
 
 
@@ -182,6 +189,8 @@ def ftcore_launch(argv: list[str], config: Any, ctx: Any) -> int:
     settings: FsdpConfig = config.section(NAME)
     check_combination(config, ctx)
     launch = config.launch
+    if not launch.hostfile:
+        check_processes(launch.num_processes, "launch.num_processes")
     if launch.hostfile:
         return ftcore.launch_with_hostfile(argv, launch, ctx.log)
     return ftcore.launch_with_torchrun(argv, launch, ctx.log, what="FSDP2 (fully_shard)",
