@@ -25,15 +25,22 @@ def resolved(tmp_path, section=None, plugins=("fsdp", "lora", "alpaca"), **top):
 def test_training_arguments_ask_transformers_for_fsdp2_of_the_decoder_layers(tmp_path):
     config, ctx = resolved(tmp_path, {"reshard_after_forward": False, "activation_checkpointing": True})
     ctx.state["fsdp_wrap"] = ["LlamaDecoderLayer"]      # what ftcore_model_loaded finds in the model
-    args: dict = {}
+    args: dict = {"activation_checkpointing": False}
     fsdp.ftcore_training_arguments(args, config, ctx)
-    assert args["fsdp"] == "full_shard auto_wrap"
+    assert args["fsdp"] is True
     assert args["fsdp_config"] == {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
                                    "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
                                    "reshard_after_forward": False, "cpu_offload": False,
-                                   "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False}
-    assert args["activation_checkpointing"] is True and args["activation_checkpointing_kwargs"] == {
-        "use_reentrant": False}
+                                   "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False,
+                                   "activation_checkpointing": True}
+    # FSDP's own checkpointing replaces the trainer's (both at once is an error in transformers)
+    assert args["activation_checkpointing"] is False
+    config, ctx = resolved(tmp_path)
+    for trainer_setting, model_checkpoints, wanted in ((True, False, True), (False, False, False), (True, True, False)):
+        ctx.state["fsdp_model_checkpoints"] = model_checkpoints     # qlora turns the model's own on
+        args = {"activation_checkpointing": trainer_setting}
+        fsdp.ftcore_training_arguments(args, config, ctx)
+        assert args["fsdp_config"]["activation_checkpointing"] is wanted
 
 
 def test_the_wrapped_layers_default_to_the_models_decoder_layer_class(tiny_model_dir, tmp_path):

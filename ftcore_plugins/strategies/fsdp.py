@@ -9,7 +9,7 @@ What it does, all through hooks:
 
 - ``ftcore_launch``: start the ranks with ftcore's launchers (``ftcore.launch_with_torchrun``, or
   ``ftcore.launch_with_hostfile`` for a ``launch.hostfile``), as deepspeed-zero does;
-- ``ftcore_training_arguments``: hand the trainer transformers' FSDP settings (``fsdp`` and
+- ``ftcore_training_arguments``: hand the trainer transformers' FSDP settings (``fsdp=True`` and
   ``fsdp_config`` with version 2): transformers and accelerate wrap the model with ``fully_shard``
   (the decoder layers, then embeddings, the output layer and the root), gather the full state dict on
   rank 0 for the final save, and save and load sharded checkpoints;
@@ -45,8 +45,9 @@ class FsdpConfig(ftcore.PluginConfig):
                                         "gather them again for backward (less memory, more communication).")
     cpu_offload: bool = Field(False, description="Keep the sharded weights, gradients and optimizer state in CPU "
                               "memory (the optimizer step runs on the CPU); GPUs only.")
-    activation_checkpointing: bool | None = Field(None, description="Recompute activations in backward; default: "
-                                                  "training.gradient_checkpointing.")
+    activation_checkpointing: bool | None = Field(None, description="Recompute each wrapped layer's activations in "
+                                                  "backward (FSDP's own checkpointing, in place of the trainer's); "
+                                                  "default: training.gradient_checkpointing.")
     mixed_precision: Literal["auto", "none", "bf16", "fp16"] = Field(
         "auto", description="Dtype the gathered weights compute in (gradients are reduced in fp32); auto follows "
                             "training.precision; bf16/fp16 need GPUs (CPU ranks: none).")
@@ -135,6 +136,9 @@ def ftcore_model_loaded(model: Any, ctx: Any) -> None:
         raise ConfigError(f"fsdp.wrap names {', '.join(missing)}, which {type(base).__name__} does not contain; "
                           f"its layer classes include {', '.join(sorted(n for n in present if 'Layer' in n)[:8])}.")
     ctx.state["fsdp_wrap"] = wrap
+    flag = "is_activation_checkpointing" if hasattr(base, "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    ctx.state["fsdp_model_checkpoints"] = bool(getattr(base, flag, False))
     for name, param in model.named_parameters():
         if type(param).__name__ == "Params4bit" and not param.is_floating_point():
             raise ConfigError(f"{name} is a 4-bit weight stored as {param.dtype}, which FSDP cannot shard: load it "
@@ -145,7 +149,12 @@ def ftcore_model_loaded(model: Any, ctx: Any) -> None:
 @ftcore.hookimpl
 def ftcore_training_arguments(args: dict[str, Any], config: Any, ctx: Any) -> None:
     settings: FsdpConfig = config.section(NAME)
-    args["fsdp"] = "full_shard auto_wrap" + (" offload" if settings.cpu_offload else "")
+    checkpointing = settings.activation_checkpointing
+    if checkpointing is None:
+        checkpointing = bool(args.get("activation_checkpointing"))
+    if ctx.state.get("fsdp_model_checkpoints"):
+        checkpointing = False    # the adapter turned the model's own checkpointing on (qlora): not twice
+    args["fsdp"] = True
     args["fsdp_config"] = {
         "version": 2,
         "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
@@ -154,12 +163,12 @@ def ftcore_training_arguments(args: dict[str, Any], config: Any, ctx: Any) -> No
         "cpu_offload": settings.cpu_offload,
         "state_dict_type": "FULL_STATE_DICT",
         "cpu_ram_efficient_loading": False,
+        # FSDP's own activation checkpointing of each wrapped layer (the trainer's would gather the layer's
+        # weights once more in backward), instead of the trainer's
+        "activation_checkpointing": checkpointing,
     }
-    if settings.activation_checkpointing is not None:
-        # transformers' own (non-reentrant) checkpointing of each layer, which FSDP2 recomputes under its hooks
-        args["activation_checkpointing"] = settings.activation_checkpointing
-        args["activation_checkpointing_kwargs"] = {"use_reentrant": False} if settings.activation_checkpointing \
-            else None
+    args["activation_checkpointing"] = False
+    args["activation_checkpointing_kwargs"] = None
 
 
 @ftcore.hookimpl
