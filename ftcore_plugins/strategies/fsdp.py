@@ -49,8 +49,9 @@ class FsdpConfig(ftcore.PluginConfig):
                                                   "backward (FSDP's own checkpointing, in place of the trainer's); "
                                                   "default: training.gradient_checkpointing.")
     mixed_precision: Literal["auto", "none", "bf16", "fp16"] = Field(
-        "auto", description="Dtype the gathered weights compute in (gradients are reduced in fp32); auto follows "
-                            "training.precision; bf16/fp16 need GPUs (CPU ranks: none).")
+        "auto", description="Dtype the gathered weights compute in (FSDP's mixed precision policy, set by "
+                            "accelerate from training.precision, so the two must agree); auto: training.precision's; "
+                            "bf16/fp16 need GPUs (CPU ranks: none).")
     state_dict: Literal["full"] = Field("full", description="How the final model is saved: full: gathered on "
                                         "rank 0 and written as a normal adapter or model folder.")
     shutdown_timeout: int = Field(10, ge=1, description="Seconds the other ranks get to stop after one fails.")
@@ -118,7 +119,7 @@ def check_processes(count: int, where: str) -> None:
 def ftcore_run_started(config: Any, ctx: Any) -> None:
     check_combination(config, ctx)
     check_processes(ctx.world_size, "the number of ranks (WORLD_SIZE)")
-    ctx.state["fsdp_mixed_precision"] = mixed_precision(config.section(NAME), ctx.precision)
+    mixed_precision(config.section(NAME), ctx.precision)   # refused here when the device or precision disagree
 
 
 @ftcore.hookimpl
