@@ -299,10 +299,15 @@ def chunked_cross_entropy(hidden: Any, targets: Any, head: Any, chunk: int, labe
 
 
 def sharded_by_fsdp(head: Any) -> bool:
-    """The output layer's weights are FSDP2 shards (DTensors), gathered by its own forward hooks: each call of
-    the layer gathers them, and its gradients are reduced by hooks that run in the ordinary backward pass, so
-    the chunks run through autograd (checkpointed) instead of computing their gradients inside the forward."""
-    return any(type(p).__name__ == "DTensor" for p in head.parameters())
+    """The output layer is managed by FSDP2 (``fully_shard``): its weights are gathered by its forward hooks
+    (between calls they are DTensor shards, or the gathered copy) and its gradients reduced by hooks of the
+    ordinary backward pass, so the chunks run through autograd (checkpointed) instead of computing their
+    gradients inside the forward, which those hooks do not expect."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:   # a torch without FSDP2
+        return False
+    return isinstance(head, FSDPModule) or any(type(p).__name__ == "DTensor" for p in head.parameters())
 
 
 def _checkpointed_cross_entropy(hidden: Any, targets: Any, head: Any, chunk: int, label_smoothing: float) -> Any:

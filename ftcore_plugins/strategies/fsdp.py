@@ -170,15 +170,18 @@ def ftcore_training_arguments(args: dict[str, Any], config: Any, ctx: Any) -> No
     }
     args["activation_checkpointing"] = False
     args["activation_checkpointing_kwargs"] = None
+    if not _cuda():
+        args["use_cpu"] = True    # CPU ranks: accelerate then joins them in a gloo process group (multi-CPU)
 
 
 @ftcore.hookimpl
 def ftcore_trainer_created(trainer: Any, ctx: Any) -> None:
     """On CPU ranks, put the trainer's FSDP plugin in accelerate's state (accelerate enables FSDP for GPU-like
     devices only; FSDP2 itself runs on CPUs with gloo)."""
-    from accelerate.state import DistributedType
+    from accelerate.state import DistributedType, PartialState
     from accelerate.utils import FullyShardedDataParallelPlugin
 
+    resharded_before_saving(trainer)
     if getattr(trainer, "is_fsdp_enabled", False) and trainer.accelerator.state.distributed_type == \
             DistributedType.FSDP:
         return
@@ -189,7 +192,38 @@ def ftcore_trainer_created(trainer: Any, ctx: Any) -> None:
     plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
     state.fsdp_plugin = plugin
     state.distributed_type = DistributedType.FSDP
+    # AcceleratorState copies the process state's fields each time it is constructed again (the trainer and
+    # accelerate do so while training), which would turn it back into multi-CPU: the process state says FSDP too.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     trainer.is_fsdp_enabled = True
+
+
+def resharded_before_saving(trainer: Any) -> None:
+    """Reshard every FSDP unit before the trainer saves the model or a checkpoint.
+
+    After an evaluation (no backward), the units that keep their weights gathered after forward (the root,
+    and the output layer's unit) still hold the gathered copies. The full state dict is then read from those
+    copies, which FSDP frees as it reshards while gathering the rest: on a CPU, where gathering "to the CPU"
+    copies nothing, the saved tensors' memory is gone ("invalid python storage"); on a GPU it costs memory.
+    """
+    import functools
+
+    from torch.distributed.fsdp import FSDPModule
+
+    def reshard() -> None:
+        for module in trainer.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+    def resharding(method: Any) -> Any:
+        @functools.wraps(method)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            reshard()
+            return method(*args, **kwargs)
+        return wrapped
+
+    trainer.save_model = resharding(trainer.save_model)
+    trainer._save_checkpoint = resharding(trainer._save_checkpoint)
 
 
 # -- launching -------------------------------------------------------------------------
