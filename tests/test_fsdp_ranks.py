@@ -9,6 +9,7 @@ batch 4).
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from test_deepspeed_ranks import (
@@ -61,6 +62,9 @@ def test_fsdp_qlora_shards_the_4bit_base_and_matches_one_rank(tiny_model_dir, al
                              + ["--num-processes", "2"])
     assert status == 0, output
     assert "[rank 1] trainable params:" in output
+    # each rank holds about half of every weight, the 4-bit ones included (none left whole on each rank)
+    shares = re.findall(r"fsdp: this rank holds ([\d.]+)% of the model's weights", output)
+    assert len(shares) == 2 and all(45 <= float(s) <= 55 for s in shares), shares
     assert_learned(out)
     assert_only_rank0_wrote(out)
     assert_adapter_loads_with_peft(out / "adapter", tiny_model_dir)     # onto the unquantized base

@@ -198,6 +198,25 @@ def ftcore_trainer_created(trainer: Any, ctx: Any) -> None:
     trainer.is_fsdp_enabled = True
 
 
+@ftcore.hookimpl
+def ftcore_trainer_callbacks(ctx: Any) -> list[Any]:
+    """Say, as training starts, how much of the model each rank holds (its shards)."""
+    from transformers import TrainerCallback
+
+    class ShareOfWeights(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+            if model is None:
+                return
+            local = full = 0
+            for param in model.parameters():
+                full += param.numel()
+                local += param.to_local().numel() if type(param).__name__ == "DTensor" else param.numel()
+            ctx.log(f"fsdp: this rank holds {100 * local / max(full, 1):.1f}% of the model's weights "
+                    f"({local:,d} of {full:,d} values, 4-bit ones counted as stored)")
+
+    return [ShareOfWeights()]
+
+
 def resharded_before_saving(trainer: Any) -> None:
     """Reshard every FSDP unit before the trainer saves the model or a checkpoint.
 
