@@ -220,10 +220,10 @@ def ftcore_trainer_callbacks(ctx: Any) -> list[Any]:
 def resharded_before_saving(trainer: Any) -> None:
     """Reshard every FSDP unit before the trainer saves the model or a checkpoint.
 
-    After an evaluation (no backward), the units that keep their weights gathered after forward (the root,
-    and the output layer's unit) still hold the gathered copies. The full state dict is then read from those
-    copies, which FSDP frees as it reshards while gathering the rest: on a CPU, where gathering "to the CPU"
-    copies nothing, the saved tensors' memory is gone ("invalid python storage"); on a GPU it costs memory.
+    After an evaluation (no backward) the units that keep their weights gathered after forward (the root, and
+    the output layer's unit) still hold the gathered copies; resharding first makes the full state dict be
+    gathered from the shards alone, and frees those copies before it is. A precaution: no failure without it
+    was seen here.
     """
     import functools
 
