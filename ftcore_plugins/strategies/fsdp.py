@@ -16,8 +16,9 @@ What it does, all through hooks:
 - ``ftcore_trainer_created``: on CPU ranks, switch accelerate's state to FSDP. accelerate enables
   FSDP only for GPU-like devices (its process state on a CPU is multi-CPU, i.e. DDP, which refuses
   sharded DTensor weights), although FSDP2 itself runs on CPUs with the gloo backend; the trainer's
-  own FSDP plugin is installed in its state, so the same accelerate code path runs on CPUs and GPUs.
-  So the library's FSDP2 support is used everywhere, and ``fully_shard`` is not called directly;
+  own FSDP plugin is installed in its state (and in the process state, which accelerate copies into it
+  again), and ``use_cpu`` makes the ranks join a gloo process group. So the library's FSDP2 support is
+  used on CPUs and GPUs alike, and ``fully_shard`` is not called directly;
 - with qlora, the 4-bit weights are stored in the compute dtype (qlora's ``quant_storage: auto``),
   so they shard like any other weight;
 - refuse combinations that cannot work, before anything is launched.
