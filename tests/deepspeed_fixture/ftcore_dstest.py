@@ -160,7 +160,14 @@ class RankMemory:
                 anon_model += storage.nbytes()
         self.baseline = status()["RssAnon"] - anon_model
         self.folder, self.sampled, self.stop = folder, 0, threading.Event()
-        self.frozen_mapped = frozen_weights_in_mapped_files
+
+        def frozen_mapped(net):   # FSDP's shards are DTensors: their local part is what this rank holds
+            local = type("Local", (), {})()
+            params = [p.to_local() if type(p).__name__ == "DTensor" else p for p in net.parameters()]
+            local.parameters, local.buffers = (lambda: iter(params)), net.buffers
+            return frozen_weights_in_mapped_files(local)
+
+        self.frozen_mapped = frozen_mapped
 
     @ftcore.hookimpl
     def ftcore_trainer_callbacks(self, ctx):
