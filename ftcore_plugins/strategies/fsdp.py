@@ -208,6 +208,11 @@ def ftcore_trainer_callbacks(ctx: Any) -> list[Any]:
         def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
             if model is None:
                 return
+            from torch.distributed.fsdp import FSDPModule
+
+            for module in model.modules():   # units a forward left gathered (the samples before training)
+                if isinstance(module, FSDPModule):
+                    module.reshard()
             local = full = 0
             for param in model.parameters():
                 full += param.numel()
