@@ -27,19 +27,36 @@ from ftcore.tools.generate import load as load_for_generation
 from ftcore.tools.prepare import prepare_data
 from ftcore.training.devices import local_device_index, rank_device_map
 from ftcore.training.engine import run
+from ftcore.training.processes import (
+    free_port,
+    hostfile_launcher_command,
+    launch_with_hostfile,
+    launch_with_torchrun,
+    read_hostfile,
+)
 from ftcore.training.trainer import supervised_trainer
-from ftcore.types import Example, MemoryProfile, ObjectiveProfile, OptimizerProfile, RunContext, RunResult
+from ftcore.types import (
+    Example,
+    MemoryProfile,
+    ObjectiveProfile,
+    OptimizerProfile,
+    RunContext,
+    RunResult,
+    ShardingProfile,
+)
 from ftcore.version import __version__
 
 __all__ = [
     # writing a plugin
     "hookimpl", "hookspec", "PluginConfig", "RunConfig", "RunContext", "RunResult", "Example", "PluginSet",
-    "MemoryProfile", "OptimizerProfile", "ObjectiveProfile",
+    "MemoryProfile", "OptimizerProfile", "ObjectiveProfile", "ShardingProfile",
     # errors a plugin raises for the user (exit status 2, no traceback)
     "FtcoreError", "ConfigError", "DataError", "PluginError", "OutputError",
     # helpers plugins use
     "write_text_atomic", "write_json_atomic", "atomic_folder", "deep_merge", "resolve_model_path", "load_base_model",
     "merge_peft_adapter", "merge_adapter", "write_model_card", "local_device_index", "rank_device_map",
+    # strategy plugins: starting the ranks
+    "launch_with_torchrun", "launch_with_hostfile", "hostfile_launcher_command", "read_hostfile", "free_port",
     # objectives: their data path and the supervised trainer
     "read_datasets", "PreparedData", "DataStats", "supervised_trainer",
     # the library behind each command

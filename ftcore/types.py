@@ -116,6 +116,22 @@ class OptimizerProfile:
 
 
 @dataclass(frozen=True)
+class ShardingProfile:
+    """How a strategy plugin splits the run's memory over its processes: its answer to ``ftcore_memory_profile``.
+
+    Each of ``shards`` (``"weights"``, ``"gradients"``, ``"optimizer"``) is divided among the processes;
+    ``gathered_layers`` decoder layers' weights are held whole at a time besides (the one computing and the
+    one gathered ahead). ``label`` names it in the table's title; ``assumptions`` is one line on what it
+    rests on. The estimate is then per process, for ``launch.num_processes`` processes.
+    """
+
+    label: str
+    shards: tuple[str, ...] = ("weights", "gradients", "optimizer")
+    gathered_layers: int = 2
+    assumptions: str = ""
+
+
+@dataclass(frozen=True)
 class ObjectiveProfile:
     """What an objective keeps in memory beyond supervised training: an objective plugin's answer to
     ``ftcore_memory_profile``.

@@ -60,6 +60,7 @@ def test_every_use_has_a_recipe_in_the_nav():
     wanted = {"Quickstart": "quickstart.md", "Configuration": "reference/configuration.md",
               "QLoRA on a 7B model on one 24 GB GPU": "recipes/qlora-7b-24gb.md",
               "Multi-GPU and multi-node with DeepSpeed": "recipes/multi-gpu-deepspeed.md",
+              "QLoRA across several GPUs with FSDP": "recipes/multi-gpu-fsdp.md",
               "Exporting to llama.cpp and Ollama": "recipes/llama-cpp-and-ollama.md",
               "From a Hub id to a published adapter": "recipes/hub.md",
               "Embedding ftcore in an application": "recipes/embedding.md", "Writing a plugin": "plugins.md"}
@@ -68,6 +69,7 @@ def test_every_use_has_a_recipe_in_the_nav():
     for page in nav.values():
         assert (REPO / "docs" / page).is_file(), page
     words = {"recipes/qlora-7b-24gb.md": ("24 GB", "qlora"), "recipes/multi-gpu-deepspeed.md": ("--num-machines",),
+             "recipes/multi-gpu-fsdp.md": ("--plugins fsdp,qlora", "quant_storage", "ZeRO-3"),
              "recipes/llama-cpp-and-ollama.md": ("ollama", "gguf"), "recipes/embedding.md": ("ftcore.run(",),
              "recipes/hub.md": ("hub-push", "HF_TOKEN", "model.revision", "base_model:"),
              "plugins.md": ("hookimpl", "entry-points")}

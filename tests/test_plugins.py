@@ -19,7 +19,7 @@ from ftcore.registry import discovery
 from ftcore.registry.selection import select
 
 BUNDLED = {"alpaca": "format", "chatml": "format", "text": "format", "lora": "adapter", "full": "adapter", "qlora": "adapter",
-           "paged-adamw-8bit": "optimizer", "deepspeed-zero": "strategy", "gguf-export": "exporter",
+           "paged-adamw-8bit": "optimizer", "deepspeed-zero": "strategy", "fsdp": "strategy", "gguf-export": "exporter",
            "merge": "exporter", "hub-push": "exporter"}
 
 

@@ -23,7 +23,8 @@ def print_table(result: dict[str, Any]) -> None:
     title = (f"{result['model']}: {result['params'] / 1e9:.2f}B params, batch {result['batch']} x seq "
              f"{result['seq_len']}, {result['precision']}, {result['optimizer']}, gradient checkpointing "
              f"{'on' if result['gradient_checkpointing'] else 'off'}, {result['device']}, {result['loss']['path']} "
-             f"loss")
+             f"loss" + (f", per process of {result['processes']} ({result['sharding']})" if result.get("sharding")
+                        else ""))
     marked = len(result["selected"]) < len(result["methods"])
     table = Table(title=title, caption="* the method named with --plugins" if marked else None)
     for col in ("method", "weights GB", "gradients GB", "optimizer GB", "activations GB",
@@ -63,14 +64,17 @@ def print_table(result: dict[str, Any]) -> None:
 @click.option("--supervised-share", default=1.0, show_default=True, type=float,
               help="Share of tokens whose next token is supervised: with training.sparse_logits (on by default) only "
                    "they get logits. 1.0 is the worst case (every token, as for pretraining-style data).")
+@click.option("--num-processes", "processes", type=int, default=None,
+              help="Processes the run uses (launch.num_processes): with a sharding strategy in --plugins (fsdp) "
+                   "the figures are per process.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a config key as for ftcore run, dotted for sections (repeatable): a plugin's own "
                    "settings, e.g. --set lora.r=8")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (bytes) instead of a table.")
 @user_errors
 def estimate_command(model: str, plugins: str, seq_len: int, batch: int, gradient_checkpointing: bool,
-                     precision: str, device: str, supervised_share: float, sets: tuple[str, ...],
-                     as_json: bool) -> None:
+                     precision: str, device: str, supervised_share: float, processes: int | None,
+                     sets: tuple[str, ...], as_json: bool) -> None:
     """Estimate the memory a fine-tune needs, for every installed adapter method, from the model's config alone."""
     from ftcore.quiet import quiet_libraries
     from ftcore.tools.estimate import estimate
@@ -78,7 +82,8 @@ def estimate_command(model: str, plugins: str, seq_len: int, batch: int, gradien
     quiet_libraries()
     # building the builtin model (once) is logged to stderr: stdout may be --json
     result = estimate(model, plugin_names(plugins), seq_len, batch, gradient_checkpointing, precision,
-                      settings=parse_set(sets), log=echo_err, device=device, supervised_share=supervised_share)
+                      settings=parse_set(sets), log=echo_err, device=device, supervised_share=supervised_share,
+                      processes=processes)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:

@@ -32,7 +32,7 @@ from ftcore.models.paths import resolve_model_path
 from ftcore.registry.discovery import identify, installed_entry_points
 from ftcore.registry.resolution import plugin_schemas
 from ftcore.registry.selection import check_installed, load_all
-from ftcore.types import MemoryProfile, ObjectiveProfile, OptimizerProfile, RunContext
+from ftcore.types import MemoryProfile, ObjectiveProfile, OptimizerProfile, RunContext, ShardingProfile
 
 GB = 10**9
 CUDA_CONTEXT = GB // 2       # per process: driver context, cuBLAS/cuDNN handles and the kernels they load
@@ -295,6 +295,28 @@ def estimate_method(shape: ModelShape, profile: MemoryProfile, name: str = "meth
     return row
 
 
+def shard_row(row: Estimate, shape: ModelShape, sharding: ShardingProfile, processes: int) -> Estimate:
+    """One process's share of ``row`` under a sharding strategy: what ``sharding.shards`` names split among the
+    processes, plus ``sharding.gathered_layers`` decoder layers' weights held whole at once (the other processes'
+    part of them gathered in)."""
+    if processes <= 1:
+        return row
+    n = processes
+    if "weights" in sharding.shards:
+        per_layer_share = (shape.params - shape.vocab * shape.hidden - shape.head_params) / max(shape.params, 1)
+        layer_bytes = row.weights * per_layer_share / max(shape.layers, 1)
+        gathered = int(min(sharding.gathered_layers, shape.layers) * layer_bytes * (n - 1) / n)
+        row.weights = math.ceil(row.weights / n) + gathered
+    if "gradients" in sharding.shards:
+        row.gradients = math.ceil(row.gradients / n)
+    if "optimizer" in sharding.shards:
+        row.optimizer = math.ceil(row.optimizer / n)
+    row.notes.append(f"{sharding.label}: per process of {n}: {', '.join(sharding.shards)} split {n} ways"
+                     + (f", plus {sharding.gathered_layers} decoder layers' weights gathered whole"
+                        if "weights" in sharding.shards else ""))
+    return row
+
+
 def _targets(targets: tuple[str, ...] | str) -> list[str] | str:
     return targets if isinstance(targets, str) else list(targets)
 
@@ -316,6 +338,8 @@ class Profiles:
     optimizer: OptimizerProfile = DEFAULT_OPTIMIZER
     optimizer_plugin: str | None = None
     objective: ObjectiveProfile | None = None           # the named objective's, when it describes one
+    sharding: ShardingProfile | None = None             # the named strategy's, when it shards memory
+    sharding_plugin: str | None = None
     config: Any = None                                  # the validated RunConfig the plugins were asked with
     run_plugins: list[str] = field(default_factory=list)   # named, and objects passed: the run's plugins
     notes: list[str] = field(default_factory=list)
@@ -356,10 +380,14 @@ def gather_profiles(model_name: str, plugins: list[str] | tuple = (), settings: 
             elif isinstance(answer, ObjectiveProfile):
                 if name in run_plugins and found.objective is None:
                     found.objective = answer
+            elif isinstance(answer, ShardingProfile):
+                if name in run_plugins and found.sharding is None:
+                    found.sharding, found.sharding_plugin = answer, name
             elif answer is not None:
                 raise PluginError(f'plugin "{name}" ({chosen.origin(name)}) returned {type(answer).__name__} '
                                   f"from ftcore_memory_profile; expected an ftcore.MemoryProfile, an "
-                                  f"ftcore.OptimizerProfile, an ftcore.ObjectiveProfile or None.")
+                                  f"ftcore.OptimizerProfile, an ftcore.ObjectiveProfile, an "
+                                  f"ftcore.ShardingProfile or None.")
     for name in run_plugins:
         kind = chosen.kind(name) if name in chosen.names() else None
         if kind == "adapter" and name not in found.methods:
@@ -380,7 +408,7 @@ def estimate(model: str | Path | dict[str, Any], plugins: list[str] | tuple = ()
              batch: int = 4, gradient_checkpointing: bool = False, precision: str = "bf16",
              settings: dict[str, Any] | None = None, plugin_objects: list[Any] | tuple = (),
              log: Callable[[str], None] = print, device: str = "cuda",
-             supervised_share: float = 1.0) -> dict[str, Any]:
+             supervised_share: float = 1.0, processes: int | None = None) -> dict[str, Any]:
     """Estimate every installed adapter method: the library behind `ftcore estimate`.
 
     Every method whose plugin describes its memory is estimated, side by side; the ones named
@@ -393,6 +421,8 @@ def estimate(model: str | Path | dict[str, Any], plugins: list[str] | tuple = ()
     (``training.loss``, ``training.loss_chunk_size``, ``training.sparse_logits`` from ``settings``);
     ``supervised_share`` is the share of positions whose next token is supervised (with sparse logits only
     they get logits; 1.0, the default, is the worst case: every token, as for pretraining-style data).
+    ``processes`` (default: ``launch.num_processes`` from ``settings``): with a strategy in ``plugins`` that
+    shards memory (``ftcore.ShardingProfile``, the bundled fsdp), each row is one process's share.
     """
     if seq_len < 1 or batch < 1:
         raise ConfigError("--seq-len and --batch must be positive.")
@@ -416,6 +446,11 @@ def estimate(model: str | Path | dict[str, Any], plugins: list[str] | tuple = ()
     loss = loss_term(shape, tokens, path, train.loss_chunk_size, sparse, supervised_share)
     rows = estimate_profiles(shape, found.methods, seq_len, batch, gradient_checkpointing, precision,
                              found.optimizer, device, loss, found.objective)
+    processes = processes or found.config.launch.num_processes
+    if processes < 1:
+        raise ConfigError(f"--num-processes {processes}: at least 1.")
+    if found.sharding is not None:
+        rows = [shard_row(row, shape, found.sharding, processes) for row in rows]
     selected = [r.method for r in rows if r.method in found.run_plugins] or [r.method for r in rows]
     for row in rows:
         row.selected = row.method in selected
@@ -427,9 +462,12 @@ def estimate(model: str | Path | dict[str, Any], plugins: list[str] | tuple = ()
         "loss": {"path": loss.path, "rows": loss.rows, "chunk_size": loss.chunk_size, "bytes": loss.bytes,
                  "supervised_share": supervised_share if sparse else 1.0},
         "objective": found.objective.label if found.objective else "sft",
+        "processes": processes, "sharding": found.sharding.label if found.sharding else None,
         "selected": selected, "methods": [r.as_dict() for r in rows],
         "assumptions": [*ASSUMPTIONS[:2], *(f"{n}: {p.assumptions}" for n, p in found.methods.items() if p.assumptions),
                         *([optimizer_line] if optimizer_line else []),
+                        *([f"{found.sharding_plugin}: {found.sharding.assumptions}"]
+                          if found.sharding and found.sharding.assumptions else []),
                         *(a.format(loss=loss.describe()) for a in ASSUMPTIONS[2:])],
         "notes": found.notes,
     }

@@ -10,7 +10,8 @@ loss keeps for backward, are the largest tensors of a fine-tune: about 3 x token
   over chunks of positions, each chunk's gradient computed in the same pass (forward and backward of one
   chunk, then the next), so at most one chunk's logits exist at any time. With ``sparse_logits`` only
   supervised positions enter the chunks. Under DeepSpeed ZeRO-3 with a trained output layer (its weight is
-  sharded outside its own forward) each chunk is recomputed in backward instead (activation checkpointing).
+  sharded outside its own forward) each chunk is recomputed in backward instead (activation checkpointing); under
+  FSDP2 the chunks use the output layer's weights as gathered for the model's own call of it.
 - ``fused``: Liger's fused linear cross-entropy, or Apple's Cut Cross-Entropy, when one is installed and the
   model is on a CUDA GPU: the same idea in GPU kernels.
 
@@ -282,19 +283,47 @@ def chunked_cross_entropy(hidden: Any, targets: Any, head: Any, chunk: int, labe
     chunk of rows at a time; never more than one chunk's logits exist.
 
     The output layer's trained parameters get their gradients through autograd as usual. Where they are
-    sharded outside the layer's own forward (DeepSpeed ZeRO-3), each chunk is checkpointed instead:
-    its logits are dropped after the forward and recomputed in backward.
+    sharded outside the layer's own forward (DeepSpeed ZeRO-3), each chunk is checkpointed instead: its logits
+    are dropped after the forward and recomputed in backward. Under FSDP2 the chunks use the layer's weights
+    as its unit gathered them for the model's own call.
     """
     import torch
 
     params = [p for p in head.parameters() if p.requires_grad]
     if any(hasattr(p, "ds_id") for p in params):
         return _checkpointed_cross_entropy(hidden, targets, head, chunk, label_smoothing)
+    if sharded_by_fsdp(head):
+        head, params = _gathered_layer(head)
     if not _FUNCTION:
         _FUNCTION.append(_ChunkedCrossEntropy.function())
     if not torch.is_grad_enabled():
         params = []
     return _FUNCTION[0].apply(hidden, targets, head, chunk, label_smoothing, *params)
+
+
+def sharded_by_fsdp(head: Any) -> bool:
+    """The output layer is an FSDP2 unit (``fully_shard``): calling it again runs FSDP's hooks, which expect
+    one call per forward and backward pass (computing a chunk's gradients inside the forward crashed them)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:   # a torch without FSDP2
+        return False
+    return isinstance(head, FSDPModule)
+
+
+def _gathered_layer(head: Any) -> tuple[Any, list[Any]]:
+    """An FSDP2 output layer's gathered weights as a plain function, and its trained parameters.
+
+    The model's own call of the layer (on an empty slice) gathered its weights, and they stay gathered until
+    backward ends; the chunks use them directly, outside FSDP's hooks, and their gradients accumulate on the
+    gathered parameters, which FSDP reduce-scatters to the shards at the end of backward, as for any layer.
+    """
+    import torch.nn.functional as F
+
+    head.unshard()      # a no-op when the model's call left them gathered
+    weight, bias = head.weight, getattr(head, "bias", None)
+    params = [p for p in (weight, bias) if p is not None and p.requires_grad]
+    return (lambda x: F.linear(x, weight, bias)), params
 
 
 def _checkpointed_cross_entropy(hidden: Any, targets: Any, head: Any, chunk: int, label_smoothing: float) -> Any:

@@ -25,6 +25,10 @@ class QLoraConfig(ftcore.PluginConfig):
         "auto", description="Dtype the 4-bit weights are dequantized to for matmuls; auto follows "
                             "training.precision (bf16 where supported, else fp32).")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward (QLoRA's usual setting).")
+    quant_storage: Literal["auto", "uint8", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype the packed 4-bit weights are stored in (bnb_4bit_quant_storage; the same bytes "
+                            "either way); auto: uint8, or the compute dtype under the fsdp strategy, which shards "
+                            "only floating weights.")
 
 
 @ftcore.hookimpl
@@ -42,12 +46,24 @@ def compute_dtype(settings: QLoraConfig, ctx: Any) -> Any:
     return getattr(torch, name)
 
 
+def quant_storage(settings: QLoraConfig, ctx: Any) -> Any:
+    """The dtype the packed 4-bit weights are stored in: a sharding strategy (fsdp) shards them like the other
+    weights only when they are stored in a floating dtype, the compute dtype (what FSDP + QLoRA setups use)."""
+    import torch
+
+    name = settings.quant_storage
+    if name == "auto":
+        return compute_dtype(settings, ctx) if "fsdp" in ctx.plugins.names("strategy") else torch.uint8
+    return getattr(torch, name)
+
+
 def quantization_config(settings: QLoraConfig, ctx: Any) -> Any:
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=settings.quant_type,
-        bnb_4bit_use_double_quant=settings.double_quant, bnb_4bit_compute_dtype=compute_dtype(settings, ctx))
+        bnb_4bit_use_double_quant=settings.double_quant, bnb_4bit_compute_dtype=compute_dtype(settings, ctx),
+        bnb_4bit_quant_storage=quant_storage(settings, ctx))
 
 
 def device_map() -> dict[str, Any]:

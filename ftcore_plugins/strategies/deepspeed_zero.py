@@ -21,12 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -358,7 +352,7 @@ def ftcore_export(run_dir: Any, model_dir: Any, config: Any, ctx: Any) -> Any:
     return (yield)
 
 
-# -- launching -------------------------------------------------------------------------
+# -- launching (through ftcore.launch_with_torchrun / launch_with_hostfile) ----------
 
 @ftcore.hookimpl
 def ftcore_launch(argv: list[str], config: Any, ctx: Any) -> int:
@@ -374,131 +368,15 @@ def ftcore_launch(argv: list[str], config: Any, ctx: Any) -> int:
                           "set deepspeed-zero.launcher=deepspeed or auto, or give --num-machines / "
                           "--machine-rank / --main-process-ip and start ftcore on each machine.")
     if launcher == "deepspeed":
-        return launch_with_deepspeed(argv, launch, ctx.log)
-    return launch_with_torchrun(argv, launch, settings, ctx.log)
+        return ftcore.launch_with_hostfile(argv, launch, ctx.log)
+    stage = ds["zero_optimization"]["stage"]
+    return ftcore.launch_with_torchrun(argv, launch, ctx.log, what=f"DeepSpeed ZeRO stage {stage}",
+                                       shutdown_timeout=settings.shutdown_timeout)
 
 
-@contextmanager
-def _child_env(per_machine: int) -> Iterator[None]:
-    """Environment the ranks inherit: unbuffered output (logs stream), Python's stacks on a fatal signal
-    (a rank that aborts or segfaults shows where), one OpenMP thread per rank like torchrun."""
-    wanted = {"PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": os.environ.get("PYTHONFAULTHANDLER") or "1"}
-    if "OMP_NUM_THREADS" not in os.environ and per_machine > 1:
-        wanted["OMP_NUM_THREADS"] = "1"
-    saved = {k: os.environ.get(k) for k in wanted}
-    os.environ.update(wanted)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_with_torchrun(argv: list[str], launch: Any, settings: DeepSpeedZeroConfig, log: Any) -> int:
-    """Start this machine's ranks with PyTorch's elastic launcher (what ``torchrun`` runs), static rendezvous."""
-    import logging
-
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    per_machine = launch.num_processes // launch.num_machines
-    single = launch.num_machines == 1
-    addr = launch.main_process_ip or "127.0.0.1"
-    port = launch.main_process_port
-    if single and "main_process_port" not in launch.model_fields_set:
-        port = free_port()   # one machine: any free port, so concurrent runs do not collide
-    elastic = LaunchConfig(
-        min_nodes=launch.num_machines, max_nodes=launch.num_machines, nproc_per_node=per_machine,
-        run_id=f"ftcore-{addr}-{port}", role="ftcore", rdzv_backend="static", rdzv_endpoint=f"{addr}:{port}",
-        rdzv_configs={"rank": launch.machine_rank, "timeout": 900}, max_restarts=0, monitor_interval=0.5,
-        start_method="spawn", shutdown_timeout=settings.shutdown_timeout,
-    )
-    where = "" if single else f" on machine {launch.machine_rank} of {launch.num_machines} ({addr}:{port})"
-    log(f"launching {per_machine} process(es){where} with DeepSpeed ZeRO stage "
-        f"{deepspeed_config(settings)['zero_optimization']['stage']} (torch.distributed elastic launcher)")
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
-    started = time.time()
-    with _child_env(per_machine):
-        try:
-            elastic_launch(elastic, sys.executable)("-u", *argv)
-        except ChildFailedError as exc:
-            rank, failure = exc.get_first_failure()
-            status = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
-            log(f"error: rank {rank} failed with exit status {failure.exitcode} after {time.time() - started:.0f}s "
-                f"(its output is above); the other ranks were stopped.")
-            return status
-        except SignalException as exc:      # Ctrl-C or a scheduler's SIGTERM: the agent stopped the ranks
-            log(f"error: interrupted by {exc.sigval.name}; the ranks were stopped.")
-            return 128 + int(exc.sigval)
-    return 0
-
-
-def read_hostfile(path: str) -> dict[str, int]:
-    """``host slots=N`` lines (DeepSpeed's format); comments and blank lines are skipped."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"launch.hostfile {file} not found.")
-    hosts: dict[str, int] = {}
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        parts = line.split()
-        slots = parts[1].removeprefix("slots=") if len(parts) == 2 and parts[1].startswith("slots=") else ""
-        if not slots.isdigit() or int(slots) < 1:
-            raise ConfigError(f"{file}:{number}: expected 'HOST slots=N' (N processes on that host), got {line!r}.")
-        hosts[parts[0]] = int(slots)
-    if not hosts:
-        raise ConfigError(f"launch.hostfile {file} lists no host.")
-    return hosts
-
-
-def deepspeed_launcher_command(argv: list[str], launch: Any) -> list[str]:
-    """The ``deepspeed`` launcher command for a hostfile run (it starts every host over ssh/pdsh)."""
-    hosts = read_hostfile(launch.hostfile)
-    if argv[:1] != ["-m"]:
-        raise ConfigError(f"cannot launch {argv!r} with DeepSpeed's launcher: expected a module (-m).")
-    port = launch.main_process_port
-    if len(hosts) == 1 and "main_process_port" not in launch.model_fields_set:
-        port = free_port()   # one host: any free port, so concurrent runs do not collide
-    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--hostfile", str(launch.hostfile),
-           "--master_port", str(port), "--no_local_rank", "--log_level", "warning"]
-    if launch.main_process_ip:
-        cmd += ["--master_addr", launch.main_process_ip]
-    if len(hosts) == 1:
-        # One host: nothing to reach over ssh (DeepSpeed would still insist on checking it).
-        cmd += ["--no_ssh_check"] + ([] if launch.main_process_ip else ["--master_addr", "127.0.0.1"])
-    fields = launch.model_fields_set
-    if "num_machines" in fields:
-        cmd += ["--num_nodes", str(launch.num_machines)]
-    if "num_processes" in fields:
-        cmd += ["--num_gpus", str(launch.num_processes // launch.num_machines)]
-    return cmd + ["--module", *argv[1:]]
-
-
-def launch_with_deepspeed(argv: list[str], launch: Any, log: Any) -> int:
-    cmd = deepspeed_launcher_command(argv, launch)
-    hosts = read_hostfile(launch.hostfile)
-    log(f"launching on {len(hosts)} host(s) from {launch.hostfile} ({sum(hosts.values())} slots) "
-        f"with DeepSpeed's launcher")
-    with _child_env(max(hosts.values())):
-        proc = subprocess.Popen(cmd)
-        try:
-            status = proc.wait()
-        except KeyboardInterrupt:
-            proc.terminate()
-            status = proc.wait()
-    if status:
-        log(f"error: the DeepSpeed launcher ended with exit status {status} (a rank's output above says why); "
-            f"it stops the other ranks when one fails.")
-    return status
+# Kept for callers of the names this module had before the launchers moved to ftcore's public API.
+free_port = ftcore.free_port
+read_hostfile = ftcore.read_hostfile
+deepspeed_launcher_command = ftcore.hostfile_launcher_command

@@ -1,4 +1,4 @@
-"""Test-only plugins for tests/test_deepspeed*.py, installed the way a third party's are.
+"""Test-only plugins for tests/test_deepspeed*.py and test_fsdp_ranks.py, installed the way a third party's are.
 
 This folder holds a minimal ``*.dist-info`` with entry points; putting the folder on
 PYTHONPATH (or sys.path) makes ``importlib.metadata`` find these plugins, in the test
@@ -15,7 +15,8 @@ import ftcore
 
 
 class FailingRank:
-    """Raise in the rank FTCORE_TEST_FAIL_RANK once it has finished step FTCORE_TEST_FAIL_STEP."""
+    """Raise in the rank FTCORE_TEST_FAIL_RANK once it has finished step FTCORE_TEST_FAIL_STEP; with
+    FTCORE_TEST_FAIL_SIGNAL (KILL, TERM), that rank sends itself the signal at that step instead."""
 
     @ftcore.hookimpl
     def ftcore_trainer_callbacks(self, ctx):
@@ -25,7 +26,15 @@ class FailingRank:
 
         class FailAtStep(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                if os.environ.get("RANK") == rank and state.global_step >= step:
+                if os.environ.get("RANK") != rank or state.global_step < step:
+                    return
+                sig = os.environ.get("FTCORE_TEST_FAIL_SIGNAL")
+                if sig:
+                    if state.global_step == step:
+                        import signal
+
+                        os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
+                else:
                     raise RuntimeError(f"injected failure on rank {rank} at step {state.global_step}")
 
         return [FailAtStep()]
@@ -124,8 +133,80 @@ class ProbeOptimizer:
         return [Record()]
 
 
+class RankMemory:
+    """Each rank's peak memory while training, over its memory before (to FTCORE_TEST_PROBE_DIR/memory-rankN.json):
+    the peak of anonymous resident memory during training (sampled, and the kernel's peak reset as training
+    starts), less the anonymous memory once the model was loaded minus the model's own tensors there (they are
+    freed as FSDP shards them), plus frozen tensors still mapped from the model file (as tests/memory_probe.py)."""
+
+    @ftcore.hookimpl
+    def ftcore_model_loaded(self, model):
+        import threading
+
+        from memory_probe import frozen_weights_in_mapped_files, mapped_file_ranges, status, trim
+
+        folder = os.environ.get("FTCORE_TEST_PROBE_DIR")
+        if not folder:
+            return
+        trim()
+        ranges = mapped_file_ranges()
+        seen, anon_model = set(), 0
+        for t in [*model.parameters(), *model.buffers()]:
+            storage = t.untyped_storage()
+            if storage.data_ptr() in seen:
+                continue
+            seen.add(storage.data_ptr())
+            if not any(start <= storage.data_ptr() < end for start, end in ranges):
+                anon_model += storage.nbytes()
+        self.baseline = status()["RssAnon"] - anon_model
+        self.folder, self.sampled, self.stop = folder, 0, threading.Event()
+
+        def frozen_mapped(net):   # FSDP's shards are DTensors: their local part is what this rank holds
+            local = type("Local", (), {})()
+            params = [p.to_local() if type(p).__name__ == "DTensor" else p for p in net.parameters()]
+            local.parameters, local.buffers = (lambda: iter(params)), net.buffers
+            return frozen_weights_in_mapped_files(local)
+
+        self.frozen_mapped = frozen_mapped
+
+    @ftcore.hookimpl
+    def ftcore_trainer_callbacks(self, ctx):
+        import threading
+
+        from memory_probe import reset_peak, status
+        from transformers import TrainerCallback
+
+        probe = self
+        if not getattr(self, "folder", None):
+            return []
+
+        def sample():
+            while not probe.stop.wait(0.002):
+                probe.sampled = max(probe.sampled, status()["RssAnon"])
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                probe.mapped = probe.frozen_mapped(kw["model"])
+                probe.reset = reset_peak()
+                probe.start = status()
+                probe.sampled = probe.start["RssAnon"]
+                threading.Thread(target=sample, daemon=True).start()
+
+            def on_train_end(self, args, state, control, **kw):
+                probe.stop.set()
+                now = status()
+                not_anon = max(now["RssFile"], probe.start["RssFile"]) + now.get("RssShmem", 0)
+                kernel = now["VmHWM"] - not_anon if probe.reset else 0
+                peak = max(kernel, probe.sampled) - probe.baseline + probe.mapped
+                with open(os.path.join(probe.folder, f"memory-rank{os.environ.get('RANK')}.json"), "w") as fh:
+                    json.dump({"peak": peak, "baseline": probe.baseline, "mapped": probe.mapped}, fh)
+
+        return [Callback()]
+
+
 fail = FailingRank()
 probe_export = ProbeExport()
 sgd = Sgd()
 four_bit = FourBit()
 probe_optimizer = ProbeOptimizer()
+rank_memory = RankMemory()

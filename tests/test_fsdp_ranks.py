@@ -1,0 +1,194 @@
+"""fsdp with real ranks: two CPU processes running PyTorch FSDP2 (fully_shard) over gloo.
+
+Each test launches through `ftcore run` as a user would; the ranks find the test-only plugins in
+tests/deepspeed_fixture through PYTHONPATH, like any installed plugin. Each two-rank run is compared,
+loss for loss, with one process training on the same global batch (two ranks of batch 2, one process of
+batch 4).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from test_deepspeed_ranks import (
+    SETTINGS,
+    assert_adapter_loads_with_peft,
+    assert_full_model_saved,
+    assert_learned,
+    assert_only_rank0_wrote,
+    assert_same_losses,
+    base_args,
+    metrics,
+    one_process_run,
+    run_cli,
+    train_losses,
+)
+
+pytestmark = pytest.mark.slow
+
+# Two FSDP ranks against one process: gradients are reduce-scattered (summed in another order) and the optimizer
+# steps each shard; the same tolerance as ZeRO's (see test_deepspeed_ranks.py), far below what a real difference
+# moves (4-bit weights instead of 32-bit move these losses ~1.5e-3).
+FSDP_REL = 1e-5
+
+
+def summary(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_fsdp_lora_two_ranks_match_one_rank_and_the_adapter_merges(tiny_model_dir, alpaca_file, tmp_path):
+    out = tmp_path / "lora"
+    status, output = run_cli(base_args(tiny_model_dir, alpaca_file, out, "fsdp,lora,alpaca,merge")
+                             + ["--num-processes", "2"])
+    assert status == 0, output
+    assert "launching 2 process(es) with FSDP2 (fully_shard)" in output
+    assert "[rank 1] trainable params:" in output            # both ranks' logs are streamed
+    assert_learned(out)
+    assert_only_rank0_wrote(out)
+    assert_adapter_loads_with_peft(out / "adapter", tiny_model_dir)   # gathered whole on rank 0, plain PEFT
+    assert_full_model_saved(out / "merged", tiny_model_dir)          # the merge exporter ran on it
+    one = one_process_run(tiny_model_dir, alpaca_file, tmp_path / "one")
+    assert_same_losses(train_losses(out), train_losses(one.output_dir), rel=FSDP_REL)
+    assert_same_losses([summary(out)["metrics"]["eval_loss"]], [one.metrics["eval_loss"]], rel=FSDP_REL)
+
+
+def test_fsdp_qlora_shards_the_4bit_base_and_matches_one_rank(tiny_model_dir, alpaca_file, tmp_path):
+    """The 4-bit base stored as float32 (qlora.quant_storage=auto under fsdp) is sharded like any weight; the
+    losses are those of a one-process qlora run (4-bit, stored as uint8: the same bytes), not plain lora's."""
+    out = tmp_path / "qlora"
+    status, output = run_cli(base_args(tiny_model_dir, alpaca_file, out, "fsdp,qlora,alpaca")
+                             + ["--num-processes", "2"])
+    assert status == 0, output
+    assert "[rank 1] trainable params:" in output
+    # each rank holds about half of every weight, the 4-bit ones included (none left whole on each rank)
+    shares = re.findall(r"fsdp: this rank holds ([\d.]+)% of the model's weights", output)
+    assert len(shares) == 2 and all(45 <= float(s) <= 55 for s in shares), shares
+    assert_learned(out)
+    assert_only_rank0_wrote(out)
+    assert_adapter_loads_with_peft(out / "adapter", tiny_model_dir)     # onto the unquantized base
+    one_rank = {adapter: train_losses(one_process_run(tiny_model_dir, alpaca_file, tmp_path / f"one-{adapter}",
+                                                      adapter).output_dir)
+                for adapter in ("qlora", "lora")}
+    losses = train_losses(out)
+    assert_same_losses(losses, one_rank["qlora"], rel=FSDP_REL)
+    assert max(abs(a - b) / b for a, b in zip(losses, one_rank["lora"])) > 5e-4    # really 4-bit
+
+
+FULL = [s for s in SETTINGS if not s.startswith(("lora.", "training.learning_rate"))]
+
+
+def test_fsdp_full_fine_tune_chunked_loss_equals_plain_and_one_rank(tiny_model_dir, alpaca_file, tmp_path):
+    """Full fine-tuning: the trained output layer's weight is a sharded DTensor. The chunked loss (each chunk
+    through the layer's own FSDP hooks) gives the losses of the plain loss, and of one process; the model is
+    gathered and saved whole by rank 0, and gguf-export runs on it."""
+    runs = {}
+    for loss in ("chunked", "plain"):
+        out = tmp_path / f"full-{loss}"
+        plugins = "fsdp,full,alpaca" + (",gguf-export" if loss == "chunked" else "")
+        status, output = run_cli(base_args(tiny_model_dir, alpaca_file, out, plugins, FULL)
+                                 + ["--set", f"training.loss={loss}", "--set", "training.loss_chunk_size=16",
+                                    "--num-processes", "2"])
+        assert status == 0, output
+        # plain: the model's own loss, at supervised positions only (training.sparse_logits, on by default)
+        assert summary(out)["metrics"]["loss"]["path"] == {"chunked": "chunked", "plain": "sparse"}[loss]
+        assert_learned(out)
+        assert_only_rank0_wrote(out)
+        runs[loss] = train_losses(out)
+    assert_full_model_saved(tmp_path / "full-chunked" / "model", tiny_model_dir)
+    assert list((tmp_path / "full-chunked" / "gguf").glob("*.gguf"))
+    assert_same_losses(runs["chunked"], runs["plain"], rel=FSDP_REL)
+    from conftest import tiny_config
+
+    import ftcore
+
+    cfg = tiny_config(tiny_model_dir, alpaca_file, tmp_path / "one", epochs=2, batch_size=4)
+    cfg["plugins"] = ["full", "alpaca"]
+    one = ftcore.run(cfg, log=lambda m: None)
+    assert_same_losses(runs["plain"], train_losses(one.output_dir), rel=FSDP_REL)
+
+
+RESUMABLE = ["--set", "training.save_strategy='steps'", "--set", "training.save_steps=2"]
+
+
+def test_a_killed_rank_stops_the_run_and_resume_auto_finishes_it_alike(tiny_model_dir, alpaca_file, tmp_path):
+    """SIGKILL of rank 1 after step 5: the launcher stops rank 0 and says which rank died; --resume auto
+    continues from the last complete checkpoint (step 4) with the losses of an uninterrupted run."""
+    out = tmp_path / "killed"
+    args = base_args(tiny_model_dir, alpaca_file, out, "fsdp,lora,alpaca,dstest-fail") + RESUMABLE + [
+        "--num-processes", "2"]
+    status, output = run_cli(args, env_extra={"FTCORE_TEST_FAIL_RANK": "1", "FTCORE_TEST_FAIL_STEP": "5",
+                                              "FTCORE_TEST_FAIL_SIGNAL": "KILL"})
+    assert status != 0, output
+    assert "rank 1 was killed by SIGKILL" in output
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+    status, output = run_cli(args + ["--resume", "auto"])
+    assert status == 0, output
+    assert "resuming from" in output and "checkpoint-4" in output
+    assert_only_rank0_wrote(out)
+    assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, 11))
+    one = one_process_run(tiny_model_dir, alpaca_file, tmp_path / "one")
+    assert_same_losses(train_losses(out), train_losses(one.output_dir), rel=FSDP_REL)
+    assert_adapter_loads_with_peft(out / "adapter", tiny_model_dir)
+
+
+def test_sigterm_saves_a_checkpoint_on_every_rank_and_exits_3(tiny_model_dir, alpaca_file, tmp_path):
+    """SIGTERM to a rank (a scheduler's preemption): every rank stops after the same step, the checkpoint of that
+    step is saved, and the run exits with status 3; --resume auto then finishes it."""
+    out = tmp_path / "terminated"
+    args = base_args(tiny_model_dir, alpaca_file, out, "fsdp,lora,alpaca,dstest-fail") + [
+        "--set", "training.save_strategy='no'", "--num-processes", "2"]
+    status, output = run_cli(args, env_extra={"FTCORE_TEST_FAIL_RANK": "1", "FTCORE_TEST_FAIL_STEP": "3",
+                                              "FTCORE_TEST_FAIL_SIGNAL": "TERM"})
+    assert status == 3, output
+    assert "SIGTERM received" in output
+    assert (out / "checkpoints" / "checkpoint-3").is_dir()
+    status, output = run_cli(args + ["--resume", "auto"])
+    assert status == 0, output
+    assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, 11))
+
+
+@pytest.mark.xfail(strict=True, reason="measured here: each rank's peak is 1.7-2.4x the per-process estimate "
+                   "(lora 139.7 MB vs 59.3, qlora 88.8 vs 51.9, full 129.5 vs 76.8): FSDP's gathered copies, "
+                   "communication buffers and gloo's memory are not counted yet")
+def test_estimate_per_process_is_within_35_percent_of_each_ranks_peak(tmp_path):
+    """lora, qlora and full under fsdp on two CPU ranks, two real steps each, every sequence SEQ tokens (the model
+    and data of tests/test_estimate.py): each rank's peak memory over what it held before (the dstest-rank-memory
+    probe) against `ftcore estimate --plugins fsdp,METHOD --num-processes 2`."""
+    import os
+    from pathlib import Path
+
+    from conftest import write_jsonl
+    from test_deepspeed_ranks import FIXTURE
+
+    import ftcore
+    from ftcore.testing import build_model, build_tokenizer
+
+    SEQ, BATCH = 128, 4        # as tests/test_estimate.py
+    model = build_model(tmp_path / "model", build_tokenizer(), hidden_size=256, layers=4, heads=4, kv_heads=2,
+                        intermediate_size=688)
+    words = " ".join(f"word{i} and more" for i in range(SEQ))
+    data = write_jsonl(tmp_path / "train.jsonl", [{"instruction": words, "output": words}] * (4 * BATCH))
+    seen = []
+    for method in ("lora", "qlora", "full"):
+        out, probe = tmp_path / method, tmp_path / f"probe-{method}"
+        probe.mkdir()
+        args = ["--plugins", f"fsdp,{method},alpaca,dstest-rank-memory", "--model", str(model), "--data", str(data),
+                "--output", str(out), "--num-processes", "2"]
+        for s in ("training.max_steps=2", f"training.batch_size={BATCH}", "training.gradient_accumulation=1",
+                  "training.save_strategy='no'", "training.eval_strategy='no'", "training.gradient_checkpointing=true",
+                  f"data.max_length={SEQ}", "data.val_size=0", "data.cache=false", "alpaca.train_on_inputs=true"):
+            args += ["--set", s]
+        path = os.pathsep.join([str(FIXTURE), str(Path(__file__).parent)])
+        status, output = run_cli(args, env_extra={"FTCORE_TEST_PROBE_DIR": str(probe), "PYTHONPATH": path})
+        assert status == 0, output
+        measured = max(json.loads((probe / f"memory-rank{r}.json").read_text())["peak"] for r in (0, 1))
+        rows = ftcore.estimate(str(model), ["fsdp", method], seq_len=SEQ, batch=BATCH, gradient_checkpointing=True,
+                               precision="fp32", device="cpu", processes=2, log=lambda m: None)["methods"]
+        est = next(r for r in rows if r["method"] == method)["total"]
+        seen.append((method, est / measured, est, measured))
+    table = "\n".join(f"{m}: estimate/measured {ratio:.2f} ({e / 1e6:.1f} MB vs {got / 1e6:.1f} MB)"
+                      for m, ratio, e, got in seen)
+    print(table)
+    assert all(0.65 <= ratio <= 1.35 for _, ratio, _, _ in seen), table
