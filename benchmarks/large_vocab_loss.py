@@ -203,18 +203,25 @@ def run_config(model: Path, data: Path, out: Path, loss: str, shape: dict[str, A
                          "logging_steps": 1, "precision": "fp32", "gradient_checkpointing": False}}
 
 
-def run_worker(spec: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
-    tag = f"{spec['loss']}-{spec['vocab']}-r{spec['round']}"
+def spawn(flag: str, tag: str, spec: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
+    """Run one worker (``--worker`` or ``--paired-worker``) in its own process; its result with the load average
+    before and after."""
     spec_path, result_path = work / f"{tag}.spec.json", work / f"{tag}.result.json"
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
     load = os.getloadavg()[0]
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_path), str(result_path)],
+    proc = subprocess.run([sys.executable, __file__, flag, str(spec_path), str(result_path)],
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not result_path.exists():
         raise RuntimeError(f"{tag} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     result = json.loads(result_path.read_text())
     result.update(load_before=round(load, 2), load_after=round(os.getloadavg()[0], 2))
+    return result
+
+
+def run_worker(spec: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
+    tag = f"{spec['loss']}-{spec['vocab']}-r{spec['round']}"
+    result = spawn("--worker", tag, spec, work, timeout)
     print(f"{tag}: peak {result['peak_rss_mib']:.0f} MiB, {result['tokens_per_s']:.0f} tokens/s, "
           f"train loss {result['train_loss']:.4f} ({result['loss_path']})", flush=True)
     return result
@@ -222,16 +229,7 @@ def run_worker(spec: dict[str, Any], work: Path, timeout: float) -> dict[str, An
 
 def run_paired(model: Path, tokens: int, pairs: int, work: Path, timeout: float) -> dict[str, Any]:
     tag = f"paired-{model.name}"
-    spec_path, result_path = work / f"{tag}.spec.json", work / f"{tag}.result.json"
-    spec_path.write_text(json.dumps({"model": str(model), "tokens": tokens, "pairs": pairs}))
-    result_path.unlink(missing_ok=True)
-    load = os.getloadavg()[0]
-    proc = subprocess.run([sys.executable, __file__, "--paired-worker", str(spec_path), str(result_path)],
-                          capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0 or not result_path.exists():
-        raise RuntimeError(f"{tag} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    result = json.loads(result_path.read_text())
-    result.update(load_before=round(load, 2), load_after=round(os.getloadavg()[0], 2))
+    result = spawn("--paired-worker", tag, {"model": str(model), "tokens": tokens, "pairs": pairs}, work, timeout)
     print(f"{tag}: chunked over plain {result['ratio_median']:.3f}x (pairs {result['ratio_range'][0]:.3f}-"
           f"{result['ratio_range'][1]:.3f}), max loss difference {result['max_loss_difference']:.2e}", flush=True)
     return result

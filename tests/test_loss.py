@@ -12,7 +12,7 @@ from transformers.trainer_pt_utils import LabelSmoother
 import ftcore
 from ftcore.cli import main
 from ftcore.training import loss as loss_mod
-from ftcore.training.loss import LossPlan, causal_lm_loss
+from ftcore.training.loss import LossPlan, causal_lm_loss, chunked_cross_entropy
 from tests.conftest import tiny_config, write_jsonl
 from tests.test_perf_equivalence import packed_batch, padded_batch
 
@@ -252,3 +252,27 @@ def test_auto_uses_an_installed_fused_kernel_on_a_gpu_and_records_it(lora_model,
         assert rows == [0]                                          # the output layer itself computed nothing
     calls = sys.modules["liger_kernel.transformers"].CALLS
     assert calls[-1] == ((supervised, lora_model.config.hidden_size), "sum", 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_plain_linear_layers_chunks_computed_directly_equal_autograd(dtype):
+    """The direct path for a plain linear output layer (one buffer turned into the softmax and then the logits'
+    gradient) against autograd's cross-entropy: loss and gradients for the hidden states, a trained weight and
+    bias, with ignored targets, in fp32 and with bf16 weights."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=True).to(dtype)
+    hidden = torch.randn(23, 16, dtype=dtype)
+    targets = torch.randint(0, 300, (23,))
+    targets[[0, 5, 22]] = -100
+    x = hidden.clone().requires_grad_(True)
+    want = torch.nn.functional.cross_entropy(head(x).float(), targets, ignore_index=-100, reduction="sum")
+    want.backward()
+    want_grads = [x.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
+    head.zero_grad()
+    y = hidden.clone().requires_grad_(True)
+    got = chunked_cross_entropy(y, targets, head, 5)
+    got.backward()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    assert torch.allclose(got, want, **tol)
+    for g, w in zip([y.grad, head.weight.grad, head.bias.grad], want_grads):
+        assert torch.allclose(g.float(), w.float(), **tol)

@@ -239,12 +239,25 @@ class _ChunkedCrossEntropy:
 
         class ChunkedCrossEntropy(torch.autograd.Function):
             @staticmethod
-            def forward(ctx, hidden, targets, head, chunk, smoothing, *params):  # noqa: ANN001
+            def forward(ctx, hidden, targets, head, chunk, smoothing, linear, *params):  # noqa: ANN001
                 grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
                 grad_params = [None] * len(params)
                 total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+                direct = (linear is not None and not smoothing
+                          and not torch.is_autocast_enabled(hidden.device.type))
                 for start in range(0, hidden.shape[0], chunk):
                     end = min(start + chunk, hidden.shape[0])
+                    if direct:
+                        weight, bias = linear
+                        loss, grads = _linear_chunk(head, hidden[start:end], targets[start:end], weight, bias,
+                                                    grad_hidden is not None, params)
+                        if grad_hidden is not None:
+                            grad_hidden[start:end] = grads.pop(0)
+                        for i, g in enumerate(grads):
+                            g = g.to(params[i].dtype)
+                            grad_params[i] = g if grad_params[i] is None else grad_params[i] + g
+                        total += loss
+                        continue
                     with torch.enable_grad():
                         part = hidden[start:end].detach().requires_grad_(hidden.requires_grad)
                         # the logits are not held: backward needs only the log-probabilities cross-entropy keeps
@@ -270,9 +283,42 @@ class _ChunkedCrossEntropy:
                 scale = grad_total.to(torch.float32)
                 out_hidden = None if grad_hidden is None else (grad_hidden * scale).to(grad_hidden.dtype)
                 outs = [None if g is None else (g * scale).to(g.dtype) for g in grad_params]
-                return (out_hidden, None, None, None, None, *outs)
+                return (out_hidden, None, None, None, None, None, *outs)
 
         return ChunkedCrossEntropy
+
+
+def _linear_chunk(head: Any, part: Any, targets: Any, weight: Any, bias: Any, want_hidden: bool,
+                  params: list[Any]) -> tuple[Any, list[Any]]:
+    """One chunk of a plain linear output layer ``head`` (called without a graph): its summed cross-entropy and the gradients, for the hidden
+    states (when ``want_hidden``) and for those of ``weight`` and ``bias`` that are in ``params``, in their order.
+
+    Computed directly in one rows x vocabulary buffer: the logits become the softmax in place, then the
+    gradient of the loss for the logits (softmax less the one-hot target). Autograd's cross-entropy keeps the
+    log-probabilities and builds a one-hot gradient and the softmax besides: several more buffers and passes
+    over rows x vocabulary, which made chunks of a 128k vocabulary slower than the plain loss on a CPU.
+    """
+    import torch
+
+    logits = head(part).float()         # a fresh buffer (no graph: in the Function's forward), fp32 logits
+    valid = targets != IGNORE_INDEX
+    safe = torch.where(valid, targets, 0)
+    picked = logits.gather(1, safe[:, None]).squeeze(1)
+    top = logits.amax(dim=1, keepdim=True)
+    logits.sub_(top).exp_()
+    norm = logits.sum(dim=1, keepdim=True)
+    loss = ((top + norm.log()).squeeze(1) - picked)[valid].sum()
+    logits.div_(norm)                                  # the softmax
+    logits.scatter_add_(1, safe[:, None], -valid[:, None].to(logits.dtype))
+    if not bool(valid.all()):
+        logits[~valid] = 0.0
+    grad = logits.to(weight.dtype)
+    grads = [grad @ weight] if want_hidden else []
+    if any(p is weight for p in params):
+        grads.append(grad.t() @ part.to(weight.dtype))
+    if bias is not None and any(p is bias for p in params):
+        grads.append(grad.sum(0))
+    return loss, grads
 
 
 _FUNCTION: list[Any] = []
@@ -292,13 +338,16 @@ def chunked_cross_entropy(hidden: Any, targets: Any, head: Any, chunk: int, labe
     params = [p for p in head.parameters() if p.requires_grad]
     if any(hasattr(p, "ds_id") for p in params):
         return _checkpointed_cross_entropy(hidden, targets, head, chunk, label_smoothing)
+    # a plain linear layer's chunks are computed directly (_linear_chunk); others (an adapter on the output
+    # layer, an FSDP unit's gathered weights) through autograd
+    linear = (head.weight, head.bias) if type(head) is torch.nn.Linear else None
     if sharded_by_fsdp(head):
         head, params = _gathered_layer(head)
     if not _FUNCTION:
         _FUNCTION.append(_ChunkedCrossEntropy.function())
     if not torch.is_grad_enabled():
         params = []
-    return _FUNCTION[0].apply(hidden, targets, head, chunk, label_smoothing, *params)
+    return _FUNCTION[0].apply(hidden, targets, head, chunk, label_smoothing, linear, *params)
 
 
 def sharded_by_fsdp(head: Any) -> bool:
