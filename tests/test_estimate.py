@@ -328,6 +328,9 @@ def test_the_loss_is_counted_as_the_run_computes_it(tiny):
     assert every["bytes"] == plain["bytes"] and every["supervised_share"] == 1.0
     big, _ = loss_of(settings={"training": {"loss_chunk_size": 1024}})
     assert big["bytes"] == 3 * 1024 * V * 4 + 2 * tokens * H * 4
+    # in fp32 (no autocast) a plain output layer's chunk is computed directly in one buffer
+    direct, said = loss_of(precision="fp32")
+    assert direct["bytes"] == 130 * V * 4 + 2 * tokens * H * 4 and "one fp32 buffer" in said
     out = CliRunner().invoke(main, ["estimate", "-m", tiny, "--supervised-share", "0"])
     assert out.exit_code == 2 and "--supervised-share" in out.output and "Traceback" not in out.output
     out = CliRunner().invoke(main, ["estimate", "-m", tiny, "--set", "training.loss=chunky"])

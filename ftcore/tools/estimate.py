@@ -188,29 +188,36 @@ class LossTerm:
     rows: int                   # positions whose logits are computed
     chunk_size: int | None      # positions per chunk (chunked)
     bytes: int
+    buffers: int = 3            # rows x vocab fp32 tensors held per chunk (chunked)
 
     def describe(self) -> str:
         if self.path == "plain":
             return (f"plain: logits for all {self.rows:,d} positions at once; fp32 log-probabilities and, in backward, "
                     f"two more such tensors: 3 x {self.rows:,d} x vocab x 4 bytes")
         return (f"chunked: the output layer and cross-entropy over {self.rows:,d} positions in chunks of "
-                f"{self.chunk_size:,d}; one chunk's logits, log-probabilities and gradient at a time (3 x chunk x vocab "
-                f"x 4 bytes) plus the rows' hidden states and their gradient (2 x rows x hidden x 4 bytes); a fused "
-                f"kernel (liger-kernel, cut-cross-entropy) keeps as much or less")
+                f"{self.chunk_size:,d}; one chunk at a time, "
+                + ("computed directly in one fp32 buffer (1 x chunk x vocab x 4 bytes)" if self.buffers == 1 else
+                   "its logits, log-probabilities and gradient (3 x chunk x vocab x 4 bytes)")
+                + " plus the rows' hidden states and their gradient (2 x rows x hidden x 4 bytes); a fused "
+                "kernel (liger-kernel, cut-cross-entropy) keeps as much or less")
 
 
 def loss_term(shape: ModelShape, tokens: int, loss: str = "auto", chunk_size: int | None = None,
-              sparse_logits: bool = True, supervised_share: float = 1.0) -> LossTerm:
+              sparse_logits: bool = True, supervised_share: float = 1.0, precision: str = "bf16") -> LossTerm:
     """The loss's memory as ftcore computes it (ftcore.training.loss): ``loss`` as training.loss (auto, chunked
     and fused are counted as chunked), ``chunk_size`` as training.loss_chunk_size, and with ``sparse_logits``
-    only the supervised share of the positions."""
+    only the supervised share of the positions. In fp32 a chunk of a plain output layer is computed directly in
+    one fp32 buffer (logits, then softmax, then their gradient); under 16-bit autocast through autograd, which
+    holds three (logits, log-probabilities, gradient)."""
     from ftcore.training.loss import auto_chunk_size
 
     rows = max(1, math.ceil(tokens * supervised_share)) if sparse_logits else tokens
     if loss == "plain":
         return LossTerm("plain", rows, None, 3 * rows * shape.vocab * 4)
     chunk = chunk_size or auto_chunk_size(shape.vocab)
-    return LossTerm("chunked", rows, chunk, 3 * min(rows, chunk) * shape.vocab * 4 + 2 * rows * shape.hidden * 4)
+    buffers = 1 if precision == "fp32" else 3
+    return LossTerm("chunked", rows, chunk, buffers * min(rows, chunk) * shape.vocab * 4
+                    + 2 * rows * shape.hidden * 4, buffers)
 
 
 def adapted_layers(shape: ModelShape, targets: tuple[str, ...] | list[str] | str) -> dict[str, tuple[int, int]]:
@@ -275,7 +282,7 @@ def estimate_method(shape: ModelShape, profile: MemoryProfile, name: str = "meth
     layers = (L * H + per_layer) if checkpointing else L * per_layer
     # 4-bit bases: the residual stream between the fp32 norms and bitsandbytes' layers stays fp32
     stream_extra = (4 - b) * L * H if profile.base_storage == "4bit" else 0
-    loss = loss or loss_term(shape, tokens)
+    loss = loss or loss_term(shape, tokens, precision=precision)
     activations = tokens * (b * layers + stream_extra) + loss.bytes
     if checkpointing and not gradient_checkpointing:
         notes.append("gradient checkpointing is always on for this method")
@@ -443,7 +450,7 @@ def estimate(model: str | Path | dict[str, Any], plugins: list[str] | tuple = ()
     if found.objective is not None and found.objective.label != "sft":
         # a preference objective's loss is TRL's: the logits of every position of every sequence, at once
         path, sparse, tokens = "plain", False, tokens * found.objective.sequences_per_example
-    loss = loss_term(shape, tokens, path, train.loss_chunk_size, sparse, supervised_share)
+    loss = loss_term(shape, tokens, path, train.loss_chunk_size, sparse, supervised_share, precision)
     rows = estimate_profiles(shape, found.methods, seq_len, batch, gradient_checkpointing, precision,
                              found.optimizer, device, loss, found.objective)
     processes = processes or found.config.launch.num_processes

@@ -150,12 +150,14 @@ def _cuda() -> bool:
 
 def _plain_linear(model: Any) -> Any:
     """The output layer when it is a plain ``nn.Linear`` whose weight is whole here (not ZeRO-3 sharded)."""
+    head = _base(model).get_output_embeddings()
+    return head if _plain_linear_layer(head) else None
+
+
+def _plain_linear_layer(head: Any) -> bool:
     import torch
 
-    head = _base(model).get_output_embeddings()
-    if type(head) is not torch.nn.Linear or hasattr(head.weight, "ds_id"):
-        return None
-    return head
+    return type(head) is torch.nn.Linear and not hasattr(head.weight, "ds_id")
 
 
 # -- computing it ----------------------------------------------------------------------
@@ -338,9 +340,9 @@ def chunked_cross_entropy(hidden: Any, targets: Any, head: Any, chunk: int, labe
     params = [p for p in head.parameters() if p.requires_grad]
     if any(hasattr(p, "ds_id") for p in params):
         return _checkpointed_cross_entropy(hidden, targets, head, chunk, label_smoothing)
-    # a plain linear layer's chunks are computed directly (_linear_chunk); others (an adapter on the output
-    # layer, an FSDP unit's gathered weights) through autograd
-    linear = (head.weight, head.bias) if type(head) is torch.nn.Linear else None
+    # a plain linear layer whose weight is whole here has its chunks computed directly (_linear_chunk); others
+    # (an adapter on the output layer, a ZeRO-3 partitioned weight, an FSDP unit's gathered weights) through autograd
+    linear = (head.weight, head.bias) if _plain_linear_layer(head) else None
     if sharded_by_fsdp(head):
         head, params = _gathered_layer(head)
     if not _FUNCTION:

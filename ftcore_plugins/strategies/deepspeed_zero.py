@@ -322,9 +322,8 @@ def _prepare_cpu_state() -> bool:
     cleared first, as the trainer does itself when it sets up the state; the process group
     (``PartialState``) stays.
     """
-    from deepspeed.accelerator import get_accelerator
-
     import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
