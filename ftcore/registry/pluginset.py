@@ -195,3 +195,20 @@ def raised_in(exc: BaseException, root: str | None) -> bool:
 def _short(value: Any) -> str:
     text = repr(value) if not hasattr(value, "named_parameters") else type(value).__name__
     return text if len(text) < 80 else text[:77] + "..."
+
+
+def quantized_adapters(config: Any, ctx: Any) -> list[str]:
+    """Selected adapter plugins that load quantized (4-bit) base weights.
+
+    An adapter plugin says how it stores the base weights in its memory profile
+    (``ftcore_memory_profile`` returning ``ftcore.MemoryProfile(base_storage="4bit")``), as the
+    bundled qlora plugin does.
+    """
+    from ftcore.types import MemoryProfile
+
+    found = []
+    for name in ctx.plugins.names("adapter"):
+        for profile in ctx.plugins.call_one(name, "ftcore_memory_profile", config=config, ctx=ctx) or []:
+            if isinstance(profile, MemoryProfile) and profile.base_storage == "4bit":
+                found.append(name)
+    return found

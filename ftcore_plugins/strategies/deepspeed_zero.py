@@ -205,21 +205,6 @@ def _check_zero(zero: dict[str, Any], origin: str) -> None:
 
 # -- combinations ----------------------------------------------------------------------
 
-def quantized_adapters(config: Any, ctx: Any) -> list[str]:
-    """Selected adapter plugins that load quantized (4-bit) base weights.
-
-    An adapter plugin says how it stores the base weights in its memory profile
-    (``ftcore_memory_profile`` returning ``ftcore.MemoryProfile(base_storage="4bit")``), as the
-    bundled qlora plugin does.
-    """
-    found = []
-    for name in ctx.plugins.names("adapter"):
-        for profile in ctx.plugins.call_one(name, "ftcore_memory_profile", config=config, ctx=ctx) or []:
-            if isinstance(profile, ftcore.MemoryProfile) and profile.base_storage == "4bit":
-                found.append(name)
-    return found
-
-
 
 def check_combination(config: Any, ctx: Any, ds: dict[str, Any]) -> None:
     """Refuse, with the reason, the combinations that cannot work with ZeRO."""
@@ -233,7 +218,7 @@ def check_combination(config: Any, ctx: Any, ds: dict[str, Any]) -> None:
             f"per-parameter state and settings) is not made for that, and DeepSpeed itself only accepts it as "
             f'"untested". Leave "{name}" out of --plugins, or choose a DeepSpeed optimizer in the "optimizer" '
             f'section of deepspeed-zero.config_file (its params set to "auto").')
-    for name in quantized_adapters(config, ctx):
+    for name in ftcore.quantized_adapters(config, ctx):
         if stage == 3:
             raise ConfigError(
                 f'plugin "{name}" loads 4-bit quantized base weights, which ZeRO stage 3 cannot shard here: '

@@ -32,7 +32,6 @@ from pydantic import Field
 
 import ftcore
 from ftcore import ConfigError
-from ftcore_plugins.strategies.deepspeed_zero import quantized_adapters
 
 NAME = "fsdp"
 PRECISIONS = {"bf16": "bfloat16", "fp16": "float16"}
@@ -75,7 +74,7 @@ def check_combination(config: Any, ctx: Any) -> None:
             f"weight into a DTensor, and an 8-bit or paged optimizer (bitsandbytes) keeps its state per whole "
             f"local tensor and does not accept DTensor shards. Leave \"{name}\" out of --plugins: the trainer's "
             f"AdamW then keeps its state sharded like the weights.")
-    for name in quantized_adapters(config, ctx):
+    for name in ftcore.quantized_adapters(config, ctx):
         if settings.cpu_offload:
             raise ConfigError(f'plugin "{name}" loads 4-bit quantized weights, which FSDP cannot offload to the '
                               f"CPU (bitsandbytes computes with them where they are): set fsdp.cpu_offload=false.")
