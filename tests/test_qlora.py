@@ -165,10 +165,13 @@ def test_4bit_model_is_read_not_mapped_and_equals_the_mapped_load(tiny_model_dir
     model = _load(tiny_model_dir, tmp_path, {"lora": {"r": 4}})
     assert _views_of_mapped_checkpoints(model) == []
 
+    config, plugins = ftcore.resolve({"model": str(tiny_model_dir), "output_dir": str(tmp_path / "o")},
+                                     log=lambda m: None)
+
     class Ctx:
         precision = "fp32"
 
-    config, _ = ftcore.resolve({"model": str(tiny_model_dir), "output_dir": str(tmp_path / "o")}, log=lambda m: None)
+    Ctx.plugins = plugins          # no strategy plugin: the 4-bit weights are stored as uint8
     kwargs = dict(dtype=torch.float32, device_map={"": "cpu"}, quantization_config=quantization_config(QLoraConfig(), Ctx()))
     ours = load_base_model(str(tiny_model_dir), AutoTokenizer.from_pretrained(str(tiny_model_dir)), config, Ctx(),
                            quantized_on_load=True, **kwargs)
