@@ -165,15 +165,18 @@ def test_sigterm_saves_a_checkpoint_on_every_rank_and_exits_3(tiny_model_dir, al
     assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, 11))
 
 
-@pytest.mark.xfail(strict=True, reason="measured here: each rank's peak is 1.7-2.6x the per-process estimate "
-                   "(lora 112-133 MB vs 57, qlora 86-91 vs 50, full 128-138 vs 75; on a 4x larger model lora "
-                   "348-401 MB vs 99): beyond the sharded tensors each CPU rank grows by ~4-6x the model's "
-                   "unsharded weight bytes while training (not malloc's per-thread arenas: MALLOC_ARENA_MAX=1 "
-                   "changes nothing), which the estimate does not count yet")
-def test_estimate_per_process_is_within_35_percent_of_each_ranks_peak(tmp_path):
+QLORA_GAP = pytest.mark.xfail(strict=True, reason=(
+    "measured here: each rank peaks at 86-93 MB against 50 MB estimated (0.55-0.58); one process without fsdp "
+    "peaks at 72 MB (0.71, tests/test_estimate.py's own check passes). What qlora adds under fsdp beyond lora "
+    "(which estimates within 2%) is not found yet"))
+
+
+@pytest.mark.parametrize("method", ["lora", pytest.param("qlora", marks=QLORA_GAP), "full"])
+def test_estimate_per_process_is_within_35_percent_of_each_ranks_peak(method, tmp_path):
     """lora, qlora and full under fsdp on two CPU ranks, two real steps each, every sequence SEQ tokens (the model
     and data of tests/test_estimate.py): each rank's peak memory over what it held before (the dstest-rank-memory
-    probe) against `ftcore estimate --plugins fsdp,METHOD --num-processes 2`."""
+    probe) against `ftcore estimate --plugins fsdp,METHOD --num-processes 2`. No allocator setting is given to the
+    ranks: the fsdp plugin fixes glibc's mmap threshold in CPU ranks itself (measured 3-4x less memory)."""
     import os
     from pathlib import Path
 
@@ -188,25 +191,23 @@ def test_estimate_per_process_is_within_35_percent_of_each_ranks_peak(tmp_path):
                         intermediate_size=688)
     words = " ".join(f"word{i} and more" for i in range(SEQ))
     data = write_jsonl(tmp_path / "train.jsonl", [{"instruction": words, "output": words}] * (4 * BATCH))
-    seen = []
-    for method in ("lora", "qlora", "full"):
-        out, probe = tmp_path / method, tmp_path / f"probe-{method}"
-        probe.mkdir()
-        args = ["--plugins", f"fsdp,{method},alpaca,dstest-rank-memory", "--model", str(model), "--data", str(data),
-                "--output", str(out), "--num-processes", "2"]
-        for s in ("training.max_steps=2", f"training.batch_size={BATCH}", "training.gradient_accumulation=1",
-                  "training.save_strategy='no'", "training.eval_strategy='no'", "training.gradient_checkpointing=true",
-                  f"data.max_length={SEQ}", "data.val_size=0", "data.cache=false", "alpaca.train_on_inputs=true"):
-            args += ["--set", s]
-        path = os.pathsep.join([str(FIXTURE), str(Path(__file__).parent)])
-        status, output = run_cli(args, env_extra={"FTCORE_TEST_PROBE_DIR": str(probe), "PYTHONPATH": path})
-        assert status == 0, output
-        measured = max(json.loads((probe / f"memory-rank{r}.json").read_text())["peak"] for r in (0, 1))
-        rows = ftcore.estimate(str(model), ["fsdp", method], seq_len=SEQ, batch=BATCH, gradient_checkpointing=True,
-                               precision="fp32", device="cpu", processes=2, log=lambda m: None)["methods"]
-        est = next(r for r in rows if r["method"] == method)["total"]
-        seen.append((method, est / measured, est, measured))
-    table = "\n".join(f"{m}: estimate/measured {ratio:.2f} ({e / 1e6:.1f} MB vs {got / 1e6:.1f} MB)"
-                      for m, ratio, e, got in seen)
-    print(table)
-    assert all(0.65 <= ratio <= 1.35 for _, ratio, _, _ in seen), table
+    out, probe = tmp_path / method, tmp_path / f"probe-{method}"
+    probe.mkdir()
+    args = ["--plugins", f"fsdp,{method},alpaca,dstest-rank-memory", "--model", str(model), "--data", str(data),
+            "--output", str(out), "--num-processes", "2"]
+    for s in ("training.max_steps=2", f"training.batch_size={BATCH}", "training.gradient_accumulation=1",
+              "training.save_strategy='no'", "training.eval_strategy='no'", "training.gradient_checkpointing=true",
+              f"data.max_length={SEQ}", "data.val_size=0", "data.cache=false", "alpaca.train_on_inputs=true"):
+        args += ["--set", s]
+    path = os.pathsep.join([str(FIXTURE), str(Path(__file__).parent)])
+    assert not any(k.startswith("MALLOC_") for k in os.environ)       # the allocator as users have it
+    status, output = run_cli(args, env_extra={"FTCORE_TEST_PROBE_DIR": str(probe), "PYTHONPATH": path})
+    assert status == 0, output
+    assert "malloc's mmap threshold fixed at 128 KiB" in output
+    measured = max(json.loads((probe / f"memory-rank{r}.json").read_text())["peak"] for r in (0, 1))
+    rows = ftcore.estimate(str(model), ["fsdp", method], seq_len=SEQ, batch=BATCH, gradient_checkpointing=True,
+                           precision="fp32", device="cpu", processes=2, log=lambda m: None)["methods"]
+    est = next(r for r in rows if r["method"] == method)["total"]
+    text = f"{method}: estimate/measured {est / measured:.2f} ({est / 1e6:.1f} MB vs {measured / 1e6:.1f} MB)"
+    print(text)
+    assert 0.65 <= est / measured <= 1.35, text
