@@ -110,12 +110,22 @@ def assert_adapter_loads_with_peft(adapter: Path, base: Path) -> None:
     assert logits.shape[:2] == (1, 4) and torch.isfinite(logits).all()
 
 
+_ONE_PROCESS: dict[tuple[str, str, str], ftcore.RunResult] = {}
+
+
 def one_process_run(model: Path, data: Path, out: Path, adapter: str = "lora") -> ftcore.RunResult:
-    """The two-rank runs' settings in one process without DeepSpeed, on the same global batch (4)."""
-    cfg = tiny_config(model, data, out, epochs=2, batch_size=4, learning_rate=1e-3)
-    cfg["plugins"] = [adapter, "alpaca"]
-    cfg["lora"] = {"dropout": 0}
-    return ftcore.run(cfg, log=lambda m: None)
+    """The two-rank runs' settings in one process without DeepSpeed, on the same global batch (4).
+
+    Run once per model, data and adapter in a test session: the two-rank tests of deepspeed-zero and fsdp all
+    compare with the same few one-process runs (the output folder of the first test that asked is kept until the
+    session ends)."""
+    key = (str(model), data.read_text(), adapter)
+    if key not in _ONE_PROCESS:
+        cfg = tiny_config(model, data, out, epochs=2, batch_size=4, learning_rate=1e-3)
+        cfg["plugins"] = [adapter, "alpaca"]
+        cfg["lora"] = {"dropout": 0}
+        _ONE_PROCESS[key] = ftcore.run(cfg, log=lambda m: None)
+    return _ONE_PROCESS[key]
 
 
 def assert_only_rank0_wrote(out: Path) -> None:

@@ -9,10 +9,12 @@ batch 4).
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
 from test_deepspeed_ranks import (
+    REMOTE_SHELL,
     SETTINGS,
     assert_adapter_loads_with_peft,
     assert_full_model_saved,
@@ -20,6 +22,9 @@ from test_deepspeed_ranks import (
     assert_only_rank0_wrote,
     assert_same_losses,
     base_args,
+    finish,
+    free_port,
+    ftcore_cli,
     metrics,
     one_process_run,
     run_cli,
@@ -38,13 +43,19 @@ def summary(out):
     return json.loads((out / "summary.json").read_text())
 
 
-def test_fsdp_lora_two_ranks_match_one_rank_and_the_adapter_merges(tiny_model_dir, alpaca_file, tmp_path):
+def test_fsdp_lora_on_two_machines_matches_one_rank_and_the_adapter_merges(tiny_model_dir, alpaca_file, tmp_path):
+    """Two `ftcore run` commands, one per machine (here both on localhost), with torchrun's multi-node flags as
+    the multi-node recipe says."""
     out = tmp_path / "lora"
-    status, output = run_cli(base_args(tiny_model_dir, alpaca_file, out, "fsdp,lora,alpaca,merge")
-                             + ["--num-processes", "2"])
-    assert status == 0, output
-    assert "launching 2 process(es) with FSDP2 (fully_shard)" in output
-    assert "[rank 1] trainable params:" in output            # both ranks' logs are streamed
+    args = base_args(tiny_model_dir, alpaca_file, out, "fsdp,lora,alpaca,merge") + [
+        "--num-processes", "2", "--num-machines", "2", "--main-process-ip", "127.0.0.1",
+        "--main-process-port", str(free_port())]
+    machines = [ftcore_cli(args + ["--machine-rank", str(rank)]) for rank in (0, 1)]
+    outputs = finish(machines)
+    assert [m.returncode for m in machines] == [0, 0], "\n\n".join(outputs)
+    assert "launching 1 process(es) on machine 0 of 2" in outputs[0] and "with FSDP2 (fully_shard)" in outputs[0]
+    assert "on machine 1 of 2" in outputs[1] and "[rank 1] trainable params:" in outputs[1]
+    assert "ftcore run summary" in outputs[0] and "ftcore run summary" not in outputs[1]   # machine 0 saves
     assert_learned(out)
     assert_only_rank0_wrote(out)
     assert_adapter_loads_with_peft(out / "adapter", tiny_model_dir)   # gathered whole on rank 0, plain PEFT
@@ -54,13 +65,21 @@ def test_fsdp_lora_two_ranks_match_one_rank_and_the_adapter_merges(tiny_model_di
     assert_same_losses([summary(out)["metrics"]["eval_loss"]], [one.metrics["eval_loss"]], rel=FSDP_REL)
 
 
-def test_fsdp_qlora_shards_the_4bit_base_and_matches_one_rank(tiny_model_dir, alpaca_file, tmp_path):
+def test_fsdp_qlora_through_a_hostfile_shards_the_4bit_base_and_matches_one_rank(tiny_model_dir, alpaca_file, tmp_path):
     """The 4-bit base stored as float32 (qlora.quant_storage=auto under fsdp) is sharded like any weight; the
     losses are those of a one-process qlora run (4-bit, stored as uint8: the same bytes), not plain lora's."""
     out = tmp_path / "qlora"
+    # launched through a hostfile of two "machines" (this one under two names; only pdsh's remote shell is
+    # stood in for, tests/remote_shell), as on a cluster
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    path = os.pathsep.join([str(REMOTE_SHELL), os.environ.get("PATH", "")])
     status, output = run_cli(base_args(tiny_model_dir, alpaca_file, out, "fsdp,qlora,alpaca")
-                             + ["--num-processes", "2"])
+                             + ["--hostfile", str(hostfile), "--main-process-ip", "127.0.0.1"],
+                             env_extra={"PATH": path})
     assert status == 0, output
+    assert "launching on 2 host(s)" in output
+    assert "localhost: " in output and "127.0.0.1: " in output          # a "machine" each (pdsh's prefixes)
     assert "[rank 1] trainable params:" in output
     # each rank holds about half of every weight, the 4-bit ones included (none left whole on each rank)
     shares = re.findall(r"fsdp: this rank holds ([\d.]+)% of the model's weights", output)
@@ -79,34 +98,31 @@ def test_fsdp_qlora_shards_the_4bit_base_and_matches_one_rank(tiny_model_dir, al
 FULL = [s for s in SETTINGS if not s.startswith(("lora.", "training.learning_rate"))]
 
 
-def test_fsdp_full_fine_tune_chunked_loss_equals_plain_and_one_rank(tiny_model_dir, alpaca_file, tmp_path):
+def test_fsdp_full_fine_tune_chunked_loss_equals_one_rank_plain(tiny_model_dir, alpaca_file, tmp_path):
     """Full fine-tuning: the trained output layer's weight is a sharded DTensor. The chunked loss (each chunk
-    through the layer's own FSDP hooks) gives the losses of the plain loss, and of one process; the model is
-    gathered and saved whole by rank 0, and gguf-export runs on it."""
-    runs = {}
-    for loss in ("chunked", "plain"):
-        out = tmp_path / f"full-{loss}"
-        plugins = "fsdp,full,alpaca" + (",gguf-export" if loss == "chunked" else "")
-        status, output = run_cli(base_args(tiny_model_dir, alpaca_file, out, plugins, FULL)
-                                 + ["--set", f"training.loss={loss}", "--set", "training.loss_chunk_size=16",
-                                    "--num-processes", "2"])
-        assert status == 0, output
-        # plain: the model's own loss, at supervised positions only (training.sparse_logits, on by default)
-        assert summary(out)["metrics"]["loss"]["path"] == {"chunked": "chunked", "plain": "sparse"}[loss]
-        assert_learned(out)
-        assert_only_rank0_wrote(out)
-        runs[loss] = train_losses(out)
-    assert_full_model_saved(tmp_path / "full-chunked" / "model", tiny_model_dir)
-    assert list((tmp_path / "full-chunked" / "gguf").glob("*.gguf"))
-    assert_same_losses(runs["chunked"], runs["plain"], rel=FSDP_REL)
+    through the layer's own FSDP hooks, in chunks of 16 positions) gives, loss for loss, the losses of one process
+    with the plain loss; the model is gathered and saved whole by rank 0, and gguf-export runs on it."""
+    out = tmp_path / "full-chunked"
+    status, output = run_cli(base_args(tiny_model_dir, alpaca_file, out, "fsdp,full,alpaca,gguf-export", FULL)
+                             + ["--set", "training.loss=chunked", "--set", "training.loss_chunk_size=16",
+                                "--num-processes", "2"])
+    assert status == 0, output
+    assert summary(out)["metrics"]["loss"]["path"] == "chunked"
+    assert summary(out)["metrics"]["loss"]["chunk_size"] == 16
+    assert_learned(out)
+    assert_only_rank0_wrote(out)
+    assert_full_model_saved(out / "model", tiny_model_dir)
+    assert list((out / "gguf").glob("*.gguf"))
     from conftest import tiny_config
 
     import ftcore
 
     cfg = tiny_config(tiny_model_dir, alpaca_file, tmp_path / "one", epochs=2, batch_size=4)
     cfg["plugins"] = ["full", "alpaca"]
+    cfg["training"]["loss"] = "plain"      # the model's own loss (at supervised positions: training.sparse_logits)
     one = ftcore.run(cfg, log=lambda m: None)
-    assert_same_losses(runs["plain"], train_losses(one.output_dir), rel=FSDP_REL)
+    assert one.metrics["loss"]["path"] == "sparse"
+    assert_same_losses(train_losses(out), train_losses(one.output_dir), rel=FSDP_REL)
 
 
 RESUMABLE = ["--set", "training.save_strategy='steps'", "--set", "training.save_steps=2"]
@@ -149,13 +165,18 @@ def test_sigterm_saves_a_checkpoint_on_every_rank_and_exits_3(tiny_model_dir, al
     assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, 11))
 
 
-@pytest.mark.xfail(strict=True, reason="measured here: each rank's peak is 1.7-2.4x the per-process estimate "
-                   "(lora 139.7 MB vs 59.3, qlora 88.8 vs 51.9, full 129.5 vs 76.8): FSDP's gathered copies, "
-                   "communication buffers and gloo's memory are not counted yet")
-def test_estimate_per_process_is_within_35_percent_of_each_ranks_peak(tmp_path):
+QLORA_GAP = pytest.mark.xfail(strict=True, reason=(
+    "measured here: each rank peaks at 86-93 MB against 50 MB estimated (0.55-0.58); one process without fsdp "
+    "peaks at 72 MB (0.71, tests/test_estimate.py's own check passes). What qlora adds under fsdp beyond lora "
+    "(which estimates within 2%) is not found yet"))
+
+
+@pytest.mark.parametrize("method", ["lora", pytest.param("qlora", marks=QLORA_GAP), "full"])
+def test_estimate_per_process_is_within_35_percent_of_each_ranks_peak(method, tmp_path):
     """lora, qlora and full under fsdp on two CPU ranks, two real steps each, every sequence SEQ tokens (the model
     and data of tests/test_estimate.py): each rank's peak memory over what it held before (the dstest-rank-memory
-    probe) against `ftcore estimate --plugins fsdp,METHOD --num-processes 2`."""
+    probe) against `ftcore estimate --plugins fsdp,METHOD --num-processes 2`. No allocator setting is given to the
+    ranks: the fsdp plugin fixes glibc's mmap threshold in CPU ranks itself (measured 3-4x less memory)."""
     import os
     from pathlib import Path
 
@@ -170,25 +191,23 @@ def test_estimate_per_process_is_within_35_percent_of_each_ranks_peak(tmp_path):
                         intermediate_size=688)
     words = " ".join(f"word{i} and more" for i in range(SEQ))
     data = write_jsonl(tmp_path / "train.jsonl", [{"instruction": words, "output": words}] * (4 * BATCH))
-    seen = []
-    for method in ("lora", "qlora", "full"):
-        out, probe = tmp_path / method, tmp_path / f"probe-{method}"
-        probe.mkdir()
-        args = ["--plugins", f"fsdp,{method},alpaca,dstest-rank-memory", "--model", str(model), "--data", str(data),
-                "--output", str(out), "--num-processes", "2"]
-        for s in ("training.max_steps=2", f"training.batch_size={BATCH}", "training.gradient_accumulation=1",
-                  "training.save_strategy='no'", "training.eval_strategy='no'", "training.gradient_checkpointing=true",
-                  f"data.max_length={SEQ}", "data.val_size=0", "data.cache=false", "alpaca.train_on_inputs=true"):
-            args += ["--set", s]
-        path = os.pathsep.join([str(FIXTURE), str(Path(__file__).parent)])
-        status, output = run_cli(args, env_extra={"FTCORE_TEST_PROBE_DIR": str(probe), "PYTHONPATH": path})
-        assert status == 0, output
-        measured = max(json.loads((probe / f"memory-rank{r}.json").read_text())["peak"] for r in (0, 1))
-        rows = ftcore.estimate(str(model), ["fsdp", method], seq_len=SEQ, batch=BATCH, gradient_checkpointing=True,
-                               precision="fp32", device="cpu", processes=2, log=lambda m: None)["methods"]
-        est = next(r for r in rows if r["method"] == method)["total"]
-        seen.append((method, est / measured, est, measured))
-    table = "\n".join(f"{m}: estimate/measured {ratio:.2f} ({e / 1e6:.1f} MB vs {got / 1e6:.1f} MB)"
-                      for m, ratio, e, got in seen)
-    print(table)
-    assert all(0.65 <= ratio <= 1.35 for _, ratio, _, _ in seen), table
+    out, probe = tmp_path / method, tmp_path / f"probe-{method}"
+    probe.mkdir()
+    args = ["--plugins", f"fsdp,{method},alpaca,dstest-rank-memory", "--model", str(model), "--data", str(data),
+            "--output", str(out), "--num-processes", "2"]
+    for s in ("training.max_steps=2", f"training.batch_size={BATCH}", "training.gradient_accumulation=1",
+              "training.save_strategy='no'", "training.eval_strategy='no'", "training.gradient_checkpointing=true",
+              f"data.max_length={SEQ}", "data.val_size=0", "data.cache=false", "alpaca.train_on_inputs=true"):
+        args += ["--set", s]
+    path = os.pathsep.join([str(FIXTURE), str(Path(__file__).parent)])
+    assert not any(k.startswith("MALLOC_") for k in os.environ)       # the allocator as users have it
+    status, output = run_cli(args, env_extra={"FTCORE_TEST_PROBE_DIR": str(probe), "PYTHONPATH": path})
+    assert status == 0, output
+    assert "malloc's mmap threshold fixed at 128 KiB" in output
+    measured = max(json.loads((probe / f"memory-rank{r}.json").read_text())["peak"] for r in (0, 1))
+    rows = ftcore.estimate(str(model), ["fsdp", method], seq_len=SEQ, batch=BATCH, gradient_checkpointing=True,
+                           precision="fp32", device="cpu", processes=2, log=lambda m: None)["methods"]
+    est = next(r for r in rows if r["method"] == method)["total"]
+    text = f"{method}: estimate/measured {est / measured:.2f} ({est / 1e6:.1f} MB vs {measured / 1e6:.1f} MB)"
+    print(text)
+    assert 0.65 <= est / measured <= 1.35, text

@@ -27,7 +27,8 @@ from procs import (  # noqa: F401
 from ftcore.errors import EXIT_INTERRUPTED
 from ftcore.training import checkpoints
 
-# A run whose steps last long enough for other processes to meet it while it trains.
+# A run whose steps last long enough for other processes to meet it while it trains: each step waits its
+# seconds (argv[3]), or until the file argv[4] exists (the test is done with it: the rest of the run goes fast).
 SLOW_RUN = textwrap.dedent("""
     import sys, time
     from pathlib import Path
@@ -39,9 +40,13 @@ SLOW_RUN = textwrap.dedent("""
 
         @ftcore.hookimpl
         def ftcore_trainer_callbacks(self, ctx):
+            release = Path(sys.argv[4]) if len(sys.argv) > 4 else None
+
             class Wait(TrainerCallback):
                 def on_step_end(self, args, state, control, **kwargs):
-                    time.sleep(float(sys.argv[3]))
+                    deadline = time.monotonic() + float(sys.argv[3])
+                    while time.monotonic() < deadline and not (release and release.exists()):
+                        time.sleep(0.05)
             return [Wait()]
 
     from ftcore.cli.options import user_errors   # the command's exit statuses
@@ -57,14 +62,18 @@ def lock_file(out: Path) -> Path:
 def test_a_second_run_an_overwrite_and_a_resume_against_a_live_run_are_refused(resumable, tmp_path):
     config, reference = resumable
     out = tmp_path / "out"
-    live = start_script(SLOW_RUN, tmp_path, config, out, 3, name="live")   # 3 s a step: 12 steps, 36 s
-    wait_for_step(live, out, 1)
-    owner = f"in use by another ftcore run (process {live.pid} on "
-    for extra in ((), ("--overwrite",), ("--resume", "auto")):
-        rc, text = run(config, out, *extra, log_name=f"second{'-'.join(extra)}.log")
-        assert rc == 2, text
-        assert owner in text and "Traceback" not in text
-    assert live.poll() is None, "the live run ended before the others were tried: make its steps slower"
+    release = tmp_path / "release"      # 30 s a step until the three others were tried, then at full speed
+    live = start_script(SLOW_RUN, tmp_path, config, out, 30, release, name="live")
+    try:
+        wait_for_step(live, out, 1)
+        owner = f"in use by another ftcore run (process {live.pid} on "
+        for extra in ((), ("--overwrite",), ("--resume", "auto")):
+            rc, text = run(config, out, *extra, log_name=f"second{'-'.join(extra)}.log")
+            assert rc == 2, text
+            assert owner in text and "Traceback" not in text
+        assert live.poll() is None, "the live run ended before the others were tried: make its steps slower"
+    finally:
+        release.touch()
     rc, text = finish(live)
     assert rc == 0, text
     for name in ("ftcore-run.json", "config.yaml", "plugins.json", "summary.json", "report.html"):

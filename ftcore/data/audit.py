@@ -372,27 +372,30 @@ def apply_audit_policy(audit: dict[str, Any], settings: Any, log: Any) -> None:
     if not audit or not settings.enabled:
         return
     found = audit.get("findings") or {}
-    leaks = [found[n] for n in ("leakage_exact", "leakage_near") if n in found]
-    if leaks:
-        count = sum(f["count"] for f in leaks)
-        lines = [line for f in leaks for line in f["lines"]]
-        text = (f"{count} of {audit.get('eval_examples')} held-out examples are (near) copies of training "
-                f"examples, so the eval loss overstates what the model learned:" + _lines(lines, count)
-                + "\nRemove them from one side (with data.val_size, deduplicate the data).")
-        if settings.on_leakage == "error":
-            raise DataError(text + " (data.audit.on_leakage: error; set it to warn to train anyway)")
-        log("warning: " + text)
-    dups = [found[n] for n in ("exact_duplicates", "near_duplicates") if n in found]
+    _enforce(found, ("leakage_exact", "leakage_near"), settings.on_leakage, "on_leakage", log, lambda count: (
+        f"{count} of {audit.get('eval_examples')} held-out examples are (near) copies of training examples, so "
+        f"the eval loss overstates what the model learned:"),
+        "\nRemove them from one side (with data.val_size, deduplicate the data).")
     share = audit.get("duplicate_share", 0.0)
-    if dups and share > settings.max_duplicate_share:
-        count = sum(f["count"] for f in dups)
-        lines = [line for f in dups for line in f["lines"]]
-        text = (f"{count} training examples ({share:.1%}, above data.audit.max_duplicate_share="
-                f"{settings.max_duplicate_share:.0%}) repeat another one:" + _lines(lines, count)
-                + "\nDeduplicate the data (or, to weight a dataset on purpose, use its weight setting).")
-        if settings.on_duplicates == "error":
-            raise DataError(text + " (data.audit.on_duplicates: error; set it to warn to train anyway)")
-        log("warning: " + text)
+    if share > settings.max_duplicate_share:
+        _enforce(found, ("exact_duplicates", "near_duplicates"), settings.on_duplicates, "on_duplicates", log,
+                 lambda count: (f"{count} training examples ({share:.1%}, above data.audit.max_duplicate_share="
+                                f"{settings.max_duplicate_share:.0%}) repeat another one:"),
+                 "\nDeduplicate the data (or, to weight a dataset on purpose, use its weight setting).")
+
+
+def _enforce(found: dict[str, Any], names: tuple[str, ...], policy: str, option: str, log: Any,
+             headline: Any, advice: str) -> None:
+    """One policy: the findings ``names`` (with their lines) as a warning, or a DataError when ``policy`` is
+    error."""
+    hits = [found[n] for n in names if n in found]
+    if not hits:
+        return
+    count = sum(f["count"] for f in hits)
+    text = headline(count) + _lines([line for f in hits for line in f["lines"]], count) + advice
+    if policy == "error":
+        raise DataError(text + f" (data.audit.{option}: error; set it to warn to train anyway)")
+    log("warning: " + text)
 
 
 def _lines(lines: list[str], count: int, shown: int = 5) -> str:

@@ -21,6 +21,8 @@ What it does, all through hooks:
   used on CPUs and GPUs alike, and ``fully_shard`` is not called directly;
 - with qlora, the 4-bit weights are stored in the compute dtype (qlora's ``quant_storage: auto``),
   so they shard like any other weight;
+- on CPU ranks, keep glibc's mmap threshold fixed (``fixed_mmap_threshold``), so that the buffers FSDP
+  gathers and frees at every step go back to the system instead of growing the heap;
 - refuse combinations that cannot work, before anything is launched.
 """
 
@@ -120,6 +122,32 @@ def ftcore_run_started(config: Any, ctx: Any) -> None:
     check_combination(config, ctx)
     check_processes(ctx.world_size, "the number of ranks (WORLD_SIZE)")
     mixed_precision(config.section(NAME), ctx.precision)   # refused here when the device or precision disagree
+    if not _cuda() and fixed_mmap_threshold() and ctx.rank == 0:
+        ctx.log("fsdp: CPU ranks return FSDP's freed communication buffers to the system (malloc's mmap threshold "
+                "fixed at 128 KiB)")
+
+
+MMAP_THRESHOLD = 128 * 1024     # glibc's own default, kept fixed
+M_MMAP_THRESHOLD = -3           # mallopt's parameter number (malloc.h)
+
+
+def fixed_mmap_threshold() -> bool:
+    """On CPU ranks, keep glibc's mmap threshold at its default instead of letting it grow.
+
+    glibc raises the threshold to the size of the largest block freed so far, so after the first step every
+    layer-sized buffer FSDP gathers and frees (each unit's all-gathered weights, the gradients it
+    reduce-scatters) is served from the heap, which keeps what is freed: measured here, each of two CPU ranks
+    grew to 3-4x the model's weights beyond its sharded tensors (lora on a 50 MB model: 348-401 MB per rank
+    against 113 MB with the threshold fixed). With it fixed, each freed buffer goes back to the system at once.
+    Without glibc (no ``mallopt``) nothing is changed. Returns whether it was set."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
 
 
 @ftcore.hookimpl

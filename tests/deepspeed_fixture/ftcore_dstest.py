@@ -199,7 +199,8 @@ class RankMemory:
                 kernel = now["VmHWM"] - not_anon if probe.reset else 0
                 peak = max(kernel, probe.sampled) - probe.baseline + probe.mapped
                 with open(os.path.join(probe.folder, f"memory-rank{os.environ.get('RANK')}.json"), "w") as fh:
-                    json.dump({"peak": peak, "baseline": probe.baseline, "mapped": probe.mapped}, fh)
+                    json.dump({"peak": peak, "baseline": probe.baseline, "mapped": probe.mapped,
+                               "at_train_begin": probe.start["RssAnon"] - probe.baseline + probe.mapped}, fh)
 
         return [Callback()]
 
