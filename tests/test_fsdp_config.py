@@ -133,3 +133,39 @@ def test_estimate_under_fsdp_is_one_processs_share():
         assert any("per process of 2" in note for note in two["notes"])
     _, same = rows(["fsdp", "lora"], processes=1)
     assert same["full"]["weights"] == alone["full"]["weights"]
+
+
+def test_the_ranks_ftcore_starts_on_cpus_get_a_fixed_mmap_threshold_unless_the_user_set_one(monkeypatch):
+    """The launch sets MALLOC_MMAP_THRESHOLD_ for the ranks (glibc reads it as each starts) and puts the launching
+    process's environment back after; a value of the user's own is left as it is (their trade of speed for
+    memory), and each rank then leaves the threshold alone too."""
+    import os
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    with fsdp.fixed_mmap_threshold_in_ranks():
+        assert os.environ["MALLOC_MMAP_THRESHOLD_"] == "131072"
+    assert "MALLOC_MMAP_THRESHOLD_" not in os.environ
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "33554432")
+    with fsdp.fixed_mmap_threshold_in_ranks():
+        assert os.environ["MALLOC_MMAP_THRESHOLD_"] == "33554432"
+    assert os.environ["MALLOC_MMAP_THRESHOLD_"] == "33554432"
+    called = []
+    monkeypatch.setattr(fsdp, "fixed_mmap_threshold", lambda: called.append(1) or True)
+
+    class Ctx:
+        rank, world_size, precision = 0, 2, "fp32"
+        log = staticmethod(lambda m: called.append(m))
+
+    monkeypatch.setattr(fsdp, "check_combination", lambda config, ctx: None)
+    monkeypatch.setattr(fsdp, "mixed_precision", lambda settings, precision: "no")
+
+    class Config:
+        @staticmethod
+        def section(name):
+            return fsdp.FsdpConfig()
+
+    fsdp.ftcore_run_started(Config(), Ctx())
+    assert called == []                                   # the user's own value: no mallopt, no message
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    fsdp.ftcore_run_started(Config(), Ctx())
+    assert called[0] == 1 and "mmap threshold fixed at 128 KiB" in called[1]   # a rank started otherwise
