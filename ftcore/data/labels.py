@@ -55,10 +55,55 @@ class TokenizedBatch:
         return [(self.ids[a:b], self.labels[a:b]) for a, b in zip(self.starts[:-1], self.starts[1:])]
 
 
-def tokenize_batch(examples: list[Example], tokenizer: Any, max_chars: int | None = None) -> TokenizedBatch:
+def transformers_encoder(tokenizer: Any) -> Any:
+    """``encode(texts, add_special_tokens) -> (ids lists, offsets lists)`` through the tokenizer's own call."""
+    def encode(texts: list[str], flag: bool) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+        enc = tokenizer(texts, add_special_tokens=flag, return_offsets_mapping=True, return_attention_mask=False,
+                        return_token_type_ids=False)
+        return enc["input_ids"], enc["offset_mapping"]
+
+    return encode
+
+
+def backend_encoder(tokenizer: Any) -> Any:
+    """An ``encode`` like ``transformers_encoder``'s that calls a fast tokenizer's Rust backend directly, which
+    skips building transformers' per-text dictionaries (Python work that holds the interpreter's lock). For a
+    tokenizer of one's own (it turns off the backend's truncation and padding, as transformers' call does): the
+    first batch of each kind is encoded both ways, and where the two differ the tokenizer's own call is used."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fallback = transformers_encoder(tokenizer)
+    if backend is None or not hasattr(backend, "encode_batch"):
+        return fallback
+    try:
+        backend.no_truncation()
+        backend.no_padding()
+    except Exception:   # noqa: BLE001 - a backend without these: use the tokenizer's own call
+        return fallback
+    same: dict[bool, bool] = {}
+
+    def encode(texts: list[str], flag: bool) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+        if same.get(flag) is False:
+            return fallback(texts, flag)
+        encodings = backend.encode_batch(texts, add_special_tokens=flag)
+        ids, offsets = [e.ids for e in encodings], [e.offsets for e in encodings]
+        if flag not in same:
+            expected = fallback(texts, flag)
+            same[flag] = ids == list(expected[0]) and offsets == [list(o) for o in expected[1]]
+            if not same[flag]:
+                return expected
+        return ids, offsets
+
+    return encode
+
+
+def tokenize_batch(examples: list[Example], tokenizer: Any, max_chars: int | None = None,
+                   encode: Any = None) -> TokenizedBatch:
     """``tokenize_many`` as flat arrays (``TokenizedBatch``): one tokenizer call per value of
-    ``add_special_tokens`` and the labels of the whole batch computed at once."""
+    ``add_special_tokens`` and the labels of the whole batch computed at once. ``encode``: how texts are
+    encoded (``transformers_encoder`` of the tokenizer by default; see ``backend_encoder``)."""
     import numpy as np
+
+    encode = encode or transformers_encoder(tokenizer)
 
     groups = []
     for flag in (False, True):
@@ -67,10 +112,9 @@ def tokenize_batch(examples: list[Example], tokenizer: Any, max_chars: int | Non
             continue
         texts = [examples[i].text if max_chars is None or examples[i].split_long else examples[i].text[:max_chars]
                  for i in picked]
-        enc = tokenizer(texts, add_special_tokens=flag, return_offsets_mapping=True, return_attention_mask=False,
-                        return_token_type_ids=False)
-        ids, labels, lengths = _flat_labels(enc["input_ids"], enc["offset_mapping"],
-                                            [examples[i].supervised for i in picked], [len(t) for t in texts])
+        ids_lists, offset_lists = encode(texts, flag)
+        ids, labels, lengths = _flat_labels(ids_lists, offset_lists, [examples[i].supervised for i in picked],
+                                            [len(t) for t in texts])
         groups.append((picked, ids, labels, lengths))
     if not groups:
         empty = np.zeros(0, dtype=np.int64)
