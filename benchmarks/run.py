@@ -833,9 +833,22 @@ def main() -> None:
     md_path = Path(args.markdown) if args.markdown else (work / "RESULTS-quick.md" if args.quick
                                                          else HERE / "RESULTS.md")
     json_path.write_text(json.dumps(report, indent=2) + "\n")
-    md_path.write_text(markdown(report))
+    md_path.write_text(markdown(report) + kept_sections(md_path))
     print(md_path.read_text())
     print(f"[bench] wrote {json_path} and {md_path} in {report['total_s']:.0f} s")
+
+
+def kept_sections(path: Path) -> str:
+    """Sections of RESULTS.md that other scripts write (benchmarks/prepare.py's "## Data preparation"), kept
+    when this script rewrites the file."""
+    if not path.exists():
+        return ""
+    text = path.read_text(encoding="utf-8")
+    start = text.find("\n## Data preparation")
+    if start < 0:
+        return ""
+    end = text.find("\n## ", start + 1)
+    return "\n" + text[start + 1: end + 1 if end >= 0 else len(text)].rstrip("\n") + "\n"
 
 
 def qlora_comparison(spec: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from ftcore.errors import ConfigError, DataError, FtcoreError, OutputError, Plug
 from ftcore.files import atomic_folder, write_json_atomic, write_text_atomic
 from ftcore.hookspecs import hookimpl, hookspec
 from ftcore.models.generation import ChatSession, complete, generate_ids
-from ftcore.models.loading import load_base_model
+from ftcore.models.loading import fix_mmap_threshold, load_base_model, mmap_threshold_set_by_user
 from ftcore.models.paths import resolve_model_path
 from ftcore.models.peft_merge import merge_peft_adapter
 from ftcore.registry.pluginset import PluginSet, quantized_adapters
@@ -56,7 +56,7 @@ __all__ = [
     "write_text_atomic", "write_json_atomic", "atomic_folder", "deep_merge", "resolve_model_path", "load_base_model",
     "merge_peft_adapter", "merge_adapter", "write_model_card", "local_device_index", "rank_device_map",
     # strategy plugins: starting the ranks
-    "quantized_adapters", "launch_with_torchrun", "launch_with_hostfile", "hostfile_launcher_command", "read_hostfile", "free_port",
+    "quantized_adapters", "fix_mmap_threshold", "mmap_threshold_set_by_user", "launch_with_torchrun", "launch_with_hostfile", "hostfile_launcher_command", "read_hostfile", "free_port",
     # objectives: their data path and the supervised trainer
     "read_datasets", "PreparedData", "DataStats", "supervised_trainer",
     # the library behind each command

@@ -395,3 +395,32 @@ def test_batched_tokenization_equals_one_by_one(tiny_tokenizer):
     assert tokenize_many(examples, tiny_tokenizer) == singles
     expected = [tiny_tokenizer(ex.text, add_special_tokens=ex.add_special_tokens)["input_ids"] for ex in examples]
     assert [ids for ids, _ in singles] == expected
+
+
+def test_the_backend_encoder_equals_the_tokenizers_own_call_or_gives_way_to_it(tiny_tokenizer):
+    """prepare's tokenizer thread calls the Rust backend directly; the first batch is checked against the
+    tokenizer's own call, and a tokenizer whose call does more than its backend (here: it upper-cases the text)
+    keeps its own call."""
+    import copy
+
+    from ftcore.data.labels import backend_encoder, tokenize_batch, tokenize_many
+
+    examples = [ftcore.Example.from_segments([(f"Q{i}: say {w}\n", False), (f"A: {w} {w}</s>", True)],
+                                             add_special_tokens=bool(i % 2))
+                for i, w in enumerate(["hello", "naïve", "x y z", "🙂 ok"] * 3)]
+    own = copy.deepcopy(tiny_tokenizer)
+    fast = tokenize_batch(examples, own, None, backend_encoder(own))
+    assert [(i.tolist(), lab.tolist()) for i, lab in fast.rows()] == tokenize_many(examples, tiny_tokenizer)
+
+    class Shouting(type(tiny_tokenizer)):
+        def __call__(self, text, *args, **kwargs):
+            return super().__call__([t.upper() for t in text], *args, **kwargs)
+
+    loud = copy.deepcopy(tiny_tokenizer)
+    loud.__class__ = Shouting
+    expected = tokenize_many(examples, loud)
+    assert expected != tokenize_many(examples, tiny_tokenizer)
+    encode = backend_encoder(loud)
+    for _ in range(2):   # the first batch (checked both ways), and one after it
+        got = tokenize_batch(examples, loud, None, encode)
+        assert [(i.tolist(), lab.tolist()) for i, lab in got.rows()] == expected

@@ -78,3 +78,44 @@ def test_prepare_json_reports_stats_added_tokens_and_examples(tiny_model_dir, tm
         assert shown.startswith("<|im_start|>user\nName number ")
         assert shown.count("[[") == 1 and shown.endswith("[[Number " + shown.split("[[Number ")[1])
         assert shown.rstrip("\n").endswith(".<|im_end|>]]")
+
+
+def test_prepare_needs_no_weight_files_in_a_local_model_folder(tiny_model_dir, alpaca_file, tmp_path):
+    folder = tmp_path / "tokenizer-and-config"
+    shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    result = CliRunner().invoke(main, ["prepare", "--model", str(folder), "--data", str(alpaca_file)])
+    assert result.exit_code == 0, result.output
+    assert any(line.startswith("records read") and line.split()[-1] == "24" for line in result.output.splitlines())
+
+
+def test_prepared_tokens_live_in_an_arrow_file_that_goes_with_the_process(tiny_model_dir, alpaca_file, tmp_path):
+    """The tokenized data is written to a file as it is made (memory does not grow with the dataset's tokens),
+    read back memory-mapped, and removed when the process ends; a folder left by a process that died is removed
+    by the next one."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = cache / "data" / "work" / f"{socket.gethostname()}-{dead.pid}-x"
+    left.mkdir(parents=True)
+    (left / "rows-1.arrow").write_bytes(b"left by a killed run")
+    script = (
+        "import json, os, sys\n"
+        "from ftcore.tools.prepare import prepare_data\n"
+        "r = prepare_data(flags={'model': sys.argv[1], 'data': {'datasets': [sys.argv[2]], 'cache': False,"
+        " 'val_size': 2}}, log=lambda m: None)\n"
+        "files = [f['filename'] for f in r.data.train.cache_files] + [f['filename'] for f in r.data.eval.cache_files]\n"
+        "print(json.dumps({'files': files, 'exist': [os.path.exists(f) for f in files],"
+        " 'rows': len(r.data.train) + len(r.data.eval), 'examples': r.stats.examples}))\n")
+    out = subprocess.run([sys.executable, "-c", script, str(tiny_model_dir), str(alpaca_file)], capture_output=True,
+                         text=True, env={**os.environ, "FTCORE_CACHE": str(cache)}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["files"] and all(seen["exist"]) and seen["rows"] == seen["examples"]
+    assert all(f.startswith(str(cache / "data" / "work")) and f.endswith(".arrow") for f in seen["files"])
+    assert not any(os.path.exists(f) for f in seen["files"])   # gone with the process
+    assert not left.exists()

@@ -96,10 +96,20 @@ def test_readme_shows_the_latest_benchmark_tables_and_command():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     command = re.search(r"Produced by `([^`]+)`", results).group(1)
     assert f"`{command}`" in readme
-    rows = [line for line in results.splitlines() if line.startswith("|")]
-    assert len(rows) == 2 + 3 + 2 + 2          # both tables: headers, separators, three trainers, two ratios
+    training = results.split("## Data preparation", 1)[0]
+    if "## Summary" in training:   # two cases, each: the trainers (header, separator, four) and ftcore's ratios (two)
+        training, expected = training.split("## Summary", 1)[1].split("## Details", 1)[0], 2 * ((2 + 4) + (2 + 2))
+    else:   # the previous script's tables (three trainers, two ratios), until the current one's first full run
+        expected = 2 + 3 + 2 + 2
+    rows = [line for line in training.splitlines() if line.startswith("|")]
+    assert len(rows) == expected
     for line in rows:
         assert line in readme.splitlines(), f"README.md does not show the latest benchmark row: {line}"
+    preparation = results.split("## Data preparation", 1)[1]
+    prep_rows = [line for line in preparation.splitlines() if line.startswith("|")]
+    assert len(prep_rows) == 2 + 3             # tokenizer, its backend, ftcore prepare
+    for line in prep_rows:
+        assert line in readme.splitlines(), f"README.md does not show the latest data-preparation row: {line}"
 
 
 def test_no_section_of_the_configuration_reference_appears_twice():

@@ -169,3 +169,33 @@ def test_the_ranks_ftcore_starts_on_cpus_get_a_fixed_mmap_threshold_unless_the_u
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     fsdp.ftcore_run_started(Config(), Ctx())
     assert called[0] == 1 and "mmap threshold fixed at 128 KiB" in called[1]   # a rank started otherwise
+
+
+def test_the_mmap_threshold_is_fixed_once_never_raised_again_and_the_users_own_is_left_alone(tmp_path):
+    """``ftcore.fix_mmap_threshold``: the loader's 4 MiB (while a quantized model loads) no longer undoes a lower
+    threshold fsdp fixed in the rank before; a threshold the environment sets, either way, is the user's. Run in
+    fresh processes: a fixed threshold stays for the rest of a process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import json, ftcore\n"
+        "from ftcore.models import loading\n"
+        "first = ftcore.fix_mmap_threshold(131072)\n"
+        "with loading.large_buffers_unmapped(True):\n"
+        "    during = loading._FIXED\n"
+        "print(json.dumps([first, during, ftcore.fix_mmap_threshold(1 << 20), loading._FIXED,"
+        " ftcore.mmap_threshold_set_by_user()]))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
+
+    def run(**extra):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                             env={**env, **extra})
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert run() == [True, 131072, True, 131072, False]
+    assert run(MALLOC_MMAP_THRESHOLD_="33554432") == [False, None, False, None, True]
+    assert run(GLIBC_TUNABLES="glibc.malloc.mmap_threshold=33554432") == [False, None, False, None, True]

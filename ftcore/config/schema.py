@@ -214,7 +214,7 @@ class RunConfig(Section):
 
     def section(self, name: str) -> Any:
         """A plugin's validated section (a pydantic object)."""
-        return self._sections[name]
+        return self.__pydantic_private__["_sections"][name]   # not through pydantic's slower __getattr__
 
     @property
     def sections(self) -> dict[str, Any]:

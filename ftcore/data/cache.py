@@ -32,7 +32,7 @@ def cache_key(config: Any, plugins: Any, tokenizer: Any) -> str:
     h.update(json.dumps([d.max_length, d.too_long, d.on_bad_record, d.val_size,
                          d.seed if d.seed is not None else config.training.seed]).encode())
     # the audit's findings are cached with the data (the policies, warn or error, are applied after loading)
-    h.update(json.dumps(["audit-1", d.audit.enabled, d.audit.near_duplicates,
+    h.update(json.dumps(["audit-2", d.audit.enabled, d.audit.near_duplicates,
                          d.audit.near_duplicate_threshold]).encode())
     for name in plugins.names("format"):
         if name in config.sections:

@@ -7,17 +7,20 @@ shuffled and split into training and held-out sets, and the result is cached (``
 
 from __future__ import annotations
 
+import itertools
+import os
 import random
 from pathlib import Path
 from typing import Any
 
 from ftcore.config.checks import check_dataset_formats, resolve_format
-from ftcore.data.audit import Audit, apply_audit_policy, record_text
+from ftcore.data.audit import SIGNATURE_CHARS, Audit, apply_audit_policy, record_text, signatures
 from ftcore.data.cache import cache_key, load_cached, save_cached
-from ftcore.data.labels import IGNORE_INDEX, char_limit, fit_length, split_chunks, tokenize_many
+from ftcore.data.labels import TokenizedBatch, backend_encoder, char_limit, tokenize_batch
 from ftcore.data.prepared import DataStats, PreparedData
 from ftcore.data.records import Problem, iter_records
 from ftcore.errors import DataError, PluginError
+from ftcore.files import cache_root
 from ftcore.types import Example, RunContext
 
 
@@ -127,10 +130,15 @@ def read_datasets(config: Any, check: Any, log: Any = print
 
 
 def example_lengths(dataset: Any) -> list[int]:
-    """Token count of each example, read from the Arrow column (no row-by-row decoding of the dataset)."""
+    """Token count of each example, from the Arrow column's offsets (no token is read, nor any row decoded);
+    through the dataset's index mapping when it is a selection of its table's rows."""
     import pyarrow.compute as pc
 
-    return pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_pylist()
+    lengths = pc.list_value_length(dataset.data.table.column("input_ids"))
+    indices = getattr(dataset, "_indices", None)   # a selection's rows, in order (datasets' own mapping)
+    if indices is not None:
+        lengths = lengths.take(indices.column(0))
+    return lengths.to_pylist()
 
 
 def _prepare_uncached(config, plugins, tokenizer, formats, seed, log, ctx) -> PreparedData:
@@ -139,23 +147,21 @@ def _prepare_uncached(config, plugins, tokenizer, formats, seed, log, ctx) -> Pr
     problems: list[Problem] = []
     audit = _new_audit(data_cfg, tokenizer)
     train_src: list[int] = []
-    train_rows = _collect(data_cfg.datasets, config, plugins, tokenizer, formats, stats, problems, ctx, audit,
-                          train_src)
-    eval_rows = (_collect(data_cfg.eval_datasets, config, plugins, tokenizer, formats, stats, problems, ctx, audit,
-                          [])
-                 if data_cfg.eval_datasets else None)
+    store = _RowStore()   # the training examples, then the held-out ones of data.eval_datasets
+    _collect(data_cfg.datasets, config, plugins, tokenizer, formats, stats, problems, ctx, store, audit, train_src)
+    n_train = len(store)
+    if data_cfg.eval_datasets:
+        _collect(data_cfg.eval_datasets, config, plugins, tokenizer, formats, stats, problems, ctx, store, audit, [])
     _report_problems(problems, stats, data_cfg, log)
-    _teaches_something(stats, audit, len(train_rows) + len(eval_rows or []), data_cfg)
-    order = list(range(len(train_rows)))
+    _teaches_something(stats, audit, len(store), data_cfg)
+    order = list(range(n_train))
     random.Random(seed).shuffle(order)   # the same permutation as shuffling the rows themselves
-    n_train = len(train_rows)
-    if eval_rows is None:
+    if not data_cfg.eval_datasets:
         n_val = _val_count(data_cfg.val_size, len(order))
         eval_idx, train_idx = order[:n_val], order[n_val:]
-        eval_rows = [train_rows[i] for i in eval_idx]
     else:
-        train_idx, eval_idx = order, list(range(n_train, n_train + len(eval_rows)))
-        if not eval_rows:
+        train_idx, eval_idx = order, list(range(n_train, len(store)))
+        if not eval_idx:
             raise DataError("no evaluation examples are left in data.eval_datasets ("
                             + ", ".join(s.path for s in data_cfg.eval_datasets)
                             + ") after validation and length limits.")
@@ -163,14 +169,14 @@ def _prepare_uncached(config, plugins, tokenizer, formats, seed, log, ctx) -> Pr
         raise DataError(f"no training examples are left: of {stats.records} records, {stats.bad_records} are invalid, "
                         f"{stats.dropped_too_long} were dropped as longer than data.max_length={data_cfg.max_length}, "
                         f"{stats.dropped_unsupervised} had nothing supervised left (e.g. truncation cut off the "
-                        f"response), and {len(eval_rows or [])} went to validation. "
+                        f"response), and {len(eval_idx)} went to validation. "
                         f"Add data, raise data.max_length or lower data.val_size.")
     if audit is not None:
         stats.audit = audit.summary(train_idx, eval_idx)
-    train_idx = _mix(train_idx, train_src, train_rows, data_cfg, stats, seed, formats)
-    train_rows = [train_rows[i] for i in train_idx]
-    stats.train_examples, stats.eval_examples = len(train_rows), len(eval_rows or [])
-    return PreparedData(_to_dataset(train_rows), _to_dataset(eval_rows) if eval_rows else None, stats, problems)
+    train_idx = _mix(train_idx, train_src, store.lengths, data_cfg, stats, seed, formats)
+    stats.train_examples, stats.eval_examples = len(train_idx), len(eval_idx)
+    train, held_out = store.datasets(train_idx, eval_idx or None)
+    return PreparedData(train, held_out, stats, problems)
 
 
 def _new_audit(data_cfg: Any, tokenizer: Any) -> Audit | None:
@@ -228,8 +234,8 @@ def apply_weights(train_idx: list[int], sources: list[int], specs: list[Any], se
     return picked
 
 
-def _mix(train_idx: list[int], sources: list[int], rows: list[tuple[list[int], list[int]]], data_cfg: Any,
-         stats: DataStats, seed: int, formats: list[str]) -> list[int]:
+def _mix(train_idx: list[int], sources: list[int], lengths: Any, data_cfg: Any, stats: DataStats, seed: int,
+         formats: list[str]) -> list[int]:
     """Apply each training dataset's weight to its training examples; record the mix in ``stats.mixture``."""
     specs = data_cfg.datasets
     by_spec: list[list[int]] = [[] for _ in specs]
@@ -240,7 +246,7 @@ def _mix(train_idx: list[int], sources: list[int], rows: list[tuple[list[int], l
     tokens = [0] * len(specs)
     for i in train_idx:
         counts[sources[i]] += 1
-        tokens[sources[i]] += len(rows[i][0])
+        tokens[sources[i]] += lengths[i]
     total = sum(tokens) or 1
     stats.mixture = [{"path": spec.path, "format": resolve_format(spec, formats),
                       "weight": 1.0 if spec.weight is None else spec.weight, "max_records": spec.max_records,
@@ -252,128 +258,285 @@ def _mix(train_idx: list[int], sources: list[int], rows: list[tuple[list[int], l
     return train_idx
 
 
-def format_record(fmt: str, record: dict[str, Any], plugins: Any, tokenizer: Any, config: Any,
-                  ctx: RunContext) -> Example:
-    """Ask the format plugin ``fmt`` to render one valid record."""
-    example = plugins.call_one(fmt, "ftcore_format_record", record=record, tokenizer=tokenizer, config=config,
-                               ctx=ctx)
-    if not isinstance(example, Example):
-        raise PluginError(f"format plugin {fmt!r} returned {type(example).__name__} from ftcore_format_record; "
-                          f"it must return an ftcore.Example.")
-    return example
-
-
-def _collect(specs, config, plugins, tokenizer, formats, stats, problems, ctx, audit=None, sources=None
-             ) -> list[tuple[list[int], list[int]]]:
-    rows: list[tuple[list[int], list[int]]] = []
-    for k, spec in enumerate(specs):
-        fmt = resolve_format(spec, formats)
-        before = len(rows)
-        read = 0
-        pending: list[tuple[str, Example, str]] = []
-        for where, record in iter_records(spec):
-            if spec.max_records is not None and read >= spec.max_records:
-                break
-            read += 1
-            stats.records += 1
-            found = _check(where, record, fmt, plugins, config, ctx)
-            if not found:
-                try:
-                    pending.append((where, format_record(fmt, record, plugins, tokenizer, config, ctx),
-                                    record_text(record) if audit is not None else ""))
-                except DataError as exc:   # a record the format cannot render (e.g. a template refuses it)
-                    found = [Problem(where, None, str(exc))]
-            if found:
-                problems.extend(found)
-                stats.bad_records += 1
-            if len(pending) >= TOKENIZE_BATCH:
-                _add_rows(pending, tokenizer, config.data, stats, rows, problems, audit)
-                pending = []
-        _add_rows(pending, tokenizer, config.data, stats, rows, problems, audit)
-        stats.per_dataset[spec.path] = len(rows) - before
-        stats.per_dataset_records[spec.path] = read
-        if sources is not None:
-            sources += [k] * (len(rows) - before)
-    return rows
+def _collect(specs, config, plugins, tokenizer, formats, stats, problems, ctx, store, audit=None, sources=None
+             ) -> None:
+    """Read, validate, format and tokenize the records of ``specs`` into ``store`` (in file order)."""
+    with _Tokenizer(tokenizer, config.data, stats, problems, store, audit) as tokenize:
+        for k, spec in enumerate(specs):
+            fmt = resolve_format(spec, formats)
+            validate = plugins.one_caller(fmt, "ftcore_validate_record")
+            render = plugins.one_caller(fmt, "ftcore_format_record")
+            before = len(store)
+            read = 0
+            pending: list[tuple[str, Example, str]] = []
+            for where, record in iter_records(spec):
+                if spec.max_records is not None and read >= spec.max_records:
+                    break
+                read += 1
+                stats.records += 1
+                found = _check(where, record, validate, config, ctx)
+                if not found:
+                    try:
+                        example = render(record=record, tokenizer=tokenizer, config=config, ctx=ctx)
+                        if not isinstance(example, Example):
+                            raise PluginError(f"format plugin {fmt!r} returned {type(example).__name__} from "
+                                              f"ftcore_format_record; it must return an ftcore.Example.")
+                        pending.append((where, example, record_text(record) if audit is not None else ""))
+                    except DataError as exc:   # a record the format cannot render (e.g. a template refuses it)
+                        found = [Problem(where, None, str(exc))]
+                if found:
+                    problems.extend(found)
+                    stats.bad_records += 1
+                if len(pending) >= TOKENIZE_BATCH:
+                    tokenize.submit(pending)
+                    pending = []
+            tokenize.submit(pending)
+            tokenize.finish()
+            stats.per_dataset[spec.path] = len(store) - before
+            stats.per_dataset_records[spec.path] = read
+            if sources is not None:
+                sources += [k] * (len(store) - before)
 
 
 TOKENIZE_BATCH = 1024   # examples per tokenizer call in prepare(); 1 tokenizes record by record
 
 
-def _tokenized(examples: list[tuple[str, Example, str]], tokenizer: Any, max_length: int, stats: DataStats,
-               problems: list[Problem]) -> list[tuple[list[int], list[int]] | None]:
-    """The batch tokenized; when the tokenizer refuses the batch, record by record, the refused ones reported
-    (and None in their place)."""
-    limit = char_limit(tokenizer, max_length)
-    try:
-        return tokenize_many([ex for _, ex, _ in examples], tokenizer, limit)
-    except Exception:   # noqa: BLE001 - a tokenizer refuses some text (the record is named below)
-        pass
-    out: list[tuple[list[int], list[int]] | None] = []
-    for where, example, _ in examples:
+class _Tokenizer:
+    """Tokenizes batches of examples in a thread of its own while the caller reads and formats the next batch
+    (the tokenizer works without Python's lock), then applies the length policy, the audit's notes and the
+    counts to each batch in order, and writes what is kept to the store. The thread uses a copy of the
+    tokenizer, so that a format plugin may use the tokenizer meanwhile."""
+
+    def __init__(self, tokenizer: Any, data_cfg: Any, stats: DataStats, problems: list[Problem],
+                 store: _RowStore, audit: Audit | None) -> None:
+        import copy
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.tokenizer, self.data_cfg, self.stats, self.problems = tokenizer, data_cfg, stats, problems
+        self.store, self.audit = store, audit
+        self.limit = char_limit(tokenizer, data_cfg.max_length)
         try:
-            out += tokenize_many([example], tokenizer, limit)
-        except Exception as exc:   # noqa: BLE001
-            problems.append(Problem(where, None, f"the tokenizer cannot tokenize it ({type(exc).__name__}: {exc})"))
-            stats.bad_records += 1
-            out.append(None)
-    return out
+            self.own = copy.deepcopy(tokenizer)
+            self.encode = backend_encoder(self.own)
+            self.pool: Any = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftcore-tokenize")
+        except Exception:   # noqa: BLE001 - a tokenizer that cannot be copied is used in this thread only
+            self.own, self.encode, self.pool = tokenizer, None, None
+        self.sign = audit is not None and audit.near   # the audit's MinHash signatures, made in the thread too
+        self.inflight: tuple[list[Any], Any] | None = None
 
+    def __enter__(self) -> _Tokenizer:
+        return self
 
-def _add_rows(examples: list[tuple[str, Example, str]], tokenizer: Any, data_cfg: Any, stats: DataStats,
-              rows: list[tuple[list[int], list[int]]], problems: list[Problem], audit: Audit | None = None) -> None:
-    """Tokenize, apply the length policy (or split a long ``split_long`` text), count, and keep what teaches
-    something (``audit`` notes what is wrong with each example: no answer, an answer cut, nothing supervised)."""
-    tokenized = _tokenized(examples, tokenizer, data_cfg.max_length, stats, problems) if examples else []
-    limit = char_limit(tokenizer, data_cfg.max_length)
-    for (where, example, text), row in zip(examples, tokenized):
-        if row is None:   # the tokenizer refused it (reported)
-            continue
-        pieces = [row]
-        if example.split_long and len(row[0]) > data_cfg.max_length:
-            pieces = split_chunks(*row, data_cfg.max_length)
-            stats.split_documents += 1
-        for n, (ids, labels) in enumerate(pieces):
-            cut_supervised = audit is not None and len(ids) > data_cfg.max_length and (
-                any(t != IGNORE_INDEX for t in labels[data_cfg.max_length:])
-                or any(e > limit for _, e in example.supervised))   # an answer past the characters tokenized
-            ids, labels, action = fit_length(ids, labels, data_cfg.max_length, data_cfg.too_long)
-            if action == "dropped":
-                stats.dropped_too_long += 1
+    def __exit__(self, *exc: Any) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+    def _tokenize(self, examples: list[tuple[str, Example, str]]) -> tuple[TokenizedBatch | None, Any]:
+        """The batch tokenized (None where the tokenizer refuses some text: then record by record, in order,
+        each refused one named) and, for the audit, its record texts' signatures (numpy lets go of Python's
+        lock while it computes them)."""
+        sigs = signatures([text[:SIGNATURE_CHARS] for _, _, text in examples]) if self.sign else None
+        try:
+            return tokenize_batch([ex for _, ex, _ in examples], self.own, self.limit, self.encode), sigs
+        except Exception:   # noqa: BLE001
+            return None, None
+
+    def submit(self, examples: list[tuple[str, Example, str]]) -> None:
+        if not examples:
+            return
+        previous = self.inflight
+        if self.pool is None:
+            self.inflight = (examples, _Done(self._tokenize(examples)))
+        else:
+            self.inflight = (examples, self.pool.submit(self._tokenize, examples))
+        if previous is not None:
+            self._keep(previous[0], *previous[1].result())
+
+    def finish(self) -> None:
+        if self.inflight is not None:
+            examples, done = self.inflight
+            self.inflight = None
+            self._keep(examples, *done.result())
+
+    def _one_by_one(self, examples: list[tuple[str, Example, str]]) -> tuple[list[Any], TokenizedBatch]:
+        """The batch the tokenizer refused, record by record: the refused ones reported and left out."""
+        import numpy as np
+
+        kept, parts = [], []
+        for where, example, text in examples:
+            try:
+                parts.append(tokenize_batch([example], self.tokenizer, self.limit))
+            except Exception as exc:   # noqa: BLE001
+                self.problems.append(Problem(where, None, f"the tokenizer cannot tokenize it "
+                                                          f"({type(exc).__name__}: {exc})"))
+                self.stats.bad_records += 1
                 continue
-            supervised = sum(1 for t in labels if t != IGNORE_INDEX)
-            if supervised == 0:   # e.g. truncation cut off the whole response
-                stats.dropped_unsupervised += 1
+            kept.append((where, example, text))
+        if not parts:
+            empty = np.zeros(0, dtype=np.int64)
+            return kept, TokenizedBatch(empty, empty, empty)
+        return kept, TokenizedBatch(np.concatenate([p.ids for p in parts]), np.concatenate([p.labels for p in parts]),
+                                    np.asarray([len(p.ids) for p in parts], dtype=np.int64))
+
+    def _keep(self, examples: list[tuple[str, Example, str]], batch: TokenizedBatch | None, sigs: Any) -> None:
+        """Apply the length policy (or split a long ``split_long`` text), count, and keep what teaches something
+        (``audit`` notes what is wrong with each example: no answer, an answer cut, nothing supervised)."""
+        if batch is None:
+            examples, batch = self._one_by_one(examples)
+        data_cfg, stats, audit, limit = self.data_cfg, self.stats, self.audit, self.limit
+        max_length, too_long = data_cfg.max_length, data_cfg.too_long
+        kept: list[tuple[int, int]] = []
+        starts = batch.starts.tolist()
+        for i, (where, example, text) in enumerate(examples):
+            a, b = starts[i], starts[i + 1]
+            pieces = [(a, b)]
+            if example.split_long and b - a > max_length:   # consecutive chunks; a last one-token chunk predicts
+                pieces = [(s, min(s + max_length, b)) for s in range(a, b, max_length)]   # nothing
+                pieces = [p for p in pieces if p[1] - p[0] > 1]
+                stats.split_documents += 1
+            for n, (s, e) in enumerate(pieces):
+                cut_supervised = audit is not None and e - s > max_length and (
+                    batch.count_supervised(s + max_length, e) > 0
+                    or any(end > limit for _, end in example.supervised))   # an answer past the characters tokenized
+                truncated = False
+                if e - s > max_length:
+                    if too_long == "drop":
+                        stats.dropped_too_long += 1
+                        continue
+                    e, truncated = s + max_length, True
+                supervised = batch.count_supervised(s, e)
+                if supervised == 0:   # e.g. truncation cut off the whole response
+                    stats.dropped_unsupervised += 1
+                    if audit is not None:
+                        if cut_supervised:
+                            audit.note("cut_before_answer", where, f"the answer starts after data.max_length="
+                                       f"{max_length} tokens")
+                        else:
+                            audit.note("unsupervised", where, "the format supervises no token of it")
+                    continue
                 if audit is not None:
                     if cut_supervised:
-                        audit.note("cut_before_answer", where, f"the answer starts after data.max_length="
-                                   f"{data_cfg.max_length} tokens")
-                    else:
-                        audit.note("unsupervised", where, "the format supervises no token of it")
-                continue
-            if audit is not None:
-                if cut_supervised:
-                    audit.note("answer_cut", where, f"the answer is cut at data.max_length={data_cfg.max_length}")
-                if len(pieces) == 1 and audit.empty_answer(example):
-                    audit.note("empty_answers", where)
-                if len(pieces) == 1:
-                    audit.add(where, text, len(ids), supervised)
-                else:   # a chunk of a split document is compared by its own text
-                    audit.add(f"{where} (chunk {n + 1})", " ".join(tokenizer.decode(ids).lower().split()),
-                              len(ids), supervised)
-            stats.truncated += action == "truncated"
-            stats.examples += 1
-            stats.tokens += len(ids)
-            stats.supervised_tokens += supervised
-            rows.append((ids, labels))
+                        audit.note("answer_cut", where, f"the answer is cut at data.max_length={max_length}")
+                    if len(pieces) == 1 and audit.empty_answer(example):
+                        audit.note("empty_answers", where)
+                    if len(pieces) == 1:
+                        audit.add(where, text, e - s, supervised, None if sigs is None else sigs[i])
+                    else:   # a chunk of a split document is compared by its own text
+                        audit.add(f"{where} (chunk {n + 1})",
+                                  " ".join(self.tokenizer.decode(batch.ids[s:e].tolist()).lower().split()),
+                                  e - s, supervised)
+                stats.truncated += truncated
+                stats.examples += 1
+                stats.tokens += e - s
+                stats.supervised_tokens += supervised
+                kept.append((s, e))
+        self.store.append(batch, kept)
 
 
-def _check(where: str, record: Any, fmt: str, plugins: Any, config: Any, ctx: RunContext) -> list[Problem]:
+class _Done:
+    """A result at hand, shaped like a future's."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
+
+
+class _RowStore:
+    """Tokenized examples (``input_ids``, ``labels``), written to an Arrow file batch by batch as they are made:
+    a big dataset's tokens are held by the file (on disk; mapped when read), not by Python lists. The file is in
+    a folder of this process under the cache root (``work_folder``), removed when the process exits."""
+
+    def __init__(self) -> None:
+        from array import array
+
+        import pyarrow as pa
+
+        self.schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
+        self.path = work_folder() / f"rows-{next(_STORES)}.arrow"
+        self._sink = pa.OSFile(str(self.path), "wb")
+        self._writer = pa.ipc.new_stream(self._sink, self.schema)
+        self.lengths = array("q")   # every example's token count, in order
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def append(self, batch: TokenizedBatch, kept: list[tuple[int, int]]) -> None:
+        """Write the flat positions ``start:stop`` of ``batch`` named by ``kept``, each as one example."""
+        import numpy as np
+        import pyarrow as pa
+
+        if not kept:
+            return
+        take = np.zeros(len(batch.ids), dtype=bool)
+        lengths = []
+        for s, e in kept:
+            take[s:e] = True
+            lengths.append(e - s)
+        offsets = np.zeros(len(kept) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        columns = [pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[take].astype(np.int32)))
+                   for values in (batch.ids, batch.labels)]
+        self._writer.write_batch(pa.record_batch(columns, schema=self.schema))
+        self.lengths.extend(lengths)
+
+    def datasets(self, *selections: list[int] | None) -> list[Any]:
+        """The file as a dataset, one for each selection of examples (by index, in that order; None: none)."""
+        import datasets
+
+        self._writer.close()
+        self._sink.close()
+        whole = datasets.Dataset.from_file(str(self.path))
+        return [None if sel is None else whole.select(sel) for sel in selections]
+
+
+_STORES = itertools.count(1)
+_WORK: Path | None = None
+
+
+def work_folder() -> Path:
+    """This process's folder for the data it prepares (under the cache root; the system's temporary folder when
+    that is not writable), removed at exit; folders that earlier processes on this machine left are removed."""
+    import atexit
+    import shutil
+    import socket
+    import tempfile
+
+    global _WORK
+    if _WORK is not None and _WORK.exists():
+        return _WORK
+    host = socket.gethostname().replace(os.sep, "_")
+    root = cache_root() / "data" / "work"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for old in root.glob(f"{host}-*"):
+            pid = old.name[len(host) + 1:].split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        _WORK = Path(tempfile.mkdtemp(dir=root, prefix=f"{host}-{os.getpid()}-"))
+    except OSError:
+        _WORK = Path(tempfile.mkdtemp(prefix="ftcore-data-"))
+    atexit.register(shutil.rmtree, _WORK, True)
+    return _WORK
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _check(where: str, record: Any, validate: Any, config: Any, ctx: RunContext) -> list[Problem]:
     if isinstance(record, Problem):
         return [record]
     if not isinstance(record, dict):
         return [Problem(where, None, f"expected a JSON object, got {type(record).__name__}")]
-    found = plugins.call_one(fmt, "ftcore_validate_record", record=record, config=config, ctx=ctx) or []
+    found = validate(record=record, config=config, ctx=ctx) or []
     return [Problem(where, f, m) for f, m in found]
 
 
@@ -400,12 +563,6 @@ def _val_count(val_size: float, n: int) -> int:
         return 0
     count = int(val_size) if val_size >= 1 else max(1, round(n * val_size))
     return min(count, n - 1)
-
-
-def _to_dataset(rows: list[tuple[list[int], list[int]]]) -> Any:
-    import datasets
-
-    return datasets.Dataset.from_dict({"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows]})
 
 
 def packing_efficiency(lengths: list[int], batch_size: int, packing: bool, seed: int = 0) -> float:

@@ -167,11 +167,21 @@ def parse_json(text: str, where: str) -> Any:
         return Problem(where, None, "nested too deeply to read (thousands of levels of brackets)")
     except ValueError as exc:   # e.g. an integer of more digits than Python converts
         return Problem(where, None, f"malformed JSON: {exc}")
+    if "\\u" not in text and _encodes(text):
+        return record   # no escape and no lone surrogate in the text: none in what it parses to
     bad = unpaired_surrogate(record)
     if bad is not None:
         return Problem(where, bad or None, "holds an unpaired UTF-16 surrogate (an escape such as \\ud83d without "
                                            "its pair): not valid Unicode text; fix the escape or drop the record")
     return record
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def unpaired_surrogate(value: Any, path: str = "") -> str | None:

@@ -161,11 +161,11 @@ def large_buffers_unmapped(active: bool = True) -> Iterator[None]:
     buffer its own mapping, unmapped when freed. It stays set for the rest of the process (glibc
     cannot go back to its dynamic threshold); large buffers then cost a page fault per 4 KiB
     page on first use, which was not measurable against a training step on a CPU. A threshold
-    fixed by the environment (MALLOC_MMAP_THRESHOLD_, GLIBC_TUNABLES) is left as it is.
+    fixed by the environment, or a lower one fixed before (``fix_mmap_threshold``), is left as it is.
     """
     libc = _glibc() if active else None
-    if libc is not None and not threshold_set_by_user():
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    if libc is not None:
+        fix_mmap_threshold(MMAP_THRESHOLD)
     try:
         yield
     finally:
@@ -173,8 +173,36 @@ def large_buffers_unmapped(active: bool = True) -> Iterator[None]:
             libc.malloc_trim(0)
 
 
-def threshold_set_by_user() -> bool:
-    """True where the environment already fixes glibc's mmap threshold: that choice is kept."""
+_FIXED: int | None = None   # the mmap threshold this process fixed (glibc cannot go back to its dynamic one)
+
+
+def fix_mmap_threshold(nbytes: int) -> bool:
+    """Fix glibc's mmap threshold at ``nbytes``, or keep a lower one this process fixed before: from then on a
+    freed buffer of that size or more goes back to the system at once instead of staying in the heap.
+
+    glibc raises its threshold to the largest block freed so far (up to 32 MiB), so a process that allocates
+    and frees large buffers over and over (quantizing a model as it loads, FSDP gathering and freeing layers)
+    keeps what it freed. The threshold stays fixed for the rest of the process; large allocations then cost a
+    fresh mapping each (slower where they are many). A threshold the environment fixes
+    (``MALLOC_MMAP_THRESHOLD_``, or ``glibc.malloc.mmap_threshold`` in ``GLIBC_TUNABLES``) is the user's choice
+    and is left alone, as is any libc but glibc. Returns whether a threshold of ftcore's is in force."""
+    global _FIXED
+    if mmap_threshold_set_by_user():
+        return False
+    libc = _glibc()
+    if libc is None:
+        return False
+    if _FIXED is not None and _FIXED <= nbytes:
+        return True
+    if not libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)):
+        return False
+    _FIXED = int(nbytes)
+    return True
+
+
+def mmap_threshold_set_by_user() -> bool:
+    """True where the environment fixes glibc's mmap threshold (``MALLOC_MMAP_THRESHOLD_``, or
+    ``glibc.malloc.mmap_threshold`` in ``GLIBC_TUNABLES``): that choice is kept."""
     import os
 
     return "MALLOC_MMAP_THRESHOLD_" in os.environ or "glibc.malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", "")

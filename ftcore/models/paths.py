@@ -37,7 +37,7 @@ def resolve_model_path(path: str, log: Callable[[str], None] = print, *, revisio
         raise ConfigError(f"model path {folder} does not exist. Pass --model with the folder of a transformers "
                           f"model (config.json, *.safetensors, tokenizer files), a Hub id such as "
                           f"Qwen/Qwen2.5-0.5B-Instruct, or ftcore:tiny-llama.")
-    return check_model_folder(folder, str(folder), trust_remote_code)
+    return check_model_folder(folder, str(folder), trust_remote_code, weights)
 
 
 def resolve_run_model(model: Any, log: Callable[[str], None] = print) -> Path:

@@ -33,7 +33,8 @@ class PluginSet:
         self._objects: dict[str, Any] = {}
         self._kinds: dict[str, str] = {}
         self.infos: dict[str, PluginInfo] = {}
-        if os.environ.get("FTCORE_TRACE_PLUGINS") not in (None, "", "0"):
+        self._tracing = os.environ.get("FTCORE_TRACE_PLUGINS") not in (None, "", "0")
+        if self._tracing:
             self._enable_trace()
 
     @property
@@ -78,6 +79,24 @@ class PluginSet:
         others = [p for n, p in self._objects.items() if n != name]
         caller = self.pm.subset_hook_caller(hook_name, remove_plugins=others)
         return caller(**kwargs)
+
+    def one_caller(self, name: str, hook_name: str) -> Any:
+        """``call_one(name, hook_name, **kwargs)`` made once, to be called many times (a format's hooks, on every
+        record): the plugin's implementation is called directly when it has exactly one, as pluggy would call it
+        (same arguments, same result), without building a hook caller for each call. Register no plugin while
+        using it."""
+        caller = getattr(self.hook, hook_name)
+        impls = [i for i in caller.get_hookimpls() if i.plugin_name == name]
+        if self._tracing or len(impls) != 1 or impls[0].wrapper or impls[0].hookwrapper:
+            return functools.partial(self.call_one, name, hook_name)
+        fn, argnames = impls[0].function, impls[0].argnames
+        firstresult = bool(caller.spec and caller.spec.opts.get("firstresult"))
+
+        def call(**kwargs: Any) -> Any:
+            result = fn(*[kwargs[a] for a in argnames])
+            return result if firstresult else ([] if result is None else [result])
+
+        return call
 
     def call_each(self, hook_name: str, names: list[str] | None = None, **kwargs: Any) -> Iterator[tuple[str, Any]]:
         """Call a hook plugin by plugin (only the ``names`` given, if any), in the order one hook call takes

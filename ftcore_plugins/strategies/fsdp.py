@@ -136,11 +136,11 @@ def ftcore_run_started(config: Any, ctx: Any) -> None:
 
 MMAP_THRESHOLD = 128 * 1024     # glibc's own default, kept fixed
 MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
-M_MMAP_THRESHOLD = -3           # mallopt's parameter number (malloc.h)
 
 
 def fixed_mmap_threshold() -> bool:
-    """On CPU ranks, keep glibc's mmap threshold at its default instead of letting it grow.
+    """On CPU ranks, keep glibc's mmap threshold at its default instead of letting it grow
+    (``ftcore.fix_mmap_threshold``, which leaves a threshold the user set alone).
 
     glibc raises the threshold to the size of the largest block freed so far, so after the first step every
     layer-sized buffer FSDP gathers and frees (each unit's all-gathered weights, the gradients it
@@ -148,15 +148,8 @@ def fixed_mmap_threshold() -> bool:
     grew to 3-4x the model's weights beyond its sharded tensors (lora on a 50 MB model: 348-401 MB per rank
     against 113 MB with the threshold fixed). With it fixed, each freed buffer goes back to the system at once,
     at a cost in speed (every large allocation is a fresh mapping): 12 steps of that run took 20-21 s instead of
-    13.5 s. Without glibc (no ``mallopt``) nothing is changed. Returns whether it was set."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    except (OSError, AttributeError):
-        return False
+    13.5 s. Returns whether it is fixed."""
+    return ftcore.fix_mmap_threshold(MMAP_THRESHOLD)
 
 
 @ftcore.hookimpl
@@ -306,19 +299,17 @@ def ftcore_launch(argv: list[str], config: Any, ctx: Any) -> int:
 @contextlib.contextmanager
 def fixed_mmap_threshold_in_ranks() -> Iterator[None]:
     """CPU ranks started from here get glibc's mmap threshold fixed from their first allocation
-    (``MALLOC_MMAP_THRESHOLD_``, unless the user set it). Fixing it only inside the rank, once the run has started
-    (``fixed_mmap_threshold``, which stays for ranks started otherwise), is too late for some runs: measured here,
-    each qlora rank still peaked at 86-93 MB, against 49 MB with the variable set from the start (what grew the
-    heap before is not pinned down). The launching process's own environment is put back after."""
-    key = MMAP_ENV
-    if _cuda() or key in os.environ:
+    (``MALLOC_MMAP_THRESHOLD_``, unless the user fixed it). Fixing it only inside the rank, once the run has started
+    (``fixed_mmap_threshold``, which stays for ranks started otherwise), lets whatever the rank allocated and
+    freed before grow the heap. The launching process's own environment is put back after."""
+    if _cuda() or ftcore.mmap_threshold_set_by_user():
         yield
         return
-    os.environ[key] = str(MMAP_THRESHOLD)
+    os.environ[MMAP_ENV] = str(MMAP_THRESHOLD)
     try:
         yield
     finally:
-        os.environ.pop(key, None)
+        os.environ.pop(MMAP_ENV, None)
 
 
 # -- memory estimate -------------------------------------------------------------------
