@@ -105,11 +105,10 @@ def signatures(texts: list[str]) -> Any:
         key = (sh >> u(32)).astype(np.uint32)
         step = max(1, 4_000_000 // NUM_PERM)   # bound the shingle x permutation matrix
         mins = np.full((n, NUM_PERM), 0xFFFFFFFF, dtype=np.uint32)
-        for lo in range(0, len(key), step):
-            h = (key[lo:lo + step, None] * _A[None, :] + _B[None, :]) >> np.uint32(16)
-            _min_into(mins, owners[lo:lo + step], h)
+        for lo in range(0, len(key), step):   # permutations x shingles: each row's segments are contiguous
+            _min_into(mins, owners[lo:lo + step], _A[:, None] * key[None, lo:lo + step] + _B[:, None])
     has = np.bincount(owners, minlength=n) > 0
-    sig[has] = mins[has].astype(np.uint16)
+    sig[has] = (mins[has] >> np.uint32(16)).astype(np.uint16)   # the top 16 bits of the least is the least of them
     return sig
 
 
@@ -154,16 +153,18 @@ def _mix64(x: Any) -> Any:
 
 
 def _min_into(mins: Any, owners: Any, h: Any) -> None:
-    """``mins[owner] = min(mins[owner], rows of h)``; owners are sorted, so a segmented reduce does it."""
+    """``mins[owner] = min(mins[owner], columns of h)`` (``h``: one row per permutation, one column per
+    shingle); owners are sorted, so a segmented reduce along each row does it (along rows, not down columns:
+    contiguous memory, several times faster)."""
     import numpy as np
 
     if not len(owners):
         return
     cut = np.flatnonzero(np.diff(owners)) + 1
     first = np.concatenate(([0], cut))
-    seg = np.minimum.reduceat(h, first, axis=0)
+    seg = np.minimum.reduceat(h, first, axis=1)
     rows = owners[first]
-    mins[rows] = np.minimum(mins[rows], seg)
+    mins[rows] = np.minimum(mins[rows], seg.T)
 
 
 def exact_hash(text: str) -> int:
