@@ -105,11 +105,10 @@ def signatures(texts: list[str]) -> Any:
         key = (sh >> u(32)).astype(np.uint32)
         step = max(1, 4_000_000 // NUM_PERM)   # bound the shingle x permutation matrix
         mins = np.full((n, NUM_PERM), 0xFFFFFFFF, dtype=np.uint32)
-        for lo in range(0, len(key), step):
-            h = (key[lo:lo + step, None] * _A[None, :] + _B[None, :]) >> np.uint32(16)
-            _min_into(mins, owners[lo:lo + step], h)
+        for lo in range(0, len(key), step):   # permutations x shingles: each row's segments are contiguous
+            _min_into(mins, owners[lo:lo + step], _A[:, None] * key[None, lo:lo + step] + _B[:, None])
     has = np.bincount(owners, minlength=n) > 0
-    sig[has] = mins[has].astype(np.uint16)
+    sig[has] = (mins[has] >> np.uint32(16)).astype(np.uint16)   # the top 16 bits of the least is the least of them
     return sig
 
 
@@ -154,16 +153,18 @@ def _mix64(x: Any) -> Any:
 
 
 def _min_into(mins: Any, owners: Any, h: Any) -> None:
-    """``mins[owner] = min(mins[owner], rows of h)``; owners are sorted, so a segmented reduce does it."""
+    """``mins[owner] = min(mins[owner], columns of h)`` (``h``: one row per permutation, one column per
+    shingle); owners are sorted, so a segmented reduce along each row does it (along rows, not down columns:
+    contiguous memory, several times faster)."""
     import numpy as np
 
     if not len(owners):
         return
     cut = np.flatnonzero(np.diff(owners)) + 1
     first = np.concatenate(([0], cut))
-    seg = np.minimum.reduceat(h, first, axis=0)
+    seg = np.minimum.reduceat(h, first, axis=1)
     rows = owners[first]
-    mins[rows] = np.minimum(mins[rows], seg)
+    mins[rows] = np.minimum(mins[rows], seg.T)
 
 
 def exact_hash(text: str) -> int:
@@ -187,7 +188,7 @@ class Audit:
         self._sigs: list[Any] = []
         self._lengths = array("i")
         self._supervised = array("i")
-        self._texts: list[Any] = []                # waiting for their signatures: texts (or signatures given)
+        self._texts: list[str] = []                # a batch waiting for its signatures
         self._chars = 0
         self.findings: dict[str, list[str]] = {name: [] for name in CHECKS}
         self.counts: dict[str, int] = {name: 0 for name in CHECKS}
@@ -209,41 +210,22 @@ class Audit:
             self._blank = re.compile("(?:" + "|".join([r"\s", *map(re.escape, self.special)]) + ")*")
         return self._blank.fullmatch(answer) is not None
 
-    def add(self, where: str, text: str, length: int = 0, supervised: int = 0, signature: Any = None) -> None:
-        """A kept example: its record's normalised text (``record_text``), token length and supervised tokens;
-        ``signature``: its text's MinHash signature (``signatures``) when the caller computed it already."""
+    def add(self, where: str, text: str, length: int = 0, supervised: int = 0) -> None:
+        """A kept example: its record's normalised text (``record_text``), token length and supervised tokens."""
         self.where.append(where)
         self._hashes.append(exact_hash(text))
         self._lengths.append(length)
         self._supervised.append(supervised)
         if self.near:
-            if signature is None:
-                text = text[:SIGNATURE_CHARS]
-                self._chars += len(text)
-                self._texts.append(text)
-            else:
-                self._texts.append(signature)
+            text = text[:SIGNATURE_CHARS]
+            self._texts.append(text)
+            self._chars += len(text)
             if len(self._texts) >= 2048 or self._chars >= BATCH_CHARS:
                 self._flush()
 
     def _flush(self) -> None:
-        """Sign the texts waiting (in order with the signatures given with theirs)."""
         if self._texts:
-            np = self.np
-            texts = [t for t in self._texts if isinstance(t, str)]
-            signed = signatures(texts) if texts else None
-            if len(texts) == len(self._texts):
-                self._sigs.append(signed)
-            elif not texts:
-                self._sigs.append(np.stack(self._texts))
-            else:
-                block, k = np.empty((len(self._texts), NUM_PERM), dtype=np.uint16), 0
-                for j, t in enumerate(self._texts):
-                    if isinstance(t, str):
-                        block[j], k = signed[k], k + 1
-                    else:
-                        block[j] = t
-                self._sigs.append(block)
+            self._sigs.append(signatures(self._texts))
         self._texts, self._chars = [], 0
 
     # -- over the data --------------------------------------------------------------------

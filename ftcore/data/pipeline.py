@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcore.config.checks import check_dataset_formats, resolve_format
-from ftcore.data.audit import SIGNATURE_CHARS, Audit, apply_audit_policy, record_text, signatures
+from ftcore.data.audit import Audit, apply_audit_policy, record_text
 from ftcore.data.cache import cache_key, load_cached, save_cached
 from ftcore.data.labels import TokenizedBatch, backend_encoder, char_limit, tokenize_batch
 from ftcore.data.prepared import DataStats, PreparedData
@@ -321,7 +321,6 @@ class _Tokenizer:
             self.pool: Any = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftcore-tokenize")
         except Exception:   # noqa: BLE001 - a tokenizer that cannot be copied is used in this thread only
             self.own, self.encode, self.pool = tokenizer, None, None
-        self.sign = audit is not None and audit.near   # the audit's MinHash signatures, made in the thread too
         self.inflight: tuple[list[Any], Any] | None = None
 
     def __enter__(self) -> _Tokenizer:
@@ -331,15 +330,15 @@ class _Tokenizer:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
 
-    def _tokenize(self, examples: list[tuple[str, Example, str]]) -> tuple[TokenizedBatch | None, Any]:
+    def _tokenize(self, examples: list[tuple[str, Example, str]]) -> TokenizedBatch | None:
         """The batch tokenized (None where the tokenizer refuses some text: then record by record, in order,
-        each refused one named) and, for the audit, its record texts' signatures (numpy lets go of Python's
-        lock while it computes them)."""
-        sigs = signatures([text[:SIGNATURE_CHARS] for _, _, text in examples]) if self.sign else None
+        each refused one named). Only this is done in the thread: its Python work (the lists the tokenizer
+        returns, the labels) holds Python's lock, and measured, the audit's signatures were faster in the
+        caller's thread (``Audit.add``), next to the tokenizer's own threads, than here."""
         try:
-            return tokenize_batch([ex for _, ex, _ in examples], self.own, self.limit, self.encode), sigs
+            return tokenize_batch([ex for _, ex, _ in examples], self.own, self.limit, self.encode)
         except Exception:   # noqa: BLE001
-            return None, None
+            return None
 
     def submit(self, examples: list[tuple[str, Example, str]]) -> None:
         if not examples:
@@ -350,13 +349,13 @@ class _Tokenizer:
         else:
             self.inflight = (examples, self.pool.submit(self._tokenize, examples))
         if previous is not None:
-            self._keep(previous[0], *previous[1].result())
+            self._keep(previous[0], previous[1].result())
 
     def finish(self) -> None:
         if self.inflight is not None:
             examples, done = self.inflight
             self.inflight = None
-            self._keep(examples, *done.result())
+            self._keep(examples, done.result())
 
     def _one_by_one(self, examples: list[tuple[str, Example, str]]) -> tuple[list[Any], TokenizedBatch]:
         """The batch the tokenizer refused, record by record: the refused ones reported and left out."""
@@ -378,7 +377,7 @@ class _Tokenizer:
         return kept, TokenizedBatch(np.concatenate([p.ids for p in parts]), np.concatenate([p.labels for p in parts]),
                                     np.asarray([len(p.ids) for p in parts], dtype=np.int64))
 
-    def _keep(self, examples: list[tuple[str, Example, str]], batch: TokenizedBatch | None, sigs: Any) -> None:
+    def _keep(self, examples: list[tuple[str, Example, str]], batch: TokenizedBatch | None) -> None:
         """Apply the length policy (or split a long ``split_long`` text), count, and keep what teaches something
         (``audit`` notes what is wrong with each example: no answer, an answer cut, nothing supervised)."""
         if batch is None:
@@ -420,7 +419,7 @@ class _Tokenizer:
                     if len(pieces) == 1 and audit.empty_answer(example):
                         audit.note("empty_answers", where)
                     if len(pieces) == 1:
-                        audit.add(where, text, e - s, supervised, None if sigs is None else sigs[i])
+                        audit.add(where, text, e - s, supervised)
                     else:   # a chunk of a split document is compared by its own text
                         audit.add(f"{where} (chunk {n + 1})",
                                   " ".join(self.tokenizer.decode(batch.ids[s:e].tolist()).lower().split()),
