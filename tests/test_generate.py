@@ -45,6 +45,19 @@ def test_generate_base_model_matches_transformers(tiny_model_dir):
     assert res.stdout == _greedy(model, tok, PROMPT, 8) + "\n"
 
 
+def test_generate_reads_backslash_escapes_in_an_argument_as_llama_cli_does(tiny_model_dir):
+    typed = PROMPT.replace("\n", "\\n")   # what a user types in double quotes: a backslash and an n
+    runner = CliRunner()
+    escaped = runner.invoke(main, ["generate", "--model", str(tiny_model_dir), "-n", "8", typed])
+    piped = runner.invoke(main, ["generate", "--model", str(tiny_model_dir), "-n", "8", "-"], input=PROMPT)
+    literal = runner.invoke(main, ["generate", "--model", str(tiny_model_dir), "-n", "8", "--no-escape", typed])
+    assert escaped.exit_code == piped.exit_code == literal.exit_code == 0, escaped.output + literal.output
+    assert escaped.stdout == piped.stdout != literal.stdout
+    from ftcore.cli.generate import unescape
+
+    assert unescape("a\\nb\\tc\\\\n\\x") == "a\nb\tc\\n\\x"   # an escaped backslash stays one; \x is kept
+
+
 def test_generate_with_an_adapter_three_ways(tmp_path_factory, tiny_model_dir):
     """--adapter, the adapter folder alone, and the run directory all give base + adapter (plain PEFT)."""
     from peft import PeftModel
