@@ -168,6 +168,9 @@ class RunResult:
     # prompts of a few held-out examples (training examples when nothing is held out), as text with special
     # tokens: what exporters check their outputs with (gguf-export's parity)
     sample_prompts: list[str] = field(default_factory=list)
+    # the report's samples (``report.samples`` of them): prompt, reference, and the greedy answers before and
+    # after training, so that a script or test reads what the report shows
+    samples: list[dict[str, Any]] = field(default_factory=list)
     dry_run: bool = False
     exit_code: int = 0
 

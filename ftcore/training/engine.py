@@ -196,6 +196,7 @@ def _train(ctx: RunContext, result: RunResult, guard: OutputGuard, resume_from: 
     result.metrics = summarize(built, train_output, final_eval, started)
     if not ctx.is_main_process:   # in a multi-process run only rank 0 writes outputs and exports
         return result
+    result.samples = report_samples(built.samples)
     with stopped_while_finishing(ctx, "writing the summary, exports and report"):
         write_json_atomic(out / runfolder.SUMMARY, result.as_dict())   # exporters find the finished run's summary
         failure = run_exporters(ctx, result)
@@ -209,6 +210,14 @@ def _train(ctx: RunContext, result: RunResult, guard: OutputGuard, resume_from: 
     hook.ftcore_run_finished(result=result, ctx=ctx)
     log.summary(result)
     return result
+
+
+def report_samples(samples: dict[str, Any]) -> list[dict[str, Any]]:
+    """The report's samples as records: prompt, reference, before and after (None where not generated)."""
+    before, after = samples.get("before") or [], samples.get("after") or []
+    return [{"prompt": p["prompt"], "reference": p["reference"], "held_out": bool(samples.get("held_out")),
+             "before": before[i] if i < len(before) else None, "after": after[i] if i < len(after) else None}
+            for i, p in enumerate(samples.get("prompts") or [])]
 
 
 @contextmanager
