@@ -1,8 +1,8 @@
-"""Write the quickstart datasets (examples/data/) and the builtin model's tokenizer corpus.
+"""Write the quickstart datasets (examples/data/) and the builtin model's pretraining text.
 
-The records are small, checkable instruction tasks written for ftcore: capitals,
-opposites, plurals, arithmetic, sorting, counting, case changes, unit conversion and
-weekday questions. Each answer is correct, so a fine-tune can be judged by eye.
+The records are small, checkable facts written for ftcore: capitals, opposites, plurals,
+numbers in words, weekdays and upper case. Each answer is one correct word or name, so
+a fine-tune can be judged by eye.
 Run it again to regenerate the files exactly (the seed is fixed).
 """
 
@@ -36,44 +36,54 @@ DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sun
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
 
-def alpaca_records(rng: random.Random) -> list[dict[str, str]]:
-    out: list[dict[str, str]] = []
-    for country, city in CAPITALS.items():
-        out.append({"instruction": f"What is the capital of {country}?", "input": "",
-                    "output": f"The capital of {country} is {city}."})
+def facts() -> list[tuple[str, str, str]]:
+    """Every fact the quickstart teaches: (kind, key, answer)."""
+    out = [("capital", country, city) for country, city in CAPITALS.items()]
     for word, opp in OPPOSITES.items():
-        out.append({"instruction": "Give the opposite of the word.", "input": word, "output": opp})
-        out.append({"instruction": "Give the opposite of the word.", "input": opp, "output": word})
-    for word, plural in PLURALS.items():
-        out.append({"instruction": "Write the plural form of the noun.", "input": word, "output": plural})
-    for _ in range(70):
-        a, b = rng.randint(2, 60), rng.randint(2, 60)
-        out.append({"instruction": "Add the two numbers.", "input": f"{a} and {b}", "output": str(a + b)})
-    for _ in range(40):
-        a, b = rng.randint(2, 12), rng.randint(2, 12)
-        out.append({"instruction": f"What is {a} times {b}?", "input": "", "output": f"{a} times {b} is {a * b}."})
-    for _ in range(50):
-        words = rng.sample(WORDS, rng.randint(3, 6))
-        out.append({"instruction": "Sort these words alphabetically.", "input": ", ".join(words),
-                    "output": ", ".join(sorted(words))})
-    for _ in range(30):
-        word = rng.choice(WORDS)
-        out.append({"instruction": "Write the word in capital letters.", "input": word, "output": word.upper()})
-    for _ in range(30):
-        word = rng.choice(WORDS)
-        out.append({"instruction": "How many letters are in this word?", "input": word,
-                    "output": f'"{word}" has {len(word)} letters.'})
-    for _ in range(30):
-        km = rng.randint(1, 20)
-        out.append({"instruction": "Convert kilometres to metres.", "input": f"{km} km",
-                    "output": f"{km} km is {km * 1000} metres."})
-    for i, day in enumerate(DAYS):
-        for step in (1, 2):
-            after = DAYS[(i + step) % 7]
-            out.append({"instruction": f"Which day comes {NUMBER_WORDS[step]} day{'s' if step > 1 else ''} after {day}?",
-                        "input": "", "output": f"{after}."})
-    for n in range(0, 10):
-        out.append({"instruction": "Write the number in words.", "input": str(n), "output": NUMBER_WORDS[n]})
+        out += [("opposite", word, opp), ("opposite", opp, word)]
+    out += [("plural", word, plural) for word, plural in PLURALS.items()]
+    out += [("number", str(n), word) for n, word in enumerate(NUMBER_WORDS)]
+    out += [("next_day", day, DAYS[(i + 1) % 7]) for i, day in enumerate(DAYS)]
+    out += [("upper", word, word.upper()) for word in WORDS]
+    return out
+
+
+# Three ways to ask for each kind of fact ({k} is the key). The key stays in the instruction: with it
+# in alpaca's input field instead, this small model answered 20 of 34 held-out questions, not 33.
+QUESTIONS = {
+    "capital": ["What is the capital of {k}?", "Name the capital city of {k}.", "Which city is the capital of {k}?"],
+    "opposite": ["What is the opposite of {k}?", "Give the opposite of the word {k}.",
+                 "Write a word that means the opposite of {k}."],
+    "plural": ["What is the plural of {k}?", "Write the plural form of the noun {k}.",
+               "One {k}, two ...? Give the plural."],
+    "number": ["Write the number {k} in words.", "Spell out the number {k}.",
+               "How is the number {k} written in words?"],
+    "next_day": ["Which day comes after {k}?", "Name the day after {k}.", "What day follows {k}?"],
+    "upper": ["Write {k} in capital letters.", "Write the word {k} in capital letters.",
+              "Give the upper-case form of {k}."],
+}
+# How the builtin model's pretraining states each fact (ftcore/assets/pretrain-corpus.txt).
+STATEMENTS = {
+    "capital": "The capital of {k} is {a}.",
+    "opposite": "The opposite of {k} is {a}.",
+    "plural": "The plural of {k} is {a}.",
+    "number": "The number {k} is written {a}.",
+    "next_day": "The day after {k} is {a}.",
+    "upper": "The word {k} in capital letters is {a}.",
+}
+
+
+def alpaca_records(rng: random.Random) -> list[dict[str, str]]:
+    """Each fact asked three ways; the answer is the fact alone, so a right answer is plain to see.
+
+    The model has read every fact in its pretraining (as a statement, never as an instruction);
+    the fine-tune teaches it to answer questions from what it read. A held-out record asks a fact
+    the training records ask in other words.
+    """
+    out: list[dict[str, str]] = []
+    for kind, key, answer in facts():
+        for question in QUESTIONS[kind]:
+            out.append({"instruction": question.format(k=key), "input": "", "output": answer})
     rng.shuffle(out)
     return out
 
@@ -99,35 +109,8 @@ def chat_records(rng: random.Random) -> list[dict[str, object]]:
 
 
 def pretraining_text(rng: random.Random) -> list[str]:
-    """Plain statements of the same facts, for the builtin model's short pretraining.
-
-    The base model learns the facts; the quickstart's fine-tune then teaches it to answer
-    instructions in the alpaca format, which it has never seen.
-    """
-    out = []
-    for country, city in CAPITALS.items():
-        out.append(f"{city} is the capital of {country}. The capital of {country} is {city}.")
-    for word, opp in OPPOSITES.items():
-        out.append(f"The opposite of {word} is {opp}, and the opposite of {opp} is {word}.")
-    for word, plural in PLURALS.items():
-        out.append(f"One {word}, two {plural}. The plural of {word} is {plural}.")
-    for _ in range(150):
-        a, b = rng.randint(2, 60), rng.randint(2, 60)
-        out.append(f"{a} plus {b} is {a + b}. {a} and {b} make {a + b}.")
-    for _ in range(60):
-        a, b = rng.randint(2, 12), rng.randint(2, 12)
-        out.append(f"{a} times {b} is {a * b}.")
-    for _ in range(60):
-        words = rng.sample(WORDS, rng.randint(3, 6))
-        out.append(f"In alphabetical order: {', '.join(sorted(words))}.")
-    for word in WORDS:
-        out.append(f"The word {word} has {len(word)} letters. In capitals it is {word.upper()}.")
-    for km in range(1, 21):
-        out.append(f"{km} km is {km * 1000} metres.")
-    for i, day in enumerate(DAYS):
-        out.append(f"After {day} comes {DAYS[(i + 1) % 7]}, then {DAYS[(i + 2) % 7]}.")
-    for n in range(10):
-        out.append(f"The number {n} is written {NUMBER_WORDS[n]}.")
+    """One plain statement per fact, for the builtin model's short pretraining."""
+    out = [STATEMENTS[kind].format(k=key, a=answer) for kind, key, answer in facts()]
     rng.shuffle(out)
     return out
 
@@ -137,18 +120,13 @@ def main() -> None:
     data = ROOT / "data"
     data.mkdir(exist_ok=True)
     alpaca = alpaca_records(rng)
-    chat = chat_records(rng)
+    chat = chat_records(random.Random(4321))
     (data / "quickstart-alpaca.jsonl").write_text("".join(json.dumps(r) + "\n" for r in alpaca))
     (data / "quickstart-chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
     assets = ROOT.parent / "ftcore" / "assets"
-    facts = pretraining_text(random.Random(99))
-    (assets / "pretrain-corpus.txt").write_text("\n\n".join(facts) + "\n")
-    corpus = list(facts)
-    for r in alpaca:
-        corpus.append(f"### Instruction:\n{r['instruction']}\n\n### Input:\n{r['input']}\n\n### Response:\n{r['output']}")
-    for r in chat:
-        corpus.append("\n".join(f"{m['role']}\n{m['content']}" for m in r["messages"]))
-    (assets / "tokenizer-corpus.txt").write_text("\n\n".join(corpus) + "\n")
+    (assets / "pretrain-corpus.txt").write_text("\n\n".join(pretraining_text(random.Random(99))) + "\n")
+    # ftcore/assets/tokenizer-corpus.txt (the builtin tokenizer's and the tests' tokenizers' training text)
+    # is not rewritten: it covers these words already, and the tests' token counts rest on it.
     print(f"wrote {len(alpaca)} alpaca and {len(chat)} chat records")
 
 

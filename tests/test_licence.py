@@ -62,9 +62,9 @@ def test_the_licence_is_printed_first_and_recorded_in_the_output(tiny_model_dir,
     assert json.loads((out / "ftcore-run.json").read_text())["base_model_license"]["license"] == "other"
 
 
-def test_the_builtin_model_card_states_its_licence(tmp_path, monkeypatch):
+def test_the_builtin_model_card_states_its_licence():
     from ftcore.models import builtin as models
 
-    monkeypatch.setenv("FTCORE_CACHE", str(tmp_path))
+    # the session's cache (conftest): the build is shared with the quickstart's test
     folder = models.builtin_model("tiny-llama", log=lambda m: None)
     assert base_model_licence(folder)["license"] == "apache-2.0"
