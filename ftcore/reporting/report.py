@@ -194,16 +194,15 @@ def render_html(result: Any, config: dict[str, Any], plots: dict[str, bytes], sa
             parts.append(f"<figure><img id=\"plot-{name}\" alt=\"{esc(title)}\" src=\"data:image/png;base64,{data}\">"
                          f"<figcaption>{esc(title)} (plots/{name}.png)</figcaption></figure>")
     parts.append("</div>")
-    prompts = samples.get("prompts") or []
-    if prompts:
+    rows = sample_rows(samples)
+    if rows:
         where = "held-out prompts" if samples.get("held_out") else "training prompts (the run had no held-out set)"
         parts.append(f"<h2 id=\"samples\">Samples</h2><p>Greedy generations from {esc(where)}, "
                      f"before and after training.</p><table><tr><th>prompt</th><th>expected</th>"
                      f"<th>before training</th><th>after training</th></tr>")
-        before, after = samples.get("before") or [], samples.get("after") or []
-        for i, p in enumerate(prompts):
-            cells = [p["prompt"], p["reference"], before[i] if i < len(before) else "-",
-                     after[i] if i < len(after) else "-"]
+        for row in rows:
+            cells = [row["prompt"], row["reference"], "-" if row["before"] is None else row["before"],
+                     "-" if row["after"] is None else row["after"]]
             parts.append("<tr class=\"sample-row\">" + "".join(f"<td class=\"sample\">{esc(c)}</td>" for c in cells)
                          + "</tr>")
         parts.append("</table>")
@@ -256,6 +255,16 @@ def _audit_html(audit: dict[str, Any]) -> list[str]:
     if rows:
         parts.append(_table(rows, ("distribution", "min / q1 / median / q3 / max")))
     return parts
+
+
+def sample_rows(samples: dict[str, Any]) -> list[dict[str, Any]]:
+    """The before/after samples (``training.callbacks.SamplesCallback``'s store) as one record per prompt:
+    prompt, reference, held_out, and the greedy answers before and after training (None where not generated).
+    The report's table and summary.json's ``samples`` both show these."""
+    before, after = samples.get("before") or [], samples.get("after") or []
+    return [{"prompt": p["prompt"], "reference": p["reference"], "held_out": bool(samples.get("held_out")),
+             "before": before[i] if i < len(before) else None, "after": after[i] if i < len(after) else None}
+            for i, p in enumerate(samples.get("prompts") or [])]
 
 
 def write_report(result: Any, config: dict[str, Any], samples: dict[str, Any], warnings: list[str]) -> Path:

@@ -34,7 +34,7 @@ from ftcore.registry.pluginset import PluginSet
 from ftcore.registry.resolution import resolve
 from ftcore.reporting.card import ensure_model_card
 from ftcore.reporting.progress import as_reporter
-from ftcore.reporting.report import write_report
+from ftcore.reporting.report import sample_rows, write_report
 from ftcore.training import chain, checkpoints, devices, processes
 from ftcore.training.outputs import (
     LOCK_ENV,
@@ -196,7 +196,7 @@ def _train(ctx: RunContext, result: RunResult, guard: OutputGuard, resume_from: 
     result.metrics = summarize(built, train_output, final_eval, started)
     if not ctx.is_main_process:   # in a multi-process run only rank 0 writes outputs and exports
         return result
-    result.samples = report_samples(built.samples)
+    result.samples = sample_rows(built.samples)
     with stopped_while_finishing(ctx, "writing the summary, exports and report"):
         write_json_atomic(out / runfolder.SUMMARY, result.as_dict())   # exporters find the finished run's summary
         failure = run_exporters(ctx, result)
@@ -210,14 +210,6 @@ def _train(ctx: RunContext, result: RunResult, guard: OutputGuard, resume_from: 
     hook.ftcore_run_finished(result=result, ctx=ctx)
     log.summary(result)
     return result
-
-
-def report_samples(samples: dict[str, Any]) -> list[dict[str, Any]]:
-    """The report's samples as records: prompt, reference, before and after (None where not generated)."""
-    before, after = samples.get("before") or [], samples.get("after") or []
-    return [{"prompt": p["prompt"], "reference": p["reference"], "held_out": bool(samples.get("held_out")),
-             "before": before[i] if i < len(before) else None, "after": after[i] if i < len(after) else None}
-            for i, p in enumerate(samples.get("prompts") or [])]
 
 
 @contextmanager
